@@ -1,0 +1,289 @@
+"""Recipe schema (mergekit-compatible YAML), validated once at the edge.
+
+``load_recipe`` turns a YAML file into a frozen :class:`MergeConfig`; every problem
+is reported together, each naming its YAML path (``models[1].parameters.weight``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .methods import REGISTRY, MethodSpec, get_method
+
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16",
+                 "float": "float32", "fp64": "float64", "double": "float64"}
+
+Scalar = Union[bool, int, float, str]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ConditionalValue(_Frozen):
+    """One entry of a filter list: applies to tensors whose name contains ``filter``."""
+
+    filter: str | None = None
+    value: Union[Scalar, list[float]]
+
+
+ParameterValue = Union[Scalar, list[ConditionalValue], list[float]]
+Parameters = dict[str, ParameterValue]
+
+
+class InputModel(_Frozen):
+    model: str
+    parameters: Parameters | None = None
+
+
+class SliceSource(_Frozen):
+    model: str
+    layer_range: tuple[int, int]
+    parameters: Parameters | None = None
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range_ordered(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if v[0] < 0 or v[1] <= v[0]:
+            raise ValueError(f"layer_range {list(v)} must be [start, end) with 0 <= start < end")
+        return v
+
+
+class OutputSlice(_Frozen):
+    sources: list[SliceSource] = Field(min_length=1)
+    base_model: str | None = None
+    parameters: Parameters | None = None
+
+    @model_validator(mode="after")
+    def _same_length(self) -> "OutputSlice":
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in self.sources}
+        if len(lengths) > 1:
+            ranges = ", ".join(f"{s.model} {list(s.layer_range)}" for s in self.sources)
+            raise ValueError(f"all sources of a slice must span the same number of layers: {ranges}")
+        return self
+
+
+class TokenizerConfig(_Frozen):
+    source: str = "base"
+    pad_to_multiple_of: int | None = None
+
+
+class MergeConfig(_Frozen):
+    merge_method: str
+    models: list[InputModel] | None = None
+    slices: list[OutputSlice] | None = None
+    base_model: str | None = None
+    parameters: Parameters | None = None
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    tokenizer: TokenizerConfig | None = None
+    chat_template: str | None = None
+    name: str | None = None
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _known_dtype(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        v = DTYPE_ALIASES.get(v, v)
+        if v not in DTYPES:
+            raise ValueError(f"unknown dtype {v!r}: expected one of {', '.join(DTYPES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _check_method_and_parameters(self) -> "MergeConfig":
+        problems = validate_against_method(self)
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    # ---- views used by the planner -------------------------------------------------
+    @property
+    def method(self) -> MethodSpec:
+        return get_method(self.merge_method)
+
+    @property
+    def tokenizer_source_name(self) -> str:
+        if self.tokenizer is not None:
+            return self.tokenizer.source
+        return self.tokenizer_source or "base"
+
+    def referenced_models(self) -> list[str]:
+        """Every model path the recipe names, in first-mention order."""
+        names: list[str] = []
+        if self.base_model:
+            names.append(self.base_model)
+        for m in self.models or []:
+            names.append(m.model)
+        for s in self.slices or []:
+            names.extend(src.model for src in s.sources)
+            if s.base_model:
+                names.append(s.base_model)
+        return list(dict.fromkeys(names))
+
+    def as_slices(self) -> list[OutputSlice]:
+        """`models:` recipes are one slice spanning every layer; the layer count is
+        filled in by the planner (layer_range None is represented by (0, 0))."""
+        if self.slices is not None:
+            return list(self.slices)
+        return [OutputSlice.model_construct(
+            sources=[SliceSource.model_construct(model=m.model, layer_range=(0, 0), parameters=m.parameters)
+                     for m in self.models or []],
+            base_model=None, parameters=None)]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+
+def _param_levels(cfg: MergeConfig) -> list[tuple[str, Parameters, str | None]]:
+    """(yaml path, parameters, model or None for slice/global level) for every parameter block."""
+    levels: list[tuple[str, Parameters, str | None]] = []
+    if cfg.parameters:
+        levels.append(("parameters", cfg.parameters, None))
+    for i, m in enumerate(cfg.models or []):
+        if m.parameters:
+            levels.append((f"models[{i}].parameters", m.parameters, m.model))
+    for i, s in enumerate(cfg.slices or []):
+        if s.parameters:
+            levels.append((f"slices[{i}].parameters", s.parameters, None))
+        for j, src in enumerate(s.sources):
+            if src.parameters:
+                levels.append((f"slices[{i}].sources[{j}].parameters", src.parameters, src.model))
+    return levels
+
+
+def _check_value(path: str, spec_kind: str, bounds, value: Any) -> list[str]:
+    """Type and range checks for a scalar, gradient or filter-list value."""
+    if isinstance(value, list):
+        if not value:
+            return [f"{path}: empty list"]
+        if isinstance(value[0], ConditionalValue):
+            out: list[str] = []
+            for k, cond in enumerate(value):
+                out += _check_value(f"{path}[{k}].value", spec_kind, bounds, cond.value)
+            return out
+        return [p for k, v in enumerate(value) for p in _check_value(f"{path}[{k}]", spec_kind, bounds, v)]
+    if spec_kind == "bool":
+        return [] if isinstance(value, bool) else [f"{path}: expected true or false, got {value!r}"]
+    if spec_kind == "str":
+        return [] if isinstance(value, str) else [f"{path}: expected a string, got {value!r}"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return [f"{path}: expected a number, got {value!r}"]
+    if value != value:
+        return [f"{path}: value is NaN"]
+    if bounds is not None and not bounds[0] <= value <= bounds[1]:
+        return [f"{path}: {value} is outside [{bounds[0]}, {bounds[1]}]"]
+    return []
+
+
+def validate_against_method(cfg: MergeConfig) -> list[str]:
+    """All problems between the recipe and its method's spec, as 'path: message' lines."""
+    if cfg.merge_method not in REGISTRY:
+        try:
+            get_method(cfg.merge_method)
+        except ValueError as e:
+            return [f"merge_method: {e}"]
+    spec = cfg.method
+    problems: list[str] = []
+    if (cfg.models is None) == (cfg.slices is None):
+        problems.append("models/slices: give exactly one of `models:` or `slices:`")
+        return problems
+    if spec.requires_base and not cfg.base_model:
+        problems.append(f"base_model: merge_method {spec.name!r} needs a base_model")
+    for path, params, model in _param_levels(cfg):
+        for name, value in params.items():
+            p = spec.param(name)
+            if p is None:
+                known = ", ".join(q.name for q in spec.params) or "none"
+                problems.append(f"{path}.{name}: {spec.name} has no parameter {name!r} (it takes: {known})")
+                continue
+            if p.scope == "global" and model is not None:
+                problems.append(f"{path}.{name}: {name!r} is a global parameter of {spec.name}; "
+                                "set it under the top-level or slice `parameters:`")
+            problems += _check_value(f"{path}.{name}", p.kind, p.bounds, value)
+    # model counts and required per-model parameters
+    if cfg.models is not None:
+        entries = [(f"models[{i}]", m.model, m.parameters) for i, m in enumerate(cfg.models)]
+        problems += _check_models(spec, cfg, entries, "models")
+    for i, s in enumerate(cfg.slices or []):
+        entries = [(f"slices[{i}].sources[{j}]", src.model, src.parameters) for j, src in enumerate(s.sources)]
+        problems += _check_models(spec, cfg, entries, f"slices[{i}]", s.parameters)
+    return problems
+
+
+def _check_models(spec: MethodSpec, cfg: MergeConfig, entries, where: str, slice_params=None) -> list[str]:
+    base = cfg.base_model
+    merged = [e for e in entries if not (spec.uses_base and e[1] == base)]
+    problems: list[str] = []
+    if len(merged) < spec.min_models:
+        problems.append(f"{where}: {spec.name} needs at least {spec.min_models} model(s) besides the base, "
+                        f"got {len(merged)}")
+    if spec.max_models is not None and len(merged) > spec.max_models:
+        problems.append(f"{where}: {spec.name} takes at most {spec.max_models} model(s) besides the base, "
+                        f"got {len(merged)}")
+    for p in spec.per_model_params:
+        if not p.required:
+            continue
+        for path, _model, params in merged:
+            found = any(p.name in (blk or {}) for blk in (params, slice_params, cfg.parameters))
+            if not found:
+                problems.append(f"{path}.parameters.{p.name}: required by {spec.name} "
+                                f"(set it here or under the global `parameters:`)")
+    for p in spec.global_params:
+        if p.required and not any(p.name in (blk or {}) for blk in (slice_params, cfg.parameters)):
+            problems.append(f"parameters.{p.name}: required by {spec.name}")
+    return problems
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message lists every problem with its YAML path."""
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not str(part).startswith(("function-", "list[", "tuple[", "union[", "bool", "int", "float", "str")):
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def parse_recipe(data: Any, source: str = "<recipe>") -> MergeConfig:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe must be a YAML mapping, got {type(data).__name__}")
+    try:
+        return MergeConfig.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        seen = set()
+        for err in e.errors():
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            loc = _format_loc(err["loc"])
+            for line in msg.split("\n"):
+                text = line if (not loc or line.startswith(loc)) else f"{loc}: {line}"
+                if "extra_forbidden" == err["type"]:
+                    text = f"{loc}: unknown field (check its spelling)"
+                if text not in seen:
+                    seen.add(text)
+                    lines.append(text)
+        raise RecipeError(f"{source}: invalid recipe:\n  " + "\n  ".join(lines)) from None
+
+
+def load_recipe(path: str | Path) -> MergeConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file not found: {path}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    return parse_recipe(data, str(path))

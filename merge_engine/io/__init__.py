@@ -1,0 +1,1 @@
+"""Everything that touches disk: reading checkpoints, writing shards, atomic output."""

@@ -1,0 +1,151 @@
+"""Lazy, memory-mapped access to a model directory's tensors.
+
+Safetensors files are opened with ``safe_open`` (mmap): a tensor is read only when
+asked for. Pickled ``.bin`` checkpoints are refused unless the caller opts in, and
+even then are read with torch's ``weights_only`` unpickler.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_SINGLE = "pytorch_model.bin"
+
+
+class ModelLoadError(ValueError):
+    """A model directory or weight file that cannot be read."""
+
+
+def resolve_model_path(model: str) -> Path:
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelLoadError(f"model {model!r}: expected a model directory, got a file")
+    looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~"))
+    hint = (" It looks like a Hugging Face hub id; this tool runs offline: download it first "
+            f"(`huggingface-cli download {model} --local-dir DIR`) and give DIR in the recipe."
+            if looks_like_hub_id else " Check the path in the recipe (relative paths are resolved from the "
+            "current directory).")
+    raise ModelLoadError(f"model {model!r} not found: no such directory.{hint}")
+
+
+class ModelSource:
+    """One input model directory: its config and a name -> tensor view of its weights."""
+
+    def __init__(self, model: str, *, allow_pickle: bool = False, cache: bool = False):
+        self.name = model
+        self.path = resolve_model_path(model)
+        self.config = self._read_config()
+        self._cache: dict[str, torch.Tensor] | None = {} if cache else None
+        self._files: dict[str, object] = {}
+        self._pickled: dict[str, dict[str, torch.Tensor]] = {}
+        self.weight_map = self._read_weight_map(allow_pickle)
+
+    def _read_config(self) -> dict:
+        path = self.path / "config.json"
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ModelLoadError(f"model {self.name!r}: no config.json in {self.path}") from None
+        except json.JSONDecodeError as e:
+            raise ModelLoadError(f"model {self.name!r}: {path} is not valid JSON: {e}") from None
+
+    def _read_weight_map(self, allow_pickle: bool) -> dict[str, str]:
+        if (self.path / SAFE_INDEX).exists():
+            return self._index(SAFE_INDEX)
+        if (self.path / SAFE_SINGLE).exists():
+            return {n: SAFE_SINGLE for n in self._open(SAFE_SINGLE).keys()}
+        singles = sorted(p.name for p in self.path.glob("*.safetensors"))
+        if singles:
+            return {n: f for f in singles for n in self._open(f).keys()}
+        pickled = PICKLE_INDEX if (self.path / PICKLE_INDEX).exists() else (
+            PICKLE_SINGLE if (self.path / PICKLE_SINGLE).exists() else None)
+        if pickled is None:
+            raise ModelLoadError(f"model {self.name!r}: no weights found in {self.path} "
+                                 "(expected model.safetensors or model.safetensors.index.json)")
+        if not allow_pickle:
+            raise ModelLoadError(
+                f"model {self.name!r}: weights are a pickle ({pickled}); pickles can run arbitrary code, so "
+                "they are not loaded by default. Convert the model to safetensors, or pass --allow-pickle "
+                "(read with torch's weights_only unpickler) if you trust this file.")
+        if pickled == PICKLE_INDEX:
+            return self._index(PICKLE_INDEX)
+        return {n: PICKLE_SINGLE for n in self._load_pickle(PICKLE_SINGLE)}
+
+    def _index(self, index_name: str) -> dict[str, str]:
+        try:
+            return dict(json.loads((self.path / index_name).read_text())["weight_map"])
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ModelLoadError(f"model {self.name!r}: {index_name} is malformed: {e}") from None
+
+    def _open(self, filename: str):
+        handle = self._files.get(filename)
+        if handle is None:
+            path = self.path / filename
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except FileNotFoundError:
+                raise ModelLoadError(f"model {self.name!r}: {path} is listed in the index but missing") from None
+            except Exception as e:  # noqa: BLE001 - header or size corruption
+                raise ModelLoadError(f"model {self.name!r}: {path} is not a readable safetensors file "
+                                     f"(truncated or corrupt?): {e}") from None
+            self._files[filename] = handle
+        return handle
+
+    def _load_pickle(self, filename: str) -> dict[str, torch.Tensor]:
+        if filename not in self._pickled:
+            path = self.path / filename
+            try:
+                self._pickled[filename] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # noqa: BLE001 - any unpickling failure is reported the same way
+                raise ModelLoadError(f"model {self.name!r}: refused to load {path}: {e}") from None
+        return self._pickled[filename]
+
+    def tensor_names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def has(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def meta(self, name: str) -> tuple[tuple[int, ...], str]:
+        """(shape, dtype name) without reading the data."""
+        filename = self._file_for(name)
+        if filename.endswith(".safetensors"):
+            sl = self._open(filename).get_slice(name)
+            return tuple(sl.get_shape()), _SAFE_DTYPES.get(sl.get_dtype(), sl.get_dtype())
+        t = self._load_pickle(filename)[name]
+        return tuple(t.shape), str(t.dtype).removeprefix("torch.")
+
+    def get(self, name: str) -> torch.Tensor:
+        if self._cache is not None and name in self._cache:
+            return self._cache[name]
+        filename = self._file_for(name)
+        if filename.endswith(".safetensors"):
+            try:
+                tensor = self._open(filename).get_tensor(name)
+            except Exception as e:  # noqa: BLE001
+                raise ModelLoadError(f"model {self.name!r}: cannot read tensor {name!r} from "
+                                     f"{self.path / filename} (truncated or corrupt?): {e}") from None
+        else:
+            tensor = self._load_pickle(filename)[name]
+        if self._cache is not None:
+            self._cache[name] = tensor
+        return tensor
+
+    def _file_for(self, name: str) -> str:
+        try:
+            return self.weight_map[name]
+        except KeyError:
+            raise ModelLoadError(f"model {self.name!r} has no tensor {name!r}") from None
+
+
+_SAFE_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
+                "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}

@@ -1,0 +1,84 @@
+"""Weighted averages and copies: linear, passthrough, nearswap, model_stock."""
+
+from __future__ import annotations
+
+import torch
+
+from .spec import NORMALIZE_TRUE, WEIGHT, MethodSpec, ParamSpec
+
+
+def _stack_weights(weights, like: torch.Tensor, n_dims: int) -> torch.Tensor:
+    return torch.tensor(list(weights), dtype=like.dtype, device=like.device).view(-1, *([1] * n_dims))
+
+
+def linear(tensors, base, *, weight, normalize=True, generator=None):
+    """sum_i weight_i * x_i, divided by sum_i weight_i when normalize."""
+    stacked = torch.stack(list(tensors))  # [n, *shape]
+    w = _stack_weights(weight, stacked, stacked.dim() - 1)
+    merged = (stacked * w).sum(dim=0)
+    if normalize:
+        total = float(sum(weight))
+        if abs(total) < 1e-8:
+            raise ValueError("linear: weights sum to zero, cannot normalize; set normalize: false")
+        merged = merged / total
+    return merged
+
+
+def passthrough(tensors, base, *, scale, generator=None):
+    """Copy the single input tensor, optionally scaled (used by frankenmerges)."""
+    return tensors[0] * scale[0] if scale[0] != 1.0 else tensors[0]
+
+
+def nearswap(tensors, base, *, t, generator=None):
+    """Take the other model's value where it is close to the base (|diff| < t):
+    w = clamp(t / |base - other|, 0, 1); result = w * other + (1 - w) * base."""
+    other = tensors[0]
+    w = t / (base - other).abs()
+    w = torch.nan_to_num(w, nan=1.0, posinf=1.0, neginf=1.0).clamp(0.0, 1.0)
+    return w * other + (1.0 - w) * base
+
+
+def model_stock(tensors, base, *, filter_wise=False, generator=None):
+    """Model Stock: interpolate between the base and the average of the fine-tunes with
+    t = N cos / (1 + (N - 1) cos), cos the mean pairwise cosine of task vectors."""
+    n = len(tensors)
+    deltas = torch.stack([t - base for t in tensors])  # [n, *shape]
+    if filter_wise and base.dim() >= 2:
+        flat = deltas.reshape(n, base.shape[0], -1)  # [n, rows, cols]
+    else:
+        flat = deltas.reshape(n, 1, -1)  # [n, 1, numel]
+    unit = flat / flat.norm(dim=-1, keepdim=True).clamp(min=1e-8)
+    cos_sum = torch.zeros(flat.shape[1], dtype=flat.dtype, device=flat.device)
+    pairs = 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            cos_sum += (unit[i] * unit[j]).sum(dim=-1)
+            pairs += 1
+    cos = (cos_sum / pairs).clamp(-1.0, 1.0)  # [rows] or [1]
+    t = (n * cos) / (1.0 + (n - 1) * cos).clamp(min=1e-8)
+    t = t.view(-1, *([1] * (base.dim() - 1))) if filter_wise and base.dim() >= 2 else t.reshape(())
+    average = torch.stack(list(tensors)).mean(dim=0)
+    return t * average + (1.0 - t) * base
+
+
+SPECS = (
+    MethodSpec("linear", linear, (WEIGHT, NORMALIZE_TRUE),
+               "Wortsman et al. 2022, Model soups (arXiv:2203.05482)",
+               "weighted average of the models' parameters", uses_base=False),
+    MethodSpec("passthrough", passthrough,
+               (ParamSpec("scale", "per_model", default=1.0, help="multiply the copied tensor"),),
+               "-", "copy tensors from one model unchanged (frankenmerges with slices)",
+               uses_base=False, max_models=1),
+    MethodSpec("nearswap", nearswap,
+               (ParamSpec("t", "global", required=True, bounds=(0.0, float("inf")),
+                          help="similarity threshold: entries closer than t take the other model's value"),),
+               "Alexandru Aioanei 2024, nearswap (mergekit)",
+               "interpolate towards the other model where it is close to the base",
+               requires_base=True, min_models=1, max_models=1),
+    MethodSpec("model_stock", model_stock,
+               (ParamSpec("filter_wise", "global", "bool", default=False,
+                          help="compute the interpolation ratio per row instead of per tensor"),),
+               "Jang et al. 2024, Model Stock (arXiv:2403.19522)",
+               "move from the base towards the fine-tunes' average by their task-vector agreement",
+               requires_base=True, min_models=2),
+)

@@ -1,0 +1,134 @@
+"""The task-vector family: task arithmetic, TIES, DARE, breadcrumbs, DELLA.
+
+Each method is a composition of three steps on task vectors (delta_i = x_i - base):
+  1. sparsify each delta_i        (sparsify.py: magnitude / random / outliers / rank sampling)
+  2. elect sign, disjoint merge   (consensus.py; skipped by the "linear" variants)
+  3. weighted sum, optionally normalised by the weights that survived, scaled by lambda
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from . import sparsify
+from .consensus import sign_agreement_mask
+from .spec import (
+    DENSITY, EPSILON, GAMMA, INT8_MASK, LAMBDA, NORMALIZE_FALSE, NORMALIZE_TRUE,
+    RESCALE_TRUE, WEIGHT_REQUIRED, MethodSpec, ParamSpec,
+)
+
+Sparsifier = Callable[[torch.Tensor, int], torch.Tensor]  # (delta, model index) -> delta
+
+
+def combine_task_vectors(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    weights: Sequence[float],
+    sparsifier: Sparsifier | None,
+    consensus: bool,
+    normalize: bool,
+    lambda_: float,
+    int8_mask: bool = False,
+) -> torch.Tensor:
+    """Steps 1-3 above. tensors: n x [*shape]; base: [*shape]."""
+    deltas = torch.stack([t - base for t in tensors])  # [n, *shape]
+    if sparsifier is not None:
+        deltas = torch.stack([sparsifier(d, i) for i, d in enumerate(deltas)])
+    w = torch.tensor(list(weights), dtype=deltas.dtype, device=deltas.device)
+    w = w.view(-1, *([1] * (deltas.dim() - 1)))  # [n, 1, ...]
+    weighted = deltas * w
+    if consensus:
+        mask = sign_agreement_mask(weighted, "sum", int8=int8_mask).to(deltas.dtype)
+        mixed = (weighted * mask).sum(dim=0)
+        divisor = (w * mask).sum(dim=0)
+        divisor[divisor == 0] = 1.0
+    else:
+        mixed = weighted.sum(dim=0)
+        divisor = w.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1.0
+    if normalize:
+        mixed = mixed / divisor
+    return base + lambda_ * mixed
+
+
+def task_arithmetic(tensors, base, *, weight, normalize=False, lambda_=1.0, int8_mask=False, generator=None):
+    return combine_task_vectors(tensors, base, weight, None, False, normalize, lambda_)
+
+
+def ties(tensors, base, *, weight, density, normalize=True, lambda_=1.0, int8_mask=False, generator=None):
+    trim = lambda d, i: sparsify.magnitude(d, density[i])  # noqa: E731
+    return combine_task_vectors(tensors, base, weight, trim, True, normalize, lambda_, int8_mask)
+
+
+def dare_ties(tensors, base, *, weight, density, normalize=False, lambda_=1.0, rescale=True,
+              int8_mask=False, generator=None):
+    drop = lambda d, i: sparsify.random_drop(d, density[i], rescale, generator)  # noqa: E731
+    return combine_task_vectors(tensors, base, weight, drop, True, normalize, lambda_, int8_mask)
+
+
+def dare_linear(tensors, base, *, weight, density, normalize=False, lambda_=1.0, rescale=True,
+                int8_mask=False, generator=None):
+    drop = lambda d, i: sparsify.random_drop(d, density[i], rescale, generator)  # noqa: E731
+    return combine_task_vectors(tensors, base, weight, drop, False, normalize, lambda_)
+
+
+def breadcrumbs(tensors, base, *, weight, density, gamma, normalize=False, lambda_=1.0,
+                int8_mask=False, generator=None):
+    crumbs = lambda d, i: sparsify.magnitude_outliers(d, density[i], gamma[i])  # noqa: E731
+    return combine_task_vectors(tensors, base, weight, crumbs, False, normalize, lambda_)
+
+
+def breadcrumbs_ties(tensors, base, *, weight, density, gamma, normalize=False, lambda_=1.0,
+                     int8_mask=False, generator=None):
+    crumbs = lambda d, i: sparsify.magnitude_outliers(d, density[i], gamma[i])  # noqa: E731
+    return combine_task_vectors(tensors, base, weight, crumbs, True, normalize, lambda_, int8_mask)
+
+
+def della(tensors, base, *, weight, density, epsilon, normalize=True, lambda_=1.0, rescale=True,
+          int8_mask=False, generator=None):
+    prune = lambda d, i: sparsify.rank_magnitude_sampling(d, density[i], epsilon[i], rescale, generator)  # noqa: E731
+    return combine_task_vectors(tensors, base, weight, prune, True, normalize, lambda_, int8_mask)
+
+
+def della_linear(tensors, base, *, weight, density, epsilon, normalize=False, lambda_=1.0, rescale=True,
+                 int8_mask=False, generator=None):
+    prune = lambda d, i: sparsify.rank_magnitude_sampling(d, density[i], epsilon[i], rescale, generator)  # noqa: E731
+    return combine_task_vectors(tensors, base, weight, prune, False, normalize, lambda_)
+
+
+def _spec(name: str, fn, params: tuple[ParamSpec, ...], paper: str, description: str, randomized=False):
+    return MethodSpec(name=name, fn=fn, params=params, paper=paper, description=description,
+                      requires_base=True, randomized=randomized)
+
+
+SPECS = (
+    _spec("task_arithmetic", task_arithmetic, (WEIGHT_REQUIRED, NORMALIZE_FALSE, LAMBDA, INT8_MASK),
+          "Ilharco et al. 2023, Editing Models with Task Arithmetic (arXiv:2212.04089)",
+          "base + lambda * sum_i weight_i * (model_i - base)"),
+    _spec("ties", ties, (WEIGHT_REQUIRED, DENSITY, NORMALIZE_TRUE, LAMBDA, INT8_MASK),
+          "Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)",
+          "trim task vectors by magnitude, elect sign, disjoint weighted mean"),
+    _spec("dare_ties", dare_ties, (WEIGHT_REQUIRED, DENSITY, NORMALIZE_FALSE, LAMBDA, RESCALE_TRUE, INT8_MASK),
+          "Yu et al. 2023, Language Models are Super Mario (DARE) (arXiv:2311.03099)",
+          "random drop with rescale, then TIES sign consensus", randomized=True),
+    _spec("dare_linear", dare_linear, (WEIGHT_REQUIRED, DENSITY, NORMALIZE_FALSE, LAMBDA, RESCALE_TRUE, INT8_MASK),
+          "Yu et al. 2023, Language Models are Super Mario (DARE) (arXiv:2311.03099)",
+          "random drop with rescale, then weighted sum of task vectors", randomized=True),
+    _spec("breadcrumbs", breadcrumbs, (WEIGHT_REQUIRED, DENSITY, GAMMA, NORMALIZE_FALSE, LAMBDA, INT8_MASK),
+          "Davari & Belilovsky 2023, Model Breadcrumbs (arXiv:2312.06795)",
+          "drop largest (gamma) and smallest entries, weighted sum of task vectors"),
+    _spec("breadcrumbs_ties", breadcrumbs_ties,
+          (WEIGHT_REQUIRED, DENSITY, GAMMA, NORMALIZE_FALSE, LAMBDA, INT8_MASK),
+          "Davari & Belilovsky 2023, Model Breadcrumbs (arXiv:2312.06795)",
+          "breadcrumbs sparsification, then TIES sign consensus"),
+    _spec("della", della, (WEIGHT_REQUIRED, DENSITY, EPSILON, NORMALIZE_TRUE, LAMBDA, RESCALE_TRUE, INT8_MASK),
+          "Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)",
+          "magnitude-rank sampled drop (MagPrune), TIES sign consensus", randomized=True),
+    _spec("della_linear", della_linear,
+          (WEIGHT_REQUIRED, DENSITY, EPSILON, NORMALIZE_FALSE, LAMBDA, RESCALE_TRUE, INT8_MASK),
+          "Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)",
+          "magnitude-rank sampled drop (MagPrune), weighted sum", randomized=True),
+)
+
