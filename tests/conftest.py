@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from factory import make_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory) -> dict[str, Path]:
+    """A base Llama, two fine-tune-like variants, and tiny models of other architectures."""
+    root = tmp_path_factory.mktemp("zoo")
+    z = {"base": make_model(root / "base", "llama", seed=0, layers=4)}
+    z["a"] = make_model(root / "a", base=z["base"], seed=1)
+    z["b"] = make_model(root / "b", base=z["base"], seed=2)
+    for arch in ("mistral", "qwen2", "gpt2", "gpt_neox"):
+        z[arch] = make_model(root / arch, arch, seed=3)
+        z[f"{arch}_ft"] = make_model(root / f"{arch}_ft", base=z[arch], seed=4)
+    z["tied"] = make_model(root / "tied", "llama", seed=5, tie=True)
+    z["tied_ft"] = make_model(root / "tied_ft", base=z["tied"], seed=6)
+    return z
