@@ -6,24 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig,
-                          PreTrainedTokenizerFast, Qwen2Config)
+                          Qwen2Config)
 
-CHARS = list("0123456789+-=>abcdefghijklmnopqrstuvwxyz ") + ["\n"]
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+from demo.tokenizer import VOCAB_SIZE, char_tokenizer
 
-
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
-
-
-VOCAB = len(SPECIALS) + len(CHARS)
+VOCAB = VOCAB_SIZE
 
 
 def tiny_config(arch: str = "llama", layers: int = 2, hidden: int = 32, tie: bool = False):

@@ -1,0 +1,1 @@
+"""The bundled benchmark: a tiny base, two specialists, and an evolved merge of them."""

@@ -1,0 +1,150 @@
+"""Train the demo's models on CPU, deterministically, and save them as ordinary
+Hugging Face model directories:
+
+    <cache>/base        a tiny Llama pretrained on a copying mixture (`12+34|` -> `12+34`,
+                        `abc|` -> `abc`): it knows the characters, not the tasks
+    <cache>/addition    the base fine-tuned on addition only
+    <cache>/reversal    the base fine-tuned on string reversal only
+
+Models already present (with a matching build stamp) are reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from .tokenizer import EOS_ID, PAD_ID, VOCAB_SIZE, char_tokenizer
+
+TASKS_DATA = Path(__file__).resolve().parent.parent / "tasks" / "data"
+DEFAULT_CACHE = Path(".cache") / "demo_models"
+RECIPE = {  # bump "version" whenever training changes, so stale caches are rebuilt
+    "version": 2, "hidden": 128, "layers": 4, "heads": 4, "intermediate": 384,
+    "base_steps": 400, "specialist_steps": 1200, "batch": 64, "lr": 3e-3, "specialist_lr": 1e-3, "seed": 0,
+}
+
+
+def load_train(name: str) -> list[tuple[str, str]]:
+    rows = [json.loads(line) for line in (TASKS_DATA / f"{name}.train.jsonl").read_text().splitlines()]
+    return [(r["prompt"], r["answer"]) for r in rows]
+
+
+def batch_tensors(tok, examples: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and labels; the loss covers the answer and the EOS token only."""
+    seqs, labels = [], []
+    for prompt, answer in examples:
+        p = tok(prompt, add_special_tokens=False).input_ids
+        a = tok(answer, add_special_tokens=False).input_ids + [EOS_ID]
+        seqs.append(p + a)
+        labels.append([-100] * len(p) + a)
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), PAD_ID)
+    lab = torch.full((len(seqs), width), -100)
+    for i, (s, l) in enumerate(zip(seqs, labels)):
+        ids[i, : len(s)] = torch.tensor(s)
+        lab[i, : len(l)] = torch.tensor(l)
+    return ids, lab
+
+
+def train(model, tok, data: list[tuple[str, str]], steps: int, lr: float, seed: int, label: str) -> None:
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * max(0.05, 1 - s / steps))
+    model.train()
+    t0 = time.time()
+    for step in range(steps):
+        ids, labels = batch_tensors(tok, rng.sample(data, RECIPE["batch"]))
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 200 == 0 or step == steps - 1:
+            print(f"  [{label}] step {step + 1}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
+    model.eval()
+
+
+def greedy_accuracy(model, tok, name: str, split: str = "validation", n: int = 100) -> float:
+    rows = [json.loads(line) for line in (TASKS_DATA / f"{name}.{split}.jsonl").read_text().splitlines()][:n]
+    correct = 0
+    with torch.no_grad():
+        for r in rows:
+            ids = tok(r["prompt"], return_tensors="pt", add_special_tokens=False).input_ids
+            out = model.generate(ids, max_new_tokens=len(r["answer"]), do_sample=False, pad_token_id=PAD_ID)
+            correct += tok.decode(out[0, ids.shape[1]:]) == r["answer"]
+    return correct / len(rows)
+
+
+def save(model, tok, path: Path) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tok.save_pretrained(str(tmp))
+    (tmp / "build.json").write_text(json.dumps(RECIPE))
+    if path.exists():
+        import shutil
+        shutil.rmtree(path)
+    tmp.rename(path)
+
+
+def is_built(path: Path) -> bool:
+    stamp = path / "build.json"
+    return stamp.exists() and json.loads(stamp.read_text()) == RECIPE
+
+
+def build_models(cache_dir: Path = DEFAULT_CACHE, force: bool = False) -> dict[str, Path]:
+    cache_dir = Path(cache_dir)
+    paths = {name: cache_dir / name for name in ("base", "addition", "reversal")}
+    if not force and all(is_built(p) for p in paths.values()):
+        return paths
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(RECIPE["seed"])
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    tok = char_tokenizer()
+    data = {name: load_train(name) for name in ("addition", "reversal")}
+    if force or not is_built(paths["base"]):
+        config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=RECIPE["hidden"], num_hidden_layers=RECIPE["layers"],
+                             num_attention_heads=RECIPE["heads"], num_key_value_heads=RECIPE["heads"],
+                             intermediate_size=RECIPE["intermediate"], max_position_embeddings=64,
+                             bos_token_id=1, eos_token_id=EOS_ID, pad_token_id=PAD_ID, tie_word_embeddings=False)
+        base = LlamaForCausalLM(config)
+        print("pretraining the base on the copying mixture", flush=True)
+        copying = [(p[:-1] + "|", p[:-1]) for p, _ in data["addition"] + data["reversal"]]
+        train(base, tok, copying, RECIPE["base_steps"], RECIPE["lr"], RECIPE["seed"], "base")
+        save(base, tok, paths["base"])
+    for i, name in enumerate(("addition", "reversal")):
+        if force or not is_built(paths[name]):
+            torch.manual_seed(RECIPE["seed"] + i + 1)
+            model = LlamaForCausalLM.from_pretrained(str(paths["base"]))
+            print(f"fine-tuning the {name} specialist", flush=True)
+            train(model, tok, data[name], RECIPE["specialist_steps"], RECIPE["specialist_lr"],
+                  RECIPE["seed"] + i + 1, name)
+            save(model, tok, paths[name])
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Build (or reuse) the demo's base and specialist models.")
+    ap.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the models are kept")
+    ap.add_argument("--force", action="store_true", help="retrain even if cached models exist")
+    ap.add_argument("--report", action="store_true", help="print greedy accuracies on the validation split")
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    paths = build_models(args.cache_dir, args.force)
+    print(f"models ready in {time.time() - t0:.0f}s: {', '.join(str(p) for p in paths.values())}")
+    if args.report:
+        tok = char_tokenizer()
+        for name, path in paths.items():
+            model = LlamaForCausalLM.from_pretrained(str(path)).eval()
+            accs = {t: greedy_accuracy(model, tok, t) for t in ("addition", "reversal")}
+            print(f"  {name:10s} " + "  ".join(f"{t} {a:.2f}" for t, a in accs.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Evolutionary merge search: genome -> recipe -> candidate model -> score -> optimizer."""

@@ -1,0 +1,83 @@
+"""The search definition (mergekit-evolve's YAML schema), validated at the edge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from merge_engine.config import RecipeError, _format_loc
+from merge_engine.methods import REGISTRY, get_method
+
+# Test sets that searches must not optimise on unless the user insists (--allow-benchmark-test-sets).
+PUBLIC_BENCHMARKS = ("mmlu", "mmlu_pro", "hellaswag", "arc_challenge", "arc_easy", "gsm8k", "truthfulqa",
+                     "winogrande", "piqa", "boolq", "lambada", "humaneval", "mbpp", "bbh", "gpqa", "ifeval",
+                     "minerva_math", "hendrycks_math", "musr", "openbookqa", "sciq", "race", "drop", "triviaqa",
+                     "nq_open", "squad", "leaderboard", "agieval", "medqa", "logiqa")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class GenomeDefinition(_Frozen):
+    models: list[str] = Field(min_length=1)
+    merge_method: str
+    base_model: str | None = None
+    tokenizer_source: str | None = None
+    layer_granularity: int = Field(default=0, ge=0)  # layers per gene group; 0 = one group for all layers
+    normalize: bool | None = None
+    allow_negative_weights: bool = False
+    smooth: bool = False
+    filters: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _method_fits(self) -> "GenomeDefinition":
+        spec = get_method(self.merge_method)
+        merged = [m for m in self.models if not (spec.uses_base and m == self.base_model)]
+        if spec.requires_base and not self.base_model:
+            raise ValueError(f"genome.base_model: {spec.name} needs a base_model")
+        if len(merged) < spec.min_models or (spec.max_models is not None and len(merged) > spec.max_models):
+            raise ValueError(f"genome.models: {spec.name} merges {spec.min_models}"
+                             f"{'' if spec.max_models is None else '..' + str(spec.max_models)} model(s) besides "
+                             f"the base, got {len(merged)}")
+        if not any(p.search for p in spec.params):
+            raise ValueError(f"genome.merge_method: {spec.name} has no searchable parameters; searchable methods: "
+                             + ", ".join(sorted(n for n, s in REGISTRY.items() if any(p.search for p in s.params))))
+        return self
+
+
+class TaskDefinition(_Frozen):
+    name: str
+    weight: float = 1.0
+    metric: str = "acc"
+    validation_split: str | None = None  # re-score the top candidates on this held-out split
+
+
+class EvolveConfig(_Frozen):
+    genome: GenomeDefinition
+    tasks: list[TaskDefinition] = Field(min_length=1)
+    limit: int | None = Field(default=None, ge=1)
+    num_fewshot: int | None = Field(default=None, ge=0)
+    shuffle: bool = False
+    random_init: bool = False
+
+    def public_benchmarks(self) -> list[str]:
+        return [t.name for t in self.tasks
+                if any(t.name == b or t.name.startswith(b + "_") for b in PUBLIC_BENCHMARKS)]
+
+
+def load_search(path: str | Path) -> EvolveConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise RecipeError(f"search file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    try:
+        return EvolveConfig.model_validate(data)
+    except ValidationError as e:
+        lines = [f"{_format_loc(err['loc'])}: {str(err['msg']).removeprefix('Value error, ')}" for err in e.errors()]
+        raise RecipeError(f"{path}: invalid search definition:\n  " + "\n  ".join(lines)) from None

@@ -1,0 +1,120 @@
+"""Evaluators turn a batch of recipes into Scores.
+
+`CandidateEvaluator` does one candidate in the current process (merge, then score);
+`InProcessEvaluator` runs a batch through one of them (used by tests and --num-workers 0);
+`evolve.ray_evaluator.RayEvaluator` spreads a batch over Ray actors, each holding its own
+CandidateEvaluator. Search code sees only the `Evaluator` protocol.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from merge_engine.config import MergeConfig, parse_recipe
+
+from .candidate import InMemoryMaterializer, OnDiskMaterializer
+from .config import TaskDefinition
+from .scoring import LmEvalScorer, Score, combine
+
+log = logging.getLogger(__name__)
+
+
+class Evaluator(Protocol):
+    def evaluate(self, recipes: list[MergeConfig], validation: bool = False) -> list[Score]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Everything a worker needs to build its own materializer and scorer (picklable)."""
+
+    tasks: list[TaskDefinition]
+    reference_model: str
+    tokenizer_source: str | None = None
+    task_search_path: list[str] = field(default_factory=list)
+    limit: int | None = None
+    num_fewshot: int | None = None
+    batch_size: int = 32
+    in_memory: bool = True
+    vllm: bool = False
+    device: str = "cpu"
+    scratch_dir: str = "/tmp/evomerge-scratch"
+    random_seed: int | None = None
+    threads: int | None = None
+
+
+class CandidateEvaluator:
+    def __init__(self, settings: WorkerSettings):
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        self.settings = settings
+        self.scorer = LmEvalScorer(settings.tasks, settings.task_search_path, settings.limit,
+                                   settings.num_fewshot, settings.batch_size, settings.device)
+        if settings.in_memory and not settings.vllm:
+            self.materializer: Any = InMemoryMaterializer(settings.reference_model, settings.tokenizer_source,
+                                                          settings.device, settings.random_seed)
+        else:
+            self.materializer = OnDiskMaterializer(settings.scratch_dir, settings.device, settings.random_seed)
+        self._lm = None
+
+    def _lm_for(self, model, tokenizer):
+        if isinstance(self.materializer, InMemoryMaterializer):
+            if self._lm is None:  # the resident model is updated in place: one HFLM serves every candidate
+                self._lm = self.scorer.make_lm(model, tokenizer)
+            return self._lm
+        return self.scorer.make_lm(model, tokenizer)
+
+    def evaluate_one(self, recipe: MergeConfig | dict, validation: bool = False) -> Score:
+        config = recipe if isinstance(recipe, MergeConfig) else parse_recipe(recipe)
+        start = time.perf_counter()
+        try:
+            if self.settings.vllm:
+                path = self.materializer.write(config)
+                merge_s = time.perf_counter() - start
+                lm = make_vllm(path, self.settings)
+            else:
+                model, tok = self.materializer.materialize(config)
+                merge_s = time.perf_counter() - start
+                lm = self._lm_for(model, tok)
+        except Exception as e:  # noqa: BLE001 - a failed candidate is a value, not a crash
+            log.warning("candidate failed to merge: %s", e)
+            return Score.failed(f"merge failed: {e}", time.perf_counter() - start)
+        t1 = time.perf_counter()
+        try:
+            with torch.no_grad():
+                per_task = self.scorer.score(lm, validation=validation)
+        except Exception as e:  # noqa: BLE001
+            log.warning("candidate failed to score: %s", e)
+            return Score.failed(f"scoring failed: {e}\n{traceback.format_exc(limit=3)}", merge_s,
+                                time.perf_counter() - t1)
+        finally:
+            if not isinstance(self.materializer, InMemoryMaterializer):
+                self.materializer.release()
+        tasks = [t for t in self.settings.tasks if t.name in per_task]
+        return Score(combine(tasks, per_task), per_task, True, None, merge_s, time.perf_counter() - t1)
+
+
+def make_vllm(path, settings: WorkerSettings):
+    try:
+        from lm_eval.models.vllm_causallms import VLLM
+    except ImportError as e:
+        raise RuntimeError(f"--vllm needs the vllm package ({e}); install it with `pip install vllm`") from None
+    return VLLM(pretrained=str(path), batch_size="auto", dtype="auto")
+
+
+class InProcessEvaluator:
+    def __init__(self, settings: WorkerSettings):
+        self.worker = CandidateEvaluator(settings)
+
+    def evaluate(self, recipes: list[MergeConfig], validation: bool = False) -> list[Score]:
+        return [self.worker.evaluate_one(r, validation) for r in recipes]
+
+    def close(self) -> None:
+        pass

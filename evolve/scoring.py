@@ -1,0 +1,125 @@
+"""Scoring a candidate model with lm-eval tasks.
+
+Tasks are built once per scorer (task indexing and data loading are not repeated per
+candidate); each call runs lm-eval's evaluator on an already-loaded model object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import TaskDefinition
+
+PENALTY = -1.0  # fitness of a candidate that failed; below any weighted score of [0, 1] metrics
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Score:
+    """What one candidate scored. A failed candidate is a Score too (ok=False, the
+    penalty fitness and the error), never None or NaN."""
+
+    fitness: float
+    per_task: dict[str, float] = field(default_factory=dict)
+    ok: bool = True
+    error: str | None = None
+    merge_seconds: float = 0.0
+    score_seconds: float = 0.0
+
+    @classmethod
+    def failed(cls, error: str, merge_seconds: float = 0.0, score_seconds: float = 0.0) -> "Score":
+        return cls(PENALTY, {}, False, error, merge_seconds, score_seconds)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def combine(tasks: list[TaskDefinition], per_task: dict[str, float]) -> float:
+    total = sum(t.weight for t in tasks)
+    return sum(t.weight * per_task[t.name] for t in tasks) / (total or 1.0)
+
+
+class LmEvalScorer:
+    """Runs the search's lm-eval tasks on a model object (HF backend) or a path (vLLM)."""
+
+    def __init__(self, tasks: list[TaskDefinition], task_search_path: list[str] | None = None,
+                 limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 32,
+                 device: str = "cpu"):
+        from lm_eval.tasks import TaskManager
+
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+        self.tasks = tasks
+        self.limit = limit
+        self.batch_size = batch_size
+        self.device = device
+        paths = [str(Path(p).resolve()) for p in task_search_path or []]
+        names = [t.name for t in tasks]
+        manager = TaskManager(include_path=paths or None, include_defaults=False) if paths else None
+        if manager is None or not all(n in manager.all_tasks for n in names):
+            manager = TaskManager(include_path=paths or None)  # fall back to lm-eval's bundled tasks
+        missing = [n for n in names if n not in manager.all_tasks]
+        if missing:
+            raise ValueError(f"tasks: unknown lm-eval task(s) {missing}; add their directory with "
+                             "--task-search-path")
+        loaded = manager.load(names)["tasks"]
+        self._fitness_tasks = {}
+        self._validation_tasks = {}
+        for t in tasks:
+            task = loaded[t.name]
+            if num_fewshot is not None:
+                task.set_config(key="num_fewshot", value=num_fewshot)
+            self._fitness_tasks[t.name] = task
+            if t.validation_split:
+                held_out = copy.deepcopy(task)
+                held_out.config.test_split = t.validation_split
+                self._validation_tasks[t.name] = held_out
+
+    @property
+    def has_validation(self) -> bool:
+        return bool(self._validation_tasks)
+
+    def make_lm(self, model: Any, tokenizer: Any):
+        from lm_eval.models.huggingface import HFLM
+
+        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, device=self.device)
+
+    def score(self, lm: Any, validation: bool = False) -> dict[str, float]:
+        """Per-task metric values. validation=True uses each task's validation_split
+        (tasks without one are skipped)."""
+        from lm_eval.evaluator import evaluate
+
+        chosen = self._validation_tasks if validation else self._fitness_tasks
+        if not chosen:
+            return {}
+        task_dict = {"tasks": dict(chosen), "groups": {}, "group_map": {}}
+        with contextlib.redirect_stderr(io.StringIO()):  # lm-eval's per-call progress bars
+            results = evaluate(lm=lm, task_dict=task_dict, limit=self.limit, log_samples=False,
+                               bootstrap_iters=0, verbosity="ERROR")["results"]
+        out = {}
+        for t in self.tasks:
+            if t.name not in chosen:
+                continue
+            metrics = results[t.name]
+            key = t.metric if t.metric in metrics else f"{t.metric},none"
+            if key not in metrics:
+                raise ValueError(f"task {t.name!r} has no metric {t.metric!r}; it reports: "
+                                 + ", ".join(k for k in metrics if k != "alias"))
+            value = float(metrics[key])
+            if not math.isfinite(value):
+                raise ValueError(f"task {t.name!r}: metric {t.metric!r} is {value}")
+            out[t.name] = value
+        return out
+
+
+def timed(fn, *args, **kwargs) -> tuple[Any, float]:
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - start

@@ -1,0 +1,120 @@
+"""The search: an explicit CMA-ES ask/tell loop.
+
+Resuming needs no optimizer pickle: CMA-ES is deterministic given its seed and the
+fitness values it is told, so a resumed run replays the same generations, taking
+the scores of candidates already in history.jsonl instead of scoring them again.
+Identical recipes are never scored twice, in one run or across resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import cma
+import numpy as np
+from tqdm.auto import tqdm
+
+from merge_engine.config import MergeConfig
+
+from .evaluator import Evaluator
+from .genome import Genome, recipe_key
+from .scoring import Score
+from .storage import Storage
+
+log = logging.getLogger(__name__)
+STALL_GENERATIONS = 3
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    max_fevals: int = 100
+    sigma0: float = 0.25
+    popsize: int | None = None
+    random_seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class Candidate:
+    key: str
+    recipe: MergeConfig
+    genome: list[float]
+    score: Score
+    generation: int
+
+    def record(self, index: int) -> dict[str, Any]:
+        return {"index": index, "generation": self.generation, "recipe_hash": self.key, "genome": self.genome,
+                "fitness": self.score.fitness, "scores": self.score.per_task, "ok": self.score.ok,
+                "error": self.score.error, "merge_seconds": round(self.score.merge_seconds, 4),
+                "score_seconds": round(self.score.score_seconds, 4),
+                "recipe": self.recipe.model_dump(mode="json", exclude_none=True)}
+
+
+def make_optimizer(genome: Genome, settings: SearchSettings) -> cma.CMAEvolutionStrategy:
+    rng = np.random.default_rng(settings.random_seed)  # CMA-ES samples only from this generator
+    options = {"bounds": [0.0, 1.0], "seed": settings.random_seed + 1, "verbose": -9,
+               "randn": lambda *shape: rng.standard_normal(shape),
+               # the budget ends the search, not a flat fitness landscape (e.g. every candidate scoring 0
+               # early on); convergence is detected below as generations that propose nothing new
+               "tolflatfitness": 10**9, "tolfun": 0.0, "tolfunhist": 0.0, "tolstagnation": 10**9}
+    if settings.popsize:
+        options["popsize"] = settings.popsize
+    return cma.CMAEvolutionStrategy(genome.x0(), settings.sigma0, options)
+
+
+def run_search(genome: Genome, evaluator: Evaluator, storage: Storage, settings: SearchSettings) -> list[Candidate]:
+    """Run (or resume) the search; returns every scored candidate, in scoring order."""
+    known: dict[str, dict[str, Any]] = {r["recipe_hash"]: r for r in storage.load_history()}
+    scored: list[Candidate] = []  # every candidate met, in first-seen order
+    es = make_optimizer(genome, settings)
+    new_evals = sum(1 for _ in known)
+    bar = tqdm(total=settings.max_fevals, initial=min(new_evals, settings.max_fevals), desc="search",
+               unit="candidate", disable=not settings.progress)
+    best: Candidate | None = None
+    generation = 0
+    seen_this_run: dict[str, Candidate] = {}
+    stalled = 0  # consecutive generations with no new recipe: the search has converged
+    while not es.stop() and stalled < STALL_GENERATIONS:
+        xs = es.ask()
+        recipes = [genome.decode(x) for x in xs]
+        keys = [recipe_key(r) for r in recipes]
+        todo = list(dict.fromkeys(k for k in keys if k not in known and k not in seen_this_run))
+        if new_evals + len(todo) > settings.max_fevals:
+            break
+        if todo:
+            first = {k: i for i, k in reversed(list(enumerate(keys)))}
+            t0 = time.perf_counter()
+            scores = evaluator.evaluate([recipes[first[k]] for k in todo])
+            log.info("generation %d: %d candidates in %.1fs", generation, len(todo), time.perf_counter() - t0)
+            for k, s in zip(todo, scores):
+                i = first[k]
+                cand = Candidate(k, recipes[i], [float(v) for v in genome.values(xs[i])], s, generation)
+                storage.append(cand.record(len(known) + len(seen_this_run)))
+                seen_this_run[k] = cand
+            new_evals += len(todo)
+            bar.update(len(todo))
+        stalled = 0 if todo or new_evals < len(known) else stalled + 1
+        fitness = []
+        for k, r, x in zip(keys, recipes, xs):
+            if k in seen_this_run:
+                cand = seen_this_run[k]
+            else:
+                rec = known[k]
+                cand = Candidate(k, r, [float(v) for v in genome.values(x)],
+                                 Score(rec["fitness"], rec["scores"], rec["ok"], rec["error"],
+                                       rec["merge_seconds"], rec["score_seconds"]), rec["generation"])
+                seen_this_run[k] = cand
+            fitness.append(-cand.score.fitness)  # CMA-ES minimises
+            if best is None or cand.score.fitness > best.score.fitness:
+                best = cand
+        es.tell(xs, fitness)
+        scored = list(seen_this_run.values())
+        storage.write_state({"generation": generation, "evaluations": new_evals,
+                             "best": best.record(-1) if best else None, "sigma": float(es.sigma)})
+        bar.set_postfix(best=f"{best.score.fitness:.4f}" if best else "-", gen=generation)
+        generation += 1
+    bar.close()
+    return scored

@@ -1,0 +1,28 @@
+"""Loader for the bundled tasks' local JSONL data (used via `custom_dataset`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+
+DATA = Path(__file__).parent / "data"
+
+
+def load_local(name: str, **_: object) -> datasets.DatasetDict:
+    splits = {}
+    for split in ("train", "validation", "test"):
+        path = DATA / f"{name}.{split}.jsonl"
+        if not path.exists():
+            raise FileNotFoundError(f"task data {path} is missing; run `python tasks/generate_data.py`")
+        splits[split] = datasets.Dataset.from_list([json.loads(line) for line in path.read_text().splitlines()])
+    return datasets.DatasetDict(splits)
+
+
+def load_addition(**kwargs: object) -> datasets.DatasetDict:
+    return load_local("addition")
+
+
+def load_reversal(**kwargs: object) -> datasets.DatasetDict:
+    return load_local("reversal")
