@@ -267,3 +267,25 @@ def test_cli_end_to_end_subprocess_and_help(zoo, tmp_path):
     for flag in ("--cuda", "--device", "--copy-tokenizer", "--out-shard-size", "--allow-crimes",
                  "--trust-remote-code", "--random-seed", "--lazy-unpickle", "--write-model-card", "--allow-pickle"):
         assert flag in help_text
+
+
+def test_every_example_recipe_runs(tmp_path, monkeypatch):
+    """configs/recipes/*.yml name .cache/demo_models/...: stand in tiny models there."""
+    from pathlib import Path
+
+    from factory import make_model
+
+    root = Path(__file__).resolve().parent.parent
+    models = tmp_path / ".cache" / "demo_models"
+    make_model(models / "base", layers=4)
+    make_model(models / "addition", base=models / "base", seed=1)
+    make_model(models / "reversal", base=models / "base", seed=2)
+    monkeypatch.chdir(tmp_path)
+    recipes = sorted((root / "configs" / "recipes").glob("*.yml"))
+    from merge_engine.methods import REGISTRY
+
+    assert {load_recipe(r).merge_method for r in recipes} == set(REGISTRY)
+    for recipe in recipes:
+        out = run_merge(load_recipe(recipe), tmp_path / "out" / recipe.stem,
+                        MergeOptions(progress=False, random_seed=0))
+        generates(out)

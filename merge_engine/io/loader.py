@@ -1,8 +1,11 @@
-"""Lazy, memory-mapped access to a model directory's tensors.
+"""Lazy access to a model directory's tensors.
 
-Safetensors files are opened with ``safe_open`` (mmap): a tensor is read only when
-asked for. Pickled ``.bin`` checkpoints are refused unless the caller opts in, and
-even then are read with torch's ``weights_only`` unpickler.
+Safetensors files are read with ``safe_open``: a tensor is read only when asked for,
+and the file is opened for that read alone. Keeping the mmap open would leave every
+page read so far resident and counted in the process's RSS, so memory would grow
+with the model instead of the largest tensor. Shapes and dtypes come from the
+headers, read once. Pickled ``.bin`` checkpoints are refused unless the caller opts
+in, and even then are read with torch's ``weights_only`` unpickler.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ class ModelSource:
         self.path = resolve_model_path(model)
         self.config = self._read_config()
         self._cache: dict[str, torch.Tensor] | None = {} if cache else None
-        self._files: dict[str, object] = {}
+        self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
         self._pickled: dict[str, dict[str, torch.Tensor]] = {}
         self.weight_map = self._read_weight_map(allow_pickle)
 
@@ -62,10 +65,10 @@ class ModelSource:
         if (self.path / SAFE_INDEX).exists():
             return self._index(SAFE_INDEX)
         if (self.path / SAFE_SINGLE).exists():
-            return {n: SAFE_SINGLE for n in self._open(SAFE_SINGLE).keys()}
+            return {n: SAFE_SINGLE for n in self._read_header(SAFE_SINGLE)}
         singles = sorted(p.name for p in self.path.glob("*.safetensors"))
         if singles:
-            return {n: f for f in singles for n in self._open(f).keys()}
+            return {n: f for f in singles for n in self._read_header(f)}
         pickled = PICKLE_INDEX if (self.path / PICKLE_INDEX).exists() else (
             PICKLE_SINGLE if (self.path / PICKLE_SINGLE).exists() else None)
         if pickled is None:
@@ -87,18 +90,23 @@ class ModelSource:
             raise ModelLoadError(f"model {self.name!r}: {index_name} is malformed: {e}") from None
 
     def _open(self, filename: str):
-        handle = self._files.get(filename)
-        if handle is None:
-            path = self.path / filename
-            try:
-                handle = safe_open(str(path), framework="pt")
-            except FileNotFoundError:
-                raise ModelLoadError(f"model {self.name!r}: {path} is listed in the index but missing") from None
-            except Exception as e:  # noqa: BLE001 - header or size corruption
-                raise ModelLoadError(f"model {self.name!r}: {path} is not a readable safetensors file "
-                                     f"(truncated or corrupt?): {e}") from None
-            self._files[filename] = handle
-        return handle
+        path = self.path / filename
+        try:
+            return safe_open(str(path), framework="pt")
+        except FileNotFoundError:
+            raise ModelLoadError(f"model {self.name!r}: {path} is listed in the index but missing") from None
+        except Exception as e:  # noqa: BLE001 - header or size corruption
+            raise ModelLoadError(f"model {self.name!r}: {path} is not a readable safetensors file "
+                                 f"(truncated or corrupt?): {e}") from None
+
+    def _read_header(self, filename: str) -> list[str]:
+        """Names, shapes and dtypes of one file's tensors (header only)."""
+        with self._open(filename) as f:
+            names = list(f.keys())
+            for n in names:
+                sl = f.get_slice(n)
+                self._meta[n] = (tuple(sl.get_shape()), _SAFE_DTYPES.get(sl.get_dtype(), sl.get_dtype()))
+        return names
 
     def _load_pickle(self, filename: str) -> dict[str, torch.Tensor]:
         if filename not in self._pickled:
@@ -119,8 +127,9 @@ class ModelSource:
         """(shape, dtype name) without reading the data."""
         filename = self._file_for(name)
         if filename.endswith(".safetensors"):
-            sl = self._open(filename).get_slice(name)
-            return tuple(sl.get_shape()), _SAFE_DTYPES.get(sl.get_dtype(), sl.get_dtype())
+            if name not in self._meta:
+                self._read_header(filename)
+            return self._meta[name]
         t = self._load_pickle(filename)[name]
         return tuple(t.shape), str(t.dtype).removeprefix("torch.")
 
@@ -130,7 +139,10 @@ class ModelSource:
         filename = self._file_for(name)
         if filename.endswith(".safetensors"):
             try:
-                tensor = self._open(filename).get_tensor(name)
+                with self._open(filename) as f:
+                    tensor = f.get_tensor(name)
+            except ModelLoadError:
+                raise
             except Exception as e:  # noqa: BLE001
                 raise ModelLoadError(f"model {self.name!r}: cannot read tensor {name!r} from "
                                      f"{self.path / filename} (truncated or corrupt?): {e}") from None
