@@ -54,7 +54,6 @@ def main() -> None:
     args = ap.parse_args()
     os.chdir(ROOT)
     from demo.build_models import build_models
-    from evolve.candidate import load_model
     from evolve.config import load_search
     from evolve.evaluator import CandidateEvaluator, WorkerSettings
     from evolve.genome import Genome

@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from merge_engine.config import RecipeError, _format_loc
+from merge_engine.config import RecipeError, format_location
 from merge_engine.methods import REGISTRY, get_method
 
 # Test sets that searches must not optimise on unless the user insists (--allow-benchmark-test-sets).
@@ -79,5 +79,5 @@ def load_search(path: str | Path) -> EvolveConfig:
     try:
         return EvolveConfig.model_validate(data)
     except ValidationError as e:
-        lines = [f"{_format_loc(err['loc'])}: {str(err['msg']).removeprefix('Value error, ')}" for err in e.errors()]
+        lines = [f"{format_location(err['loc'])}: {str(err['msg']).removeprefix('Value error, ')}" for err in e.errors()]
         raise RecipeError(f"{path}: invalid search definition:\n  " + "\n  ".join(lines)) from None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,7 +127,3 @@ def recipe_key(config: MergeConfig) -> str:
     """Identity of a candidate: identical recipes are never scored twice."""
     canonical = json.dumps(config.model_dump(mode="json", exclude_none=True), sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
-def is_finite_vector(x: np.ndarray) -> bool:
-    return all(math.isfinite(v) for v in np.asarray(x, dtype=float))

@@ -60,11 +60,11 @@ def check_preconditions(config: EvolveConfig, options: RunOptions) -> None:
                          "overfits the benchmark and makes its numbers meaningless. Search on your own or a "
                          "validation task, or pass --allow-benchmark-test-sets if you really mean it")
     if options.vllm:
-        try:
-            import vllm  # noqa: F401
-        except ImportError:
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
             raise ValueError("--vllm: the vllm package is not installed (`pip install vllm`); omit --vllm to "
-                             "score with the Hugging Face backend") from None
+                             "score with the Hugging Face backend")
 
 
 def evolve(config: EvolveConfig, options: RunOptions, evaluator: Evaluator | None = None) -> dict[str, Any]:

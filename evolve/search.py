@@ -66,55 +66,50 @@ def make_optimizer(genome: Genome, settings: SearchSettings) -> cma.CMAEvolution
 
 
 def run_search(genome: Genome, evaluator: Evaluator, storage: Storage, settings: SearchSettings) -> list[Candidate]:
-    """Run (or resume) the search; returns every scored candidate, in scoring order."""
+    """Run (or resume) the search; returns every candidate met, in first-seen order."""
     known: dict[str, dict[str, Any]] = {r["recipe_hash"]: r for r in storage.load_history()}
-    scored: list[Candidate] = []  # every candidate met, in first-seen order
+    seen: dict[str, Candidate] = {}  # candidates met in this run: scored now or replayed from history
+    next_index = len(known)
     es = make_optimizer(genome, settings)
-    new_evals = sum(1 for _ in known)
-    bar = tqdm(total=settings.max_fevals, initial=min(new_evals, settings.max_fevals), desc="search",
+    bar = tqdm(total=settings.max_fevals, initial=min(next_index, settings.max_fevals), desc="search",
                unit="candidate", disable=not settings.progress)
     best: Candidate | None = None
     generation = 0
-    seen_this_run: dict[str, Candidate] = {}
-    stalled = 0  # consecutive generations with no new recipe: the search has converged
+    stalled = 0  # consecutive generations proposing only recipes already met: the search has converged
     while not es.stop() and stalled < STALL_GENERATIONS:
         xs = es.ask()
         recipes = [genome.decode(x) for x in xs]
         keys = [recipe_key(r) for r in recipes]
-        todo = list(dict.fromkeys(k for k in keys if k not in known and k not in seen_this_run))
-        if new_evals + len(todo) > settings.max_fevals:
+        first = {k: i for i, k in reversed(list(enumerate(keys)))}  # first position of each distinct recipe
+        fresh = [k for k in first if k not in seen]
+        todo = [k for k in fresh if k not in known]
+        if next_index + len(todo) > settings.max_fevals:
             break
         if todo:
-            first = {k: i for i, k in reversed(list(enumerate(keys)))}
             t0 = time.perf_counter()
             scores = evaluator.evaluate([recipes[first[k]] for k in todo])
             log.info("generation %d: %d candidates in %.1fs", generation, len(todo), time.perf_counter() - t0)
-            for k, s in zip(todo, scores):
-                i = first[k]
-                cand = Candidate(k, recipes[i], [float(v) for v in genome.values(xs[i])], s, generation)
-                storage.append(cand.record(len(known) + len(seen_this_run)))
-                seen_this_run[k] = cand
-            new_evals += len(todo)
+            for k, score in zip(todo, scores):
+                cand = Candidate(k, recipes[first[k]], genome.values(xs[first[k]]), score, generation)
+                storage.append(cand.record(next_index))
+                next_index += 1
+                seen[k] = cand
             bar.update(len(todo))
-        stalled = 0 if todo or new_evals < len(known) else stalled + 1
-        fitness = []
-        for k, r, x in zip(keys, recipes, xs):
-            if k in seen_this_run:
-                cand = seen_this_run[k]
-            else:
+        for k in fresh:
+            if k not in seen:  # replayed: take the stored score
                 rec = known[k]
-                cand = Candidate(k, r, [float(v) for v in genome.values(x)],
-                                 Score(rec["fitness"], rec["scores"], rec["ok"], rec["error"],
-                                       rec["merge_seconds"], rec["score_seconds"]), rec["generation"])
-                seen_this_run[k] = cand
-            fitness.append(-cand.score.fitness)  # CMA-ES minimises
-            if best is None or cand.score.fitness > best.score.fitness:
-                best = cand
+                score = Score(rec["fitness"], rec["scores"], rec["ok"], rec["error"], rec["merge_seconds"],
+                              rec["score_seconds"])
+                seen[k] = Candidate(k, recipes[first[k]], genome.values(xs[first[k]]), score, rec["generation"])
+        stalled = 0 if fresh else stalled + 1
+        fitness = [-seen[k].score.fitness for k in keys]  # CMA-ES minimises
+        for k in keys:
+            if best is None or seen[k].score.fitness > best.score.fitness:
+                best = seen[k]
         es.tell(xs, fitness)
-        scored = list(seen_this_run.values())
-        storage.write_state({"generation": generation, "evaluations": new_evals,
+        storage.write_state({"generation": generation, "evaluations": next_index,
                              "best": best.record(-1) if best else None, "sigma": float(es.sigma)})
         bar.set_postfix(best=f"{best.score.fitness:.4f}" if best else "-", gen=generation)
         generation += 1
     bar.close()
-    return scored
+    return list(seen.values())

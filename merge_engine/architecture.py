@@ -57,6 +57,8 @@ class Architecture:
 
     def is_pre_layer(self, tensor_name: str) -> bool:
         """Tensors before the decoder stack (embeddings): gradient position t = 0."""
+        if tensor_name in LM_HEAD_NAMES:
+            return False
         return "embed" in tensor_name or tensor_name.endswith(("wte.weight", "wpe.weight"))
 
 

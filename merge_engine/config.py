@@ -245,7 +245,7 @@ class RecipeError(ValueError):
     """A recipe that cannot be used; the message lists every problem with its YAML path."""
 
 
-def _format_loc(loc: tuple[Any, ...]) -> str:
+def format_location(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
         if isinstance(part, int):
@@ -265,7 +265,7 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> MergeConfig:
         seen = set()
         for err in e.errors():
             msg = str(err["msg"]).removeprefix("Value error, ")
-            loc = _format_loc(err["loc"])
+            loc = format_location(err["loc"])
             for line in msg.split("\n"):
                 text = line if (not loc or line.startswith(loc)) else f"{loc}: {line}"
                 if "extra_forbidden" == err["type"]:

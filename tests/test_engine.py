@@ -289,3 +289,15 @@ def test_every_example_recipe_runs(tmp_path, monkeypatch):
         out = run_merge(load_recipe(recipe), tmp_path / "out" / recipe.stem,
                         MergeOptions(progress=False, random_seed=0))
         generates(out)
+
+
+def test_gpt_neox_output_head_is_a_post_layer_tensor(zoo):
+    cfg = parse_recipe({"merge_method": "linear", "slices": [
+        {"sources": [{"model": str(zoo["gpt_neox"]), "layer_range": [0, 1]}]},
+        {"sources": [{"model": str(zoo["gpt_neox_ft"]), "layer_range": [1, 2]}]}]})
+    plan, _ = plan_merge(cfg)
+    head = next(j for j in plan.jobs if j.output_name == "embed_out.weight")
+    embed = next(j for j in plan.jobs if j.output_name == "gpt_neox.embed_in.weight")
+    assert head.inputs[0].model == str(zoo["gpt_neox_ft"]) and embed.inputs[0].model == str(zoo["gpt_neox"])
+    assert plan.jobs[-1].output_name in ("embed_out.weight", "gpt_neox.final_layer_norm.bias",
+                                         "gpt_neox.final_layer_norm.weight")

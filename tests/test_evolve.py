@@ -123,20 +123,22 @@ def test_search_exports_recipe_model_plot_and_report(zoo, in_process, tmp_path):
 
 
 def test_same_seed_same_history_and_resume_continues_without_rescoring(zoo, in_process, tmp_path):
-    run(zoo, tmp_path / "full", in_process, max_fevals=12, seed=5, export_model=False)
-    run(zoo, tmp_path / "again", in_process, max_fevals=12, seed=5, export_model=False)
+    run(zoo, tmp_path / "full", in_process, max_fevals=16, seed=5, export_model=False)
+    run(zoo, tmp_path / "again", in_process, max_fevals=16, seed=5, export_model=False)
     assert history(tmp_path / "full") == history(tmp_path / "again")
-    run(zoo, tmp_path / "other", in_process, max_fevals=12, seed=6, export_model=False)
-    assert history(tmp_path / "other") != history(tmp_path / "full")
+    run(zoo, tmp_path / "other", in_process, max_fevals=8, seed=6, export_model=False)
+    assert history(tmp_path / "other") != history(tmp_path / "full")[:8]
 
-    run(zoo, tmp_path / "part", in_process, max_fevals=4, seed=5, export_model=False)
-    assert len(history(tmp_path / "part")) == 4
+    run(zoo, tmp_path / "part", in_process, max_fevals=12, seed=5, export_model=False)
+    assert len(history(tmp_path / "part")) == 12
     with pytest.raises(ValueError, match="--resume"):
         run(zoo, tmp_path / "part", in_process, max_fevals=12, seed=5)
     with pytest.raises(ValueError, match="differs"):
         run(zoo, tmp_path / "part", in_process, max_fevals=12, seed=7, resume=True)
-    run(zoo, tmp_path / "part", in_process, max_fevals=12, seed=5, resume=True, export_model=False)
-    assert history(tmp_path / "part") == history(tmp_path / "full")  # no duplicate scoring, same trajectory
+    run(zoo, tmp_path / "part", in_process, max_fevals=16, seed=5, resume=True, export_model=False)
+    assert history(tmp_path / "part") == history(tmp_path / "full")  # 3 generations replayed, none re-scored
+    indices = [json.loads(line)["index"] for line in (tmp_path / "part" / "history.jsonl").read_text().splitlines()]
+    assert indices == list(range(16))
 
 
 def test_identical_genomes_are_scored_once_and_convergence_ends_the_search(zoo, in_process, tmp_path):
@@ -195,12 +197,12 @@ def test_cli_killed_mid_search_resumes(zoo, tmp_path):
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.time() + 240
     hist = storage / "history.jsonl"
-    while time.time() < deadline and not (hist.exists() and len(hist.read_text().splitlines()) >= 5):
+    while time.time() < deadline and not (hist.exists() and len(hist.read_text().splitlines()) >= 9):
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = len(hist.read_text().splitlines())
-    assert 5 <= done < 16
+    assert 9 <= done < 16  # killed after two generations and during the third
     res = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     records = [json.loads(line) for line in hist.read_text().splitlines()]

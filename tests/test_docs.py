@@ -1,0 +1,27 @@
+"""The README documents every method and every command-line option."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from evolve.cli import build_parser as evolve_parser
+from merge_engine.cli import build_parser as merge_parser
+from merge_engine.methods import REGISTRY
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+
+def options(parser) -> set[str]:
+    return {o for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
+
+
+def test_every_method_and_parameter_is_documented():
+    for name, spec in REGISTRY.items():
+        assert f"`{name}`" in README, name
+        for p in spec.params:
+            assert f"`{p.name}`" in README, (name, p.name)
+
+
+def test_every_cli_option_is_documented():
+    for opt in options(merge_parser()) | options(evolve_parser()):
+        assert opt in README, opt
