@@ -2,7 +2,7 @@
 Hugging Face model directories:
 
     <cache>/base        a tiny Llama pretrained on a copying mixture (`12+34|` -> `12+34`,
-                        `abc|` -> `abc`) with some of each task: it knows the formats, not the skills
+                        `abc|` -> `abc`) with the addition data and a little reversal data
     <cache>/addition    the base fine-tuned on addition only
     <cache>/reversal    the base fine-tuned on string reversal only
 
@@ -25,10 +25,11 @@ from .tokenizer import EOS_ID, PAD_ID, VOCAB_SIZE, char_tokenizer
 TASKS_DATA = Path(__file__).resolve().parent.parent / "tasks" / "data"
 DEFAULT_CACHE = Path(".cache") / "demo_models"
 RECIPE = {  # bump "version" whenever training changes, so stale caches are rebuilt
-    "version": 3, "hidden": 128, "layers": 4, "heads": 4, "intermediate": 384, "batch": 64, "seed": 0,
-    # base: copying everything, plus a little of each task (it learns the formats, not the skills)
-    "base_steps": 800, "lr": 3e-3, "base_addition": 6000, "base_reversal": 300,
-    "addition_steps": 800, "addition_lr": 1e-3, "reversal_steps": 300, "reversal_lr": 5e-4,
+    "version": 4, "hidden": 128, "layers": 4, "heads": 4, "intermediate": 384, "batch": 64, "seed": 0,
+    # base: copying, all of the addition data and a sliver of reversal: middling at both tasks
+    "base_steps": 1500, "lr": 3e-3, "base_addition": 6000, "base_reversal": 300,
+    # specialists: short, low-learning-rate fine-tunes, so their task vectors stay small (mergeable)
+    "addition_steps": 400, "addition_lr": 3e-4, "reversal_steps": 200, "reversal_lr": 3e-4,
 }
 
 
@@ -54,12 +55,9 @@ def batch_tensors(tok, examples: list[tuple[str, str]]) -> tuple[torch.Tensor, t
     return ids, lab
 
 
-def train(model, tok, data: list[tuple[str, str]], steps: int, lr: float, seed: int, label: str,
-          anchor: float = 0.0) -> None:
-    """AdamW on answer tokens. anchor > 0 adds anchor * ||theta - theta_start||^2 (L2-SP), which keeps
-    a fine-tune's task vector small: specialists trained so stay mergeable."""
+def train(model, tok, data: list[tuple[str, str]], steps: int, lr: float, seed: int, label: str) -> None:
+    """AdamW with warm-up and linear decay; the loss covers answer tokens only."""
     rng = random.Random(seed)
-    start = [p.detach().clone() for p in model.parameters()] if anchor > 0 else []
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * max(0.05, 1 - s / steps))
     model.train()
@@ -67,8 +65,6 @@ def train(model, tok, data: list[tuple[str, str]], steps: int, lr: float, seed: 
     for step in range(steps):
         ids, labels = batch_tensors(tok, rng.sample(data, RECIPE["batch"]))
         loss = model(input_ids=ids, labels=labels).loss
-        if anchor > 0:
-            loss = loss + anchor * sum(((p - p0) ** 2).sum() for p, p0 in zip(model.parameters(), start))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
