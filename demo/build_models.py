@@ -24,12 +24,13 @@ from .tokenizer import EOS_ID, PAD_ID, VOCAB_SIZE, char_tokenizer
 
 TASKS_DATA = Path(__file__).resolve().parent.parent / "tasks" / "data"
 DEFAULT_CACHE = Path(".cache") / "demo_models"
-RECIPE = {  # bump "version" whenever training changes, so stale caches are rebuilt
+RECIPE = {  # bump "version" whenever the training code changes, so stale caches are rebuilt
     "version": 4, "hidden": 128, "layers": 4, "heads": 4, "intermediate": 384, "batch": 64, "seed": 0,
     # base: copying, all of the addition data and a sliver of reversal: middling at both tasks
     "base_steps": 1500, "lr": 3e-3, "base_addition": 6000, "base_reversal": 300,
-    # specialists: short, low-learning-rate fine-tunes, so their task vectors stay small (mergeable)
-    "addition_steps": 400, "addition_lr": 3e-4, "reversal_steps": 200, "reversal_lr": 3e-4,
+    # specialists: short fine-tunes; their task vectors interfere a little (uniform merges lose some of
+    # each skill), not so much that no merge keeps both
+    "addition_steps": 400, "addition_lr": 1e-3, "reversal_steps": 200, "reversal_lr": 1e-3,
 }
 
 
@@ -86,11 +87,19 @@ def greedy_accuracy(model, tok, name: str, split: str = "validation", n: int = 1
     return correct / len(rows)
 
 
+def stamp(name: str) -> dict:
+    """The settings a model depends on: a specialist is rebuilt when its own or the base's change."""
+    keys = [k for k in RECIPE if not k.startswith(("addition_", "reversal_"))]
+    if name != "base":
+        keys += [f"{name}_steps", f"{name}_lr"]
+    return {k: RECIPE[k] for k in keys}
+
+
 def save(model, tok, path: Path) -> None:
     tmp = path.with_name(path.name + ".partial")
     model.save_pretrained(str(tmp), safe_serialization=True)
     tok.save_pretrained(str(tmp))
-    (tmp / "build.json").write_text(json.dumps(RECIPE))
+    (tmp / "build.json").write_text(json.dumps(stamp(path.name)))
     if path.exists():
         import shutil
         shutil.rmtree(path)
@@ -98,8 +107,8 @@ def save(model, tok, path: Path) -> None:
 
 
 def is_built(path: Path) -> bool:
-    stamp = path / "build.json"
-    return stamp.exists() and json.loads(stamp.read_text()) == RECIPE
+    built = path / "build.json"
+    return built.exists() and json.loads(built.read_text()) == stamp(path.name)
 
 
 def build_models(cache_dir: Path = DEFAULT_CACHE, force: bool = False) -> dict[str, Path]:
@@ -112,7 +121,8 @@ def build_models(cache_dir: Path = DEFAULT_CACHE, force: bool = False) -> dict[s
     torch.set_num_threads(max(1, torch.get_num_threads()))
     tok = char_tokenizer()
     data = {name: load_train(name) for name in ("addition", "reversal")}
-    if force or not is_built(paths["base"]):
+    rebuilt_base = force or not is_built(paths["base"])
+    if rebuilt_base:
         config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=RECIPE["hidden"], num_hidden_layers=RECIPE["layers"],
                              num_attention_heads=RECIPE["heads"], num_key_value_heads=RECIPE["heads"],
                              intermediate_size=RECIPE["intermediate"], max_position_embeddings=64,
@@ -125,7 +135,7 @@ def build_models(cache_dir: Path = DEFAULT_CACHE, force: bool = False) -> dict[s
         train(base, tok, mixture, RECIPE["base_steps"], RECIPE["lr"], RECIPE["seed"], "base")
         save(base, tok, paths["base"])
     for i, name in enumerate(("addition", "reversal")):
-        if force or not is_built(paths[name]):
+        if force or not is_built(paths[name]) or rebuilt_base:
             torch.manual_seed(RECIPE["seed"] + i + 1)
             model = LlamaForCausalLM.from_pretrained(str(paths["base"]))
             print(f"fine-tuning the {name} specialist", flush=True)

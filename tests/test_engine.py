@@ -301,3 +301,21 @@ def test_gpt_neox_output_head_is_a_post_layer_tensor(zoo):
     assert head.inputs[0].model == str(zoo["gpt_neox_ft"]) and embed.inputs[0].model == str(zoo["gpt_neox"])
     assert plan.jobs[-1].output_name in ("embed_out.weight", "gpt_neox.final_layer_norm.bias",
                                          "gpt_neox.final_layer_norm.weight")
+
+
+def test_tokenizer_from_a_named_model_and_out_dtype(zoo, tmp_path):
+    donor = tmp_path / "donor"
+    shutil.copytree(zoo["b"], donor)
+    tok = AutoTokenizer.from_pretrained(str(donor))
+    tok.chat_template = "{{ messages[0]['content'] }} from the donor"
+    tok.save_pretrained(str(donor))
+    for source in ({"tokenizer_source": str(donor)}, {"tokenizer": {"source": str(donor)}}):
+        cfg = parse_recipe({"merge_method": "linear", "models": [{"model": str(zoo["a"])}, {"model": str(donor)}],
+                            "out_dtype": "float16", **source})
+        out = run_merge(cfg, tmp_path / "out", QUIET)
+        assert "from the donor" in AutoTokenizer.from_pretrained(str(out)).chat_template
+        assert all(t.dtype == torch.float16 for t in weights(out).values())
+    cfg = parse_recipe({"merge_method": "linear", "models": [{"model": str(zoo["a"])}],
+                        "tokenizer_source": str(donor)})
+    with pytest.raises(ValueError, match="tokenizer_source.*not one of the recipe's models"):
+        run_merge(cfg, tmp_path / "out2", QUIET)
