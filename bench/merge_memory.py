@@ -5,7 +5,7 @@ largest tensor (the 32000 x 1024 embedding), not the model size.
     python bench/merge_memory.py [--workdir /tmp/evomerge-bench] [--layers 12 48]
 
 Writes bench/results/merge_memory.{json,md}. Each merge runs in its own process; its
-peak RSS is that process's ru_maxrss (os.wait4), so nothing else is counted.
+peak RSS is that process's VmHWM (bench/_peak_rss.py), so nothing else is counted.
 """
 
 from __future__ import annotations
@@ -49,16 +49,15 @@ def run_merge(recipe: dict, workdir: Path, name: str) -> dict:
     recipe_path.write_text(yaml.safe_dump(recipe))
     out = workdir / "out" / name
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "merge_engine.cli", str(recipe_path), str(out), "--no-progress",
-                             "--random-seed", "0", "--no-copy-tokenizer"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("_peak_rss.py")), str(recipe_path), str(out),
+                           "--no-progress", "--random-seed", "0", "--no-copy-tokenizer"], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - start
-    stderr = proc.stderr.read().decode()
-    if status != 0:
-        raise RuntimeError(f"{name} failed: {stderr}")
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed: {proc.stderr}")
+    peak = json.loads(proc.stderr.strip().splitlines()[-1])["peak_rss_kib"]
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    return {"wall_s": round(wall, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024), "output_gib": round(size / 2**30, 2)}
+    return {"wall_s": round(wall, 1), "peak_rss_mib": round(peak / 1024), "output_gib": round(size / 2**30, 2)}
 
 
 def main() -> None:
