@@ -40,14 +40,22 @@ class Storage:
         self.write_text("search.yml", yaml.safe_dump(stored, sort_keys=False))
 
     def load_history(self) -> list[dict[str, Any]]:
+        """Every complete record. A last line cut short by a crash is dropped from the file (its candidate
+        is scored again), so later appends start on a fresh line."""
         if not self.history_file.exists():
             return []
-        records = []
-        for line in self.history_file.read_text().splitlines():
+        text = self.history_file.read_text()
+        records, kept = [], 0
+        for line in text.splitlines(keepends=True):
             try:
+                if not line.endswith("\n"):
+                    raise ValueError("incomplete line")
                 records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line cut short by a crash: that candidate is simply scored again
+            except ValueError:
+                break
+            kept += len(line)
+        if kept < len(text):
+            self.write_text(self.history_file.name, text[:kept])
         return records
 
     def append(self, record: dict[str, Any]) -> None:

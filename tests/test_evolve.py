@@ -208,3 +208,15 @@ def test_cli_killed_mid_search_resumes(zoo, tmp_path):
     records = [json.loads(line) for line in hist.read_text().splitlines()]
     assert len(records) == 16 and len({r["recipe_hash"] for r in records}) == 16
     assert (storage / "best_config.yaml").exists() and "Merge search report" in res.stdout
+
+
+def test_history_cut_mid_line_is_repaired(tmp_path):
+    from evolve.storage import Storage
+
+    storage = Storage(tmp_path)
+    storage.append({"recipe_hash": "a", "index": 0})
+    with open(storage.history_file, "a") as f:
+        f.write('{"recipe_hash": "b", "ind')  # killed while writing
+    assert [r["recipe_hash"] for r in storage.load_history()] == ["a"]
+    storage.append({"recipe_hash": "c", "index": 1})
+    assert [r["recipe_hash"] for r in storage.load_history()] == ["a", "c"]
