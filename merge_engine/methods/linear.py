@@ -7,15 +7,17 @@ import torch
 from .spec import NORMALIZE_TRUE, WEIGHT, MethodSpec, ParamSpec
 
 
-def _stack_weights(weights, like: torch.Tensor, n_dims: int) -> torch.Tensor:
-    return torch.tensor(list(weights), dtype=like.dtype, device=like.device).view(-1, *([1] * n_dims))
+def weighted_sum(tensors, weights) -> torch.Tensor:
+    """sum_i w_i * x_i, accumulated in place: one extra tensor of memory, not n."""
+    merged = torch.zeros_like(tensors[0])
+    for x, w in zip(tensors, weights):
+        merged.add_(x, alpha=float(w))
+    return merged
 
 
 def linear(tensors, base, *, weight, normalize=True, generator=None):
     """sum_i weight_i * x_i, divided by sum_i weight_i when normalize."""
-    stacked = torch.stack(list(tensors))  # [n, *shape]
-    w = _stack_weights(weight, stacked, stacked.dim() - 1)
-    merged = (stacked * w).sum(dim=0)
+    merged = weighted_sum(tensors, weight)
     if normalize:
         total = float(sum(weight))
         if abs(total) < 1e-8:

@@ -33,6 +33,14 @@ def combine_task_vectors(
     int8_mask: bool = False,
 ) -> torch.Tensor:
     """Steps 1-3 above. tensors: n x [*shape]; base: [*shape]."""
+    if sparsifier is None and not consensus:  # plain task arithmetic: accumulate, no [n, *shape] stack
+        mixed = torch.zeros_like(base)
+        for t, w in zip(tensors, weights):
+            mixed.add_(t - base, alpha=float(w))
+        total = float(sum(weights))
+        if normalize and abs(total) >= 1e-8:
+            mixed = mixed / total
+        return base + lambda_ * mixed
     deltas = torch.stack([t - base for t in tensors])  # [n, *shape]
     if sparsifier is not None:
         deltas = torch.stack([sparsifier(d, i) for i, d in enumerate(deltas)])
