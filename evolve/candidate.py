@@ -42,7 +42,9 @@ class ModelSink:
 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one bar per candidate would drown the search's own
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     return model, tokenizer

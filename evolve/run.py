@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,7 @@ def evolve(config: EvolveConfig, options: RunOptions, evaluator: Evaluator | Non
     finally:
         if own_evaluator:
             evaluator.close()
+        shutil.rmtree(storage.path / "scratch", ignore_errors=True)  # on-disk candidates' temp space
     from merge_engine.config import parse_recipe
 
     best_recipe = parse_recipe(best["recipe"], "history.jsonl")
