@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from .spec import NORMALIZE_TRUE, WEIGHT, MethodSpec, ParamSpec
+from .spec import NORMALIZE_TRUE, WEIGHT, Floats, MethodSpec, ParamSpec, Tensors
 
 
-def weighted_sum(tensors, weights) -> torch.Tensor:
+def weighted_sum(tensors: Tensors, weights: Floats) -> torch.Tensor:
     """sum_i w_i * x_i, accumulated in place: one extra tensor of memory, not n."""
     merged = torch.zeros_like(tensors[0])
     for x, w in zip(tensors, weights):
@@ -15,7 +15,10 @@ def weighted_sum(tensors, weights) -> torch.Tensor:
     return merged
 
 
-def linear(tensors, base, *, weight, normalize=True, generator=None):
+def linear(
+    tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, normalize: bool = True,
+    generator: torch.Generator | None = None
+) -> torch.Tensor:
     """sum_i weight_i * x_i, divided by sum_i weight_i when normalize."""
     merged = weighted_sum(tensors, weight)
     if normalize:
@@ -26,12 +29,16 @@ def linear(tensors, base, *, weight, normalize=True, generator=None):
     return merged
 
 
-def passthrough(tensors, base, *, scale, generator=None):
+def passthrough(
+    tensors: Tensors, base: torch.Tensor | None, *, scale: Floats, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Copy the single input tensor, optionally scaled (used by frankenmerges)."""
     return tensors[0] * scale[0] if scale[0] != 1.0 else tensors[0]
 
 
-def nearswap(tensors, base, *, t, generator=None):
+def nearswap(
+    tensors: Tensors, base: torch.Tensor | None, *, t: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Take the other model's value where it is close to the base (|diff| < t):
     w = clamp(t / |base - other|, 0, 1); result = w * other + (1 - w) * base."""
     other = tensors[0]
@@ -40,7 +47,10 @@ def nearswap(tensors, base, *, t, generator=None):
     return w * other + (1.0 - w) * base
 
 
-def model_stock(tensors, base, *, filter_wise=False, generator=None):
+def model_stock(
+    tensors: Tensors, base: torch.Tensor | None, *, filter_wise: bool = False,
+    generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Model Stock: interpolate between the base and the average of the fine-tunes with
     t = N cos / (1 + (N - 1) cos), cos the mean pairwise cosine of task vectors."""
     n = len(tensors)

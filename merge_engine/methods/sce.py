@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .consensus import sign_agreement_mask
-from .spec import INT8_MASK, MethodSpec, ParamSpec
+from .spec import INT8_MASK, MethodSpec, ParamSpec, Tensors
 
 
 def _variance_mask(deltas: torch.Tensor, select_topk: float) -> torch.Tensor:
@@ -18,7 +18,10 @@ def _variance_mask(deltas: torch.Tensor, select_topk: float) -> torch.Tensor:
     return mask.reshape(variance.shape)
 
 
-def sce(tensors, base, *, select_topk=1.0, int8_mask=False, generator=None):
+def sce(
+    tensors: Tensors, base: torch.Tensor | None, *, select_topk: float = 1.0, int8_mask: bool = False,
+    generator: torch.Generator | None = None
+) -> torch.Tensor:
     deltas = torch.stack([t - base for t in tensors])  # [n, *shape]
     if select_topk < 1.0:
         deltas = deltas * _variance_mask(deltas, select_topk)  # select

@@ -8,8 +8,12 @@ parameters.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
+import torch
+
+Tensors = Sequence[torch.Tensor]  # one tensor per merged model, all the same shape
+Floats = Sequence[float]  # one value per merged model
 ParamScope = Literal["per_model", "global"]
 ParamKind = Literal["float", "bool", "int", "str"]
 

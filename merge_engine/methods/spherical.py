@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .spec import T, MethodSpec, ParamSpec, WEIGHT
+from .spec import T, WEIGHT, Floats, MethodSpec, ParamSpec, Tensors
 
 DOT_THRESHOLD = 0.9995
 
@@ -39,12 +39,17 @@ def slerp_rows(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-8) ->
     return s0 * a + s1 * b
 
 
-def slerp(tensors, base, *, t, generator=None):
+def slerp(
+    tensors: Tensors, base: torch.Tensor | None, *, t: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Spherical interpolation from the base model (t=0) to the other model (t=1)."""
     return slerp_tensors(base, tensors[0], t)
 
 
-def nuslerp(tensors, base, *, weight, nuslerp_flatten=True, nuslerp_row_wise=False, generator=None):
+def nuslerp(
+    tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, nuslerp_flatten: bool = True,
+    nuslerp_row_wise: bool = False, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """slerp between two models (or their task vectors when a base is given)
     with t = weight_1 / (weight_0 + weight_1)."""
     total = weight[0] + weight[1]
@@ -80,7 +85,8 @@ def _exp_map(mean: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
     return moved / moved.norm().clamp(min=1e-12)
 
 
-def _spherical_mean(tensors, weight, base, normalize_weights: bool, max_iter: int, tol: float, eps: float):
+def _spherical_mean(tensors: Tensors, weight: Floats, base: torch.Tensor | None, normalize_weights: bool,
+                    max_iter: int, tol: float, eps: float) -> torch.Tensor:
     """Weighted Frechet (Karcher) mean of directions, scaled by the weighted mean norm.
     max_iter=1 is one tangent-space step from the normalised Euclidean mean (multislerp)."""
     stacked = torch.stack(list(tensors))
@@ -109,11 +115,17 @@ def _spherical_mean(tensors, weight, base, normalize_weights: bool, max_iter: in
     return merged if base is None else base + merged
 
 
-def multislerp(tensors, base, *, weight, normalize_weights=True, eps=1e-8, generator=None):
+def multislerp(
+    tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, normalize_weights: bool = True,
+    eps: float = 1e-8, generator: torch.Generator | None = None
+) -> torch.Tensor:
     return _spherical_mean(tensors, weight, base, normalize_weights, max_iter=1, tol=0.0, eps=eps)
 
 
-def karcher(tensors, base, *, weight, max_iter=10, tol=1e-5, generator=None):
+def karcher(
+    tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, max_iter: int = 10, tol: float = 1e-5,
+    generator: torch.Generator | None = None
+) -> torch.Tensor:
     return _spherical_mean(tensors, weight, None, True, max_iter=int(max_iter), tol=tol, eps=1e-8)
 
 

@@ -16,7 +16,7 @@ from . import sparsify
 from .consensus import sign_agreement_mask
 from .spec import (
     DENSITY, EPSILON, GAMMA, INT8_MASK, LAMBDA, NORMALIZE_FALSE, NORMALIZE_TRUE,
-    RESCALE_TRUE, WEIGHT_REQUIRED, MethodSpec, ParamSpec,
+    RESCALE_TRUE, WEIGHT_REQUIRED, Floats, MethodSpec, ParamSpec, Tensors,
 )
 
 Sparsifier = Callable[[torch.Tensor, int], torch.Tensor]  # (delta, model index) -> delta
@@ -61,47 +61,71 @@ def combine_task_vectors(
     return base + lambda_ * mixed
 
 
-def task_arithmetic(tensors, base, *, weight, normalize=False, lambda_=1.0, int8_mask=False, generator=None):
+def task_arithmetic(
+    tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, normalize: bool = False,
+    lambda_: float = 1.0, int8_mask: bool = False, generator: torch.Generator | None = None
+) -> torch.Tensor:
     return combine_task_vectors(tensors, base, weight, None, False, normalize, lambda_)
 
 
-def ties(tensors, base, *, weight, density, normalize=True, lambda_=1.0, int8_mask=False, generator=None):
+def ties(
+    tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, density: Floats, normalize: bool = True,
+    lambda_: float = 1.0, int8_mask: bool = False, generator: torch.Generator | None = None
+) -> torch.Tensor:
     trim = lambda d, i: sparsify.magnitude(d, density[i])  # noqa: E731
     return combine_task_vectors(tensors, base, weight, trim, True, normalize, lambda_, int8_mask)
 
 
-def dare_ties(tensors, base, *, weight, density, normalize=False, lambda_=1.0, rescale=True,
-              int8_mask=False, generator=None):
+def dare_ties(
+    tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, density: Floats, normalize: bool = False,
+    lambda_: float = 1.0, rescale: bool = True, int8_mask: bool = False,
+    generator: torch.Generator | None = None
+) -> torch.Tensor:
     drop = lambda d, i: sparsify.random_drop(d, density[i], rescale, generator)  # noqa: E731
     return combine_task_vectors(tensors, base, weight, drop, True, normalize, lambda_, int8_mask)
 
 
-def dare_linear(tensors, base, *, weight, density, normalize=False, lambda_=1.0, rescale=True,
-                int8_mask=False, generator=None):
+def dare_linear(
+    tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, density: Floats, normalize: bool = False,
+    lambda_: float = 1.0, rescale: bool = True, int8_mask: bool = False,
+    generator: torch.Generator | None = None
+) -> torch.Tensor:
     drop = lambda d, i: sparsify.random_drop(d, density[i], rescale, generator)  # noqa: E731
     return combine_task_vectors(tensors, base, weight, drop, False, normalize, lambda_)
 
 
-def breadcrumbs(tensors, base, *, weight, density, gamma, normalize=False, lambda_=1.0,
-                int8_mask=False, generator=None):
+def breadcrumbs(
+    tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, density: Floats, gamma: Floats,
+    normalize: bool = False, lambda_: float = 1.0, int8_mask: bool = False,
+    generator: torch.Generator | None = None
+) -> torch.Tensor:
     crumbs = lambda d, i: sparsify.magnitude_outliers(d, density[i], gamma[i])  # noqa: E731
     return combine_task_vectors(tensors, base, weight, crumbs, False, normalize, lambda_)
 
 
-def breadcrumbs_ties(tensors, base, *, weight, density, gamma, normalize=False, lambda_=1.0,
-                     int8_mask=False, generator=None):
+def breadcrumbs_ties(
+    tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, density: Floats, gamma: Floats,
+    normalize: bool = False, lambda_: float = 1.0, int8_mask: bool = False,
+    generator: torch.Generator | None = None
+) -> torch.Tensor:
     crumbs = lambda d, i: sparsify.magnitude_outliers(d, density[i], gamma[i])  # noqa: E731
     return combine_task_vectors(tensors, base, weight, crumbs, True, normalize, lambda_, int8_mask)
 
 
-def della(tensors, base, *, weight, density, epsilon, normalize=True, lambda_=1.0, rescale=True,
-          int8_mask=False, generator=None):
+def della(
+    tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, density: Floats, epsilon: Floats,
+    normalize: bool = True, lambda_: float = 1.0, rescale: bool = True, int8_mask: bool = False,
+    generator: torch.Generator | None = None
+) -> torch.Tensor:
     prune = lambda d, i: sparsify.rank_magnitude_sampling(d, density[i], epsilon[i], rescale, generator)  # noqa: E731
     return combine_task_vectors(tensors, base, weight, prune, True, normalize, lambda_, int8_mask)
 
 
-def della_linear(tensors, base, *, weight, density, epsilon, normalize=False, lambda_=1.0, rescale=True,
-                 int8_mask=False, generator=None):
+def della_linear(
+    tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, density: Floats, epsilon: Floats,
+    normalize: bool = False, lambda_: float = 1.0, rescale: bool = True, int8_mask: bool = False,
+    generator: torch.Generator | None = None
+) -> torch.Tensor:
     prune = lambda d, i: sparsify.rank_magnitude_sampling(d, density[i], epsilon[i], rescale, generator)  # noqa: E731
     return combine_task_vectors(tensors, base, weight, prune, False, normalize, lambda_)
 
