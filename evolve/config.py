@@ -60,8 +60,7 @@ class EvolveConfig(_Frozen):
     tasks: list[TaskDefinition] = Field(min_length=1)
     limit: int | None = Field(default=None, ge=1)
     num_fewshot: int | None = Field(default=None, ge=0)
-    shuffle: bool = False
-    random_init: bool = False
+    random_init: bool = False  # start CMA-ES from a random genome (seeded) instead of the middle of the ranges
 
     def public_benchmarks(self) -> list[str]:
         return [t.name for t in self.tasks

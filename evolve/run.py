@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,14 +71,15 @@ def check_preconditions(config: EvolveConfig, options: RunOptions) -> None:
 def evolve(config: EvolveConfig, options: RunOptions, evaluator: Evaluator | None = None) -> dict[str, Any]:
     check_preconditions(config, options)
     storage = Storage(options.storage_path)
-    run_settings = {k: v for k, v in asdict(options.search).items() if k not in ("progress", "max_fevals")}
+    search_settings = replace(options.search, random_init=config.random_init)
+    run_settings = {k: v for k, v in asdict(search_settings).items() if k not in ("progress", "max_fevals")}
     storage.start(config, run_settings, options.resume)
     genome = Genome.for_models(config.genome)
     log.info("genome: %d genes over %d layer group(s)", genome.dimension, genome.num_groups)
     own_evaluator = evaluator is None
     evaluator = evaluator or make_evaluator(config, options)
     try:
-        run_search(genome, evaluator, storage, options.search)
+        run_search(genome, evaluator, storage, search_settings)
         records = storage.load_history()
         if not records:
             raise RuntimeError("the search scored no candidate (is --max-fevals smaller than one generation?)")

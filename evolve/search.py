@@ -32,6 +32,7 @@ STALL_GENERATIONS = 3
 class SearchSettings:
     max_fevals: int = 100
     sigma0: float = 0.25
+    random_init: bool = False
     popsize: int | None = None
     random_seed: int = 0
     progress: bool = True
@@ -62,7 +63,9 @@ def make_optimizer(genome: Genome, settings: SearchSettings) -> cma.CMAEvolution
                "tolflatfitness": 10**9, "tolfun": 0.0, "tolfunhist": 0.0, "tolstagnation": 10**9}
     if settings.popsize:
         options["popsize"] = settings.popsize
-    return cma.CMAEvolutionStrategy(genome.x0(), settings.sigma0, options)
+    x0 = np.random.default_rng([settings.random_seed, 1]).uniform(size=genome.dimension) if settings.random_init \
+        else genome.x0()
+    return cma.CMAEvolutionStrategy(x0, settings.sigma0, options)
 
 
 def run_search(genome: Genome, evaluator: Evaluator, storage: Storage, settings: SearchSettings) -> list[Candidate]:

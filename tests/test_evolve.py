@@ -229,3 +229,13 @@ def test_reused_requests_score_like_freshly_built_ones(zoo):
     fresh = [InProcessEvaluator(settings(zoo)).evaluate([r])[0] for r in recipes]
     assert [s.per_task for s in reused] == [s.per_task for s in fresh]
     assert reused[0].per_task == reused[2].per_task
+
+
+def test_random_init_starts_elsewhere_reproducibly(zoo):
+    from evolve.search import make_optimizer
+
+    g = Genome(definition(zoo, layer_granularity=2), 4)
+    a = make_optimizer(g, SearchSettings(random_init=True, random_seed=3)).mean
+    b = make_optimizer(g, SearchSettings(random_init=True, random_seed=3)).mean
+    c = make_optimizer(g, SearchSettings(random_seed=3)).mean
+    assert np.allclose(a, b) and not np.allclose(a, c) and np.allclose(c, 0.5)
