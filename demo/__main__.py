@@ -67,7 +67,8 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m demo", description="Run the bundled benchmark: build the tiny base and specialists, "
+    ap = argparse.ArgumentParser(prog="python -m demo",
+                                 description="Run the bundled benchmark: build the tiny base and specialists, "
                                              "evolve a merge of them, and compare on the held-out test split.")
     ap.add_argument("--search", type=Path, default=ROOT / "configs" / "search.yml", help="search definition")
     ap.add_argument("--storage-path", type=Path, default=Path("runs") / "demo", help="where results go")

@@ -146,7 +146,8 @@ def build_models(cache_dir: Path = DEFAULT_CACHE, force: bool = False) -> dict[s
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m demo.build_models", description="Build (or reuse) the demo's base and specialist models.")
+    ap = argparse.ArgumentParser(prog="python -m demo.build_models",
+                                 description="Build (or reuse) the demo's base and specialist models.")
     ap.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the models are kept")
     ap.add_argument("--force", action="store_true", help="retrain even if cached models exist")
     ap.add_argument("--report", action="store_true", help="print greedy accuracies on the validation split")
