@@ -138,14 +138,12 @@ class ModelSource:
             return self._cache[name]
         filename = self._file_for(name)
         if filename.endswith(".safetensors"):
-            try:
-                with self._open(filename) as f:
+            with self._open(filename) as f:
+                try:
                     tensor = f.get_tensor(name)
-            except ModelLoadError:
-                raise
-            except Exception as e:  # noqa: BLE001
-                raise ModelLoadError(f"model {self.name!r}: cannot read tensor {name!r} from "
-                                     f"{self.path / filename} (truncated or corrupt?): {e}") from None
+                except Exception as e:  # noqa: BLE001
+                    raise ModelLoadError(f"model {self.name!r}: cannot read tensor {name!r} from "
+                                         f"{self.path / filename} (truncated or corrupt?): {e}") from None
         else:
             tensor = self._load_pickle(filename)[name]
         if self._cache is not None:

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 
 from .spec import NORMALIZE_TRUE, WEIGHT, Floats, MethodSpec, ParamSpec, Tensors
 
 
-def weighted_sum(tensors: Tensors, weights: Floats) -> torch.Tensor:
-    """sum_i w_i * x_i, accumulated in place: one extra tensor of memory, not n."""
-    merged = torch.zeros_like(tensors[0])
+def weighted_sum(tensors: Iterable[torch.Tensor], weights: Floats) -> torch.Tensor:
+    """sum_i w_i * x_i, accumulated in place: one running sum, not an [n, *shape] stack
+    (a generator of tensors keeps only one input alive at a time)."""
+    merged = None
     for x, w in zip(tensors, weights):
-        merged.add_(x, alpha=float(w))
+        merged = x * float(w) if merged is None else merged.add_(x, alpha=float(w))
+    if merged is None:
+        raise ValueError("weighted_sum of no tensors")
     return merged
 
 

@@ -14,6 +14,7 @@ import torch
 
 from . import sparsify
 from .consensus import sign_agreement_mask
+from .linear import weighted_sum
 from .spec import (
     DENSITY, EPSILON, GAMMA, INT8_MASK, LAMBDA, NORMALIZE_FALSE, NORMALIZE_TRUE,
     RESCALE_TRUE, WEIGHT_REQUIRED, Floats, MethodSpec, ParamSpec, Tensors,
@@ -34,9 +35,7 @@ def combine_task_vectors(
 ) -> torch.Tensor:
     """Steps 1-3 above. tensors: n x [*shape]; base: [*shape]."""
     if sparsifier is None and not consensus:  # plain task arithmetic: accumulate, no [n, *shape] stack
-        mixed = torch.zeros_like(base)
-        for t, w in zip(tensors, weights):
-            mixed.add_(t - base, alpha=float(w))
+        mixed = weighted_sum((t - base for t in tensors), weights)
         total = float(sum(weights))
         if normalize and abs(total) >= 1e-8:
             mixed = mixed / total
