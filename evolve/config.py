@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from merge_engine.config import RecipeError, format_location
+from merge_engine.config import RecipeError, format_location, read_yaml
 from merge_engine.methods import REGISTRY, get_method
 
 # Test sets that searches must not optimise on unless the user insists (--allow-benchmark-test-sets).
@@ -69,12 +68,7 @@ class EvolveConfig(_Frozen):
 
 def load_search(path: str | Path) -> EvolveConfig:
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise RecipeError(f"search file not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    data = read_yaml(path, "search")
     try:
         return EvolveConfig.model_validate(data)
     except ValidationError as e:

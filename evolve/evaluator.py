@@ -95,8 +95,7 @@ class CandidateEvaluator:
             return Score.failed(f"scoring failed: {e}\n{traceback.format_exc(limit=3)}", merge_s,
                                 time.perf_counter() - t1)
         finally:
-            if not isinstance(self.materializer, InMemoryMaterializer):
-                self.materializer.release()
+            self.materializer.release()
         tasks = [t for t in self.settings.tasks if t.name in per_task]
         return Score(combine(tasks, per_task), per_task, True, None, merge_s, time.perf_counter() - t1)
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from merge_engine.architecture import detect_architecture
 from merge_engine.config import MergeConfig, parse_recipe
 from merge_engine.io.loader import ModelSource
 from merge_engine.methods import MethodSpec, ParamSpec, get_method
@@ -61,11 +62,8 @@ class Genome:
     @classmethod
     def for_models(cls, definition: GenomeDefinition) -> "Genome":
         ref = definition.base_model or definition.models[0]
-        config = ModelSource(ref).config
-        key = next((k for k in ("num_hidden_layers", "n_layer", "num_layers") if k in config), None)
-        if key is None:
-            raise ValueError(f"{ref}: config.json has no layer count")
-        return cls(definition, int(config[key]))
+        source = ModelSource(ref)
+        return cls(definition, detect_architecture(source.config, source.tensor_names(), ref).num_layers)
 
     def _range(self, p: ParamSpec) -> tuple[float, float]:
         low, high = p.search

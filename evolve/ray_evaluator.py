@@ -8,6 +8,7 @@ results coming back in input order.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import ray
 from ray.util import ActorPool
@@ -38,7 +39,7 @@ class RayEvaluator:
                 ray.init(num_cpus=max(cpus, num_workers), include_dashboard=False, ignore_reinit_error=True,
                          object_store_memory=256 * 1024**2, log_to_driver=True)
         threads = settings.threads or max(1, (os.cpu_count() or 1) // max(num_workers, 1))
-        worker_settings = WorkerSettings(**{**settings.__dict__, "threads": threads})
+        worker_settings = replace(settings, threads=threads)
         self.actors = [_Worker.options(num_cpus=1, num_gpus=gpus_per_worker).remote(worker_settings)
                        for _ in range(num_workers)]
         self.pool = ActorPool(self.actors)

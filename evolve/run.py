@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from merge_engine.config import parse_recipe
 from merge_engine.merge import run_merge
 from merge_engine.options import MergeOptions
 
@@ -89,8 +90,6 @@ def evolve(config: EvolveConfig, options: RunOptions, evaluator: Evaluator | Non
         if own_evaluator:
             evaluator.close()
         shutil.rmtree(storage.path / "scratch", ignore_errors=True)  # on-disk candidates' temp space
-    from merge_engine.config import parse_recipe
-
     best_recipe = parse_recipe(best["recipe"], "history.jsonl")
     storage.write_text("best_config.yaml", best_recipe.to_yaml())
     if options.export_model:
@@ -106,8 +105,6 @@ def evolve(config: EvolveConfig, options: RunOptions, evaluator: Evaluator | Non
 def _validate_top(records, evaluator: Evaluator, config: EvolveConfig, top: int) -> list[dict[str, Any]]:
     if not any(t.validation_split for t in config.tasks) or top <= 0:
         return []
-    from merge_engine.config import parse_recipe
-
     ranked = sorted((r for r in records if r["ok"]), key=lambda r: -r["fitness"])[:top]
     scores = evaluator.evaluate([parse_recipe(r["recipe"]) for r in ranked], validation=True)
     out = []

@@ -11,7 +11,7 @@ import copy
 import io
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +36,6 @@ class Score:
     @classmethod
     def failed(cls, error: str, merge_seconds: float = 0.0, score_seconds: float = 0.0) -> "Score":
         return cls(PENALTY, {}, False, error, merge_seconds, score_seconds)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def reuse_requests(task: Any) -> Any:
@@ -103,10 +100,6 @@ class LmEvalScorer:
                 held_out.config.test_split = t.validation_split
                 self._validation_tasks[t.name] = reuse_requests(held_out)
             self._fitness_tasks[t.name] = reuse_requests(task)
-
-    @property
-    def has_validation(self) -> bool:
-        return bool(self._validation_tasks)
 
     def make_lm(self, model: Any, tokenizer: Any):
         from lm_eval.models.huggingface import HFLM

@@ -276,14 +276,18 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> MergeConfig:
         raise RecipeError(f"{source}: invalid recipe:\n  " + "\n  ".join(lines)) from None
 
 
-def load_recipe(path: str | Path) -> MergeConfig:
-    path = Path(path)
+def read_yaml(path: Path, kind: str) -> Any:
+    """A YAML file's content; a missing file or broken YAML is a RecipeError naming the file."""
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise RecipeError(f"recipe file not found: {path}") from None
+        raise RecipeError(f"{kind} file not found: {path}") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML: {e}") from None
-    return parse_recipe(data, str(path))
+
+
+def load_recipe(path: str | Path) -> MergeConfig:
+    path = Path(path)
+    return parse_recipe(read_yaml(path, "recipe"), str(path))
