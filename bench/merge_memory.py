@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -21,6 +22,8 @@ from pathlib import Path
 
 import torch
 import yaml
+
+from merge_engine.io.loader import ModelSource
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WIDTH = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=16,
@@ -71,8 +74,8 @@ def main() -> None:
     for layers in args.layers:
         t0 = time.perf_counter()
         base, a, b = make_models(args.workdir / "models", layers)
-        params = sum(v["shape"][0] * (v["shape"][1] if len(v["shape"]) > 1 else 1)
-                     for v in _header(base).values())
+        source = ModelSource(str(base))
+        params = sum(math.prod(source.meta(n)[0]) for n in source.tensor_names())
         print(f"{layers} layers: {params / 1e6:.0f}M parameters per model (built in {time.perf_counter() - t0:.0f}s)",
               flush=True)
         for method in args.methods:
@@ -96,17 +99,6 @@ def main() -> None:
               f"{r['output_gib']} |" for r in rows]
     (RESULTS / "merge_memory.md").write_text("\n".join(lines) + "\n\n" + json.dumps(meta, indent=2) + "\n")
     print("\n".join(lines))
-
-
-def _header(model_dir: Path) -> dict:
-    from safetensors import safe_open
-
-    out = {}
-    for f in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            for k in h.keys():
-                out[k] = {"shape": h.get_slice(k).get_shape()}
-    return out
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -101,7 +102,6 @@ def save(model, tok, path: Path) -> None:
     tok.save_pretrained(str(tmp))
     (tmp / "build.json").write_text(json.dumps(stamp(path.name)))
     if path.exists():
-        import shutil
         shutil.rmtree(path)
     tmp.rename(path)
 
@@ -118,7 +118,6 @@ def build_models(cache_dir: Path = DEFAULT_CACHE, force: bool = False) -> dict[s
         return paths
     cache_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(RECIPE["seed"])
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     tok = char_tokenizer()
     data = {name: load_train(name) for name in ("addition", "reversal")}
     rebuilt_base = force or not is_built(paths["base"])

@@ -11,11 +11,9 @@ from transformers import (AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, Llama
 
 from demo.tokenizer import VOCAB_SIZE, char_tokenizer
 
-VOCAB = VOCAB_SIZE
-
 
 def tiny_config(arch: str = "llama", layers: int = 2, hidden: int = 32, tie: bool = False):
-    common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    common = dict(vocab_size=VOCAB_SIZE, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if arch == "llama":
         return LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
