@@ -19,21 +19,19 @@ def _variance_mask(deltas: torch.Tensor, select_topk: float) -> torch.Tensor:
 
 
 def sce(
-    tensors: Tensors, base: torch.Tensor | None, *, select_topk: float = 1.0, int8_mask: bool = False,
-    generator: torch.Generator | None = None
+    tensors: Tensors, base: torch.Tensor | None, *, select_topk: float, int8_mask: bool,
+    generator: torch.Generator | None
 ) -> torch.Tensor:
     deltas = torch.stack([t - base for t in tensors])  # [n, *shape]
     if select_topk < 1.0:
         deltas = deltas * _variance_mask(deltas, select_topk)  # select
     energy = deltas.pow(2).reshape(len(tensors), -1).mean(dim=1)  # calculate: [n]
-    total = energy.sum()
-    weights = energy / total if total.abs() > 1e-12 else torch.full_like(energy, 1.0 / len(tensors))
+    total = energy.sum().item()
+    weights = energy / total if abs(total) >= 1e-6 else torch.full_like(energy, 1.0 / len(tensors))
     weights = weights.view(-1, *([1] * (deltas.dim() - 1)))
-    agree = sign_agreement_mask(deltas, "sum", int8=int8_mask).to(deltas.dtype)  # erase
+    agree = sign_agreement_mask(deltas, int8=int8_mask).to(deltas.dtype)  # erase
     kept_weights = weights * agree
-    divisor = kept_weights.sum(dim=0)
-    divisor[divisor.abs() < 1e-12] = 1.0
-    return base + (deltas * kept_weights).sum(dim=0) / divisor  # merge
+    return base + (deltas * kept_weights).sum(dim=0) / kept_weights.sum(dim=0).clamp(min=1e-6)  # merge
 
 
 SPECS = (

@@ -17,7 +17,7 @@ from .consensus import sign_agreement_mask
 from .linear import weighted_sum
 from .spec import (
     DENSITY, EPSILON, GAMMA, INT8_MASK, LAMBDA, NORMALIZE_FALSE, NORMALIZE_TRUE,
-    RESCALE_TRUE, WEIGHT_REQUIRED, Floats, MethodSpec, ParamSpec, Tensors,
+    RESCALE_FALSE, RESCALE_TRUE, WEIGHT_REQUIRED, Floats, MethodSpec, ParamSpec, Tensors,
 )
 
 Sparsifier = Callable[[torch.Tensor, int], torch.Tensor]  # (delta, model index) -> delta
@@ -47,7 +47,7 @@ def combine_task_vectors(
     w = w.view(-1, *([1] * (deltas.dim() - 1)))  # [n, 1, ...]
     weighted = deltas * w
     if consensus:
-        mask = sign_agreement_mask(weighted, "sum", int8=int8_mask).to(deltas.dtype)
+        mask = sign_agreement_mask(weighted, int8=int8_mask).to(deltas.dtype)
         mixed = (weighted * mask).sum(dim=0)
         divisor = (w * mask).sum(dim=0)
         divisor[divisor == 0] = 1.0
@@ -61,60 +61,59 @@ def combine_task_vectors(
 
 
 def task_arithmetic(
-    tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, normalize: bool = False,
-    lambda_: float = 1.0, int8_mask: bool = False, generator: torch.Generator | None = None
+    tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, normalize: bool, lambda_: float,
+    rescale: bool, int8_mask: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
+    """rescale and int8_mask are accepted as mergekit does; without sparsification
+    or sign consensus they change nothing."""
     return combine_task_vectors(tensors, base, weight, None, False, normalize, lambda_)
 
 
 def ties(
-    tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, density: Floats, normalize: bool = True,
-    lambda_: float = 1.0, int8_mask: bool = False, generator: torch.Generator | None = None
+    tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, density: Floats, normalize: bool,
+    lambda_: float, rescale: bool, int8_mask: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
-    trim = lambda d, i: sparsify.magnitude(d, density[i])  # noqa: E731
+    trim = lambda d, i: sparsify.magnitude(d, density[i], rescale)  # noqa: E731
     return combine_task_vectors(tensors, base, weight, trim, True, normalize, lambda_, int8_mask)
 
 
 def dare_ties(
-    tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, density: Floats, normalize: bool = False,
-    lambda_: float = 1.0, rescale: bool = True, int8_mask: bool = False,
-    generator: torch.Generator | None = None
+    tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, density: Floats, normalize: bool,
+    lambda_: float, rescale: bool, int8_mask: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
     drop = lambda d, i: sparsify.random_drop(d, density[i], rescale, generator)  # noqa: E731
     return combine_task_vectors(tensors, base, weight, drop, True, normalize, lambda_, int8_mask)
 
 
 def dare_linear(
-    tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, density: Floats, normalize: bool = False,
-    lambda_: float = 1.0, rescale: bool = True, int8_mask: bool = False,
-    generator: torch.Generator | None = None
+    tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, density: Floats, normalize: bool,
+    lambda_: float, rescale: bool, int8_mask: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
+    """int8_mask is accepted as mergekit does; without sign consensus it changes nothing."""
     drop = lambda d, i: sparsify.random_drop(d, density[i], rescale, generator)  # noqa: E731
     return combine_task_vectors(tensors, base, weight, drop, False, normalize, lambda_)
 
 
 def breadcrumbs(
     tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, density: Floats, gamma: Floats,
-    normalize: bool = False, lambda_: float = 1.0, int8_mask: bool = False,
-    generator: torch.Generator | None = None
+    normalize: bool, lambda_: float, rescale: bool, int8_mask: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
-    crumbs = lambda d, i: sparsify.magnitude_outliers(d, density[i], gamma[i])  # noqa: E731
+    """int8_mask is accepted as mergekit does; without sign consensus it changes nothing."""
+    crumbs = lambda d, i: sparsify.magnitude_outliers(d, density[i], gamma[i], rescale)  # noqa: E731
     return combine_task_vectors(tensors, base, weight, crumbs, False, normalize, lambda_)
 
 
 def breadcrumbs_ties(
     tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, density: Floats, gamma: Floats,
-    normalize: bool = False, lambda_: float = 1.0, int8_mask: bool = False,
-    generator: torch.Generator | None = None
+    normalize: bool, lambda_: float, rescale: bool, int8_mask: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
-    crumbs = lambda d, i: sparsify.magnitude_outliers(d, density[i], gamma[i])  # noqa: E731
+    crumbs = lambda d, i: sparsify.magnitude_outliers(d, density[i], gamma[i], rescale)  # noqa: E731
     return combine_task_vectors(tensors, base, weight, crumbs, True, normalize, lambda_, int8_mask)
 
 
 def della(
     tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, density: Floats, epsilon: Floats,
-    normalize: bool = True, lambda_: float = 1.0, rescale: bool = True, int8_mask: bool = False,
-    generator: torch.Generator | None = None
+    normalize: bool, lambda_: float, rescale: bool, int8_mask: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
     prune = lambda d, i: sparsify.rank_magnitude_sampling(d, density[i], epsilon[i], rescale, generator)  # noqa: E731
     return combine_task_vectors(tensors, base, weight, prune, True, normalize, lambda_, int8_mask)
@@ -122,9 +121,9 @@ def della(
 
 def della_linear(
     tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, density: Floats, epsilon: Floats,
-    normalize: bool = False, lambda_: float = 1.0, rescale: bool = True, int8_mask: bool = False,
-    generator: torch.Generator | None = None
+    normalize: bool, lambda_: float, rescale: bool, int8_mask: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
+    """int8_mask is accepted as mergekit does; without sign consensus it changes nothing."""
     prune = lambda d, i: sparsify.rank_magnitude_sampling(d, density[i], epsilon[i], rescale, generator)  # noqa: E731
     return combine_task_vectors(tensors, base, weight, prune, False, normalize, lambda_)
 
@@ -135,10 +134,10 @@ def _spec(name: str, fn, params: tuple[ParamSpec, ...], paper: str, description:
 
 
 SPECS = (
-    _spec("task_arithmetic", task_arithmetic, (WEIGHT_REQUIRED, NORMALIZE_FALSE, LAMBDA, INT8_MASK),
+    _spec("task_arithmetic", task_arithmetic, (WEIGHT_REQUIRED, NORMALIZE_FALSE, LAMBDA, RESCALE_FALSE, INT8_MASK),
           "Ilharco et al. 2023, Editing Models with Task Arithmetic (arXiv:2212.04089)",
           "base + lambda * sum_i weight_i * (model_i - base)"),
-    _spec("ties", ties, (WEIGHT_REQUIRED, DENSITY, NORMALIZE_TRUE, LAMBDA, INT8_MASK),
+    _spec("ties", ties, (WEIGHT_REQUIRED, DENSITY, NORMALIZE_TRUE, LAMBDA, RESCALE_FALSE, INT8_MASK),
           "Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)",
           "trim task vectors by magnitude, elect sign, disjoint weighted mean"),
     _spec("dare_ties", dare_ties, (WEIGHT_REQUIRED, DENSITY, NORMALIZE_FALSE, LAMBDA, RESCALE_TRUE, INT8_MASK),
@@ -147,11 +146,11 @@ SPECS = (
     _spec("dare_linear", dare_linear, (WEIGHT_REQUIRED, DENSITY, NORMALIZE_FALSE, LAMBDA, RESCALE_TRUE, INT8_MASK),
           "Yu et al. 2023, Language Models are Super Mario (DARE) (arXiv:2311.03099)",
           "random drop with rescale, then weighted sum of task vectors", randomized=True),
-    _spec("breadcrumbs", breadcrumbs, (WEIGHT_REQUIRED, DENSITY, GAMMA, NORMALIZE_FALSE, LAMBDA, INT8_MASK),
+    _spec("breadcrumbs", breadcrumbs, (WEIGHT_REQUIRED, DENSITY, GAMMA, NORMALIZE_FALSE, LAMBDA, RESCALE_FALSE, INT8_MASK),
           "Davari & Belilovsky 2023, Model Breadcrumbs (arXiv:2312.06795)",
           "drop largest (gamma) and smallest entries, weighted sum of task vectors"),
     _spec("breadcrumbs_ties", breadcrumbs_ties,
-          (WEIGHT_REQUIRED, DENSITY, GAMMA, NORMALIZE_FALSE, LAMBDA, INT8_MASK),
+          (WEIGHT_REQUIRED, DENSITY, GAMMA, NORMALIZE_FALSE, LAMBDA, RESCALE_FALSE, INT8_MASK),
           "Davari & Belilovsky 2023, Model Breadcrumbs (arXiv:2312.06795)",
           "breadcrumbs sparsification, then TIES sign consensus"),
     _spec("della", della, (WEIGHT_REQUIRED, DENSITY, EPSILON, NORMALIZE_TRUE, LAMBDA, RESCALE_TRUE, INT8_MASK),
