@@ -9,17 +9,8 @@ from pathlib import Path
 
 from ..card import render_model_card
 from ..config import MergeConfig
+from .chat_templates import CHAT_TEMPLATES
 from .loader import ModelSource
-
-CHAT_TEMPLATES = {
-    "chatml": ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-               "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
-               "{% endif %}"),
-    "alpaca": ("{% for message in messages %}{% if message['role'] == 'user' %}{{'### Instruction:\n' + "
-               "message['content'] + '\n\n'}}{% elif message['role'] == 'assistant' %}{{'### Response:\n' + "
-               "message['content'] + '\n\n'}}{% else %}{{message['content'] + '\n\n'}}{% endif %}{% endfor %}"
-               "{% if add_generation_prompt %}{{'### Response:\n'}}{% endif %}"),
-}
 
 
 def write_config(out: Path, config_json: dict, out_dtype: str | None) -> None:
