@@ -179,7 +179,7 @@ SPECS = (
                (_RELATIVE_WEIGHT,
                 ParamSpec("normalize_weights", "global", "bool", default=True, help="weights sum to one"),
                 ParamSpec("eps", "global", default=1e-8, bounds=(0.0, 1.0), help="numerical floor")),
-               "Goddard 2025, Multi-SLERP (mergekit; after Buss & Fillmore 2001, Spherical averages)",
+               "Goddard, Multi-SLERP (goddard.blog/posts/multislerp-wow-what-a-cool-idea); Buss & Fillmore 2001",
                "barycentric spherical interpolation of any number of models (task vectors with a base)"),
     MethodSpec("karcher", karcher,
                (WEIGHT,

@@ -8,6 +8,7 @@ Each method is a composition of three steps on task vectors (delta_i = x_i - bas
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Sequence
 
 import torch
@@ -19,6 +20,10 @@ from .spec import (
     DENSITY, EPSILON, GAMMA, INT8_MASK, LAMBDA, NORMALIZE_FALSE, NORMALIZE_TRUE,
     RESCALE_FALSE, RESCALE_TRUE, WEIGHT_REQUIRED, Floats, MethodSpec, ParamSpec, Tensors,
 )
+
+# DELLA keep probabilities density +/- epsilon must stay inside (0, 1): with the default
+# epsilon 0.15, evolve searches density where that holds.
+DELLA_DENSITY = replace(DENSITY, search=(0.2, 0.8))
 
 Sparsifier = Callable[[torch.Tensor, int], torch.Tensor]  # (delta, model index) -> delta
 
@@ -134,7 +139,8 @@ def _spec(name: str, fn, params: tuple[ParamSpec, ...], paper: str, description:
 
 
 SPECS = (
-    _spec("task_arithmetic", task_arithmetic, (WEIGHT_REQUIRED, NORMALIZE_FALSE, LAMBDA, RESCALE_FALSE, INT8_MASK),
+    _spec("task_arithmetic", task_arithmetic,
+          (WEIGHT_REQUIRED, NORMALIZE_FALSE, LAMBDA, RESCALE_FALSE, INT8_MASK),
           "Ilharco et al. 2023, Editing Models with Task Arithmetic (arXiv:2212.04089)",
           "base + lambda * sum_i weight_i * (model_i - base)"),
     _spec("ties", ties, (WEIGHT_REQUIRED, DENSITY, NORMALIZE_TRUE, LAMBDA, RESCALE_FALSE, INT8_MASK),
@@ -146,18 +152,19 @@ SPECS = (
     _spec("dare_linear", dare_linear, (WEIGHT_REQUIRED, DENSITY, NORMALIZE_FALSE, LAMBDA, RESCALE_TRUE, INT8_MASK),
           "Yu et al. 2023, Language Models are Super Mario (DARE) (arXiv:2311.03099)",
           "random drop with rescale, then weighted sum of task vectors", randomized=True),
-    _spec("breadcrumbs", breadcrumbs, (WEIGHT_REQUIRED, DENSITY, GAMMA, NORMALIZE_FALSE, LAMBDA, RESCALE_FALSE, INT8_MASK),
+    _spec("breadcrumbs", breadcrumbs,
+          (WEIGHT_REQUIRED, DENSITY, GAMMA, NORMALIZE_FALSE, LAMBDA, RESCALE_FALSE, INT8_MASK),
           "Davari & Belilovsky 2023, Model Breadcrumbs (arXiv:2312.06795)",
           "drop largest (gamma) and smallest entries, weighted sum of task vectors"),
     _spec("breadcrumbs_ties", breadcrumbs_ties,
           (WEIGHT_REQUIRED, DENSITY, GAMMA, NORMALIZE_FALSE, LAMBDA, RESCALE_FALSE, INT8_MASK),
           "Davari & Belilovsky 2023, Model Breadcrumbs (arXiv:2312.06795)",
           "breadcrumbs sparsification, then TIES sign consensus"),
-    _spec("della", della, (WEIGHT_REQUIRED, DENSITY, EPSILON, NORMALIZE_TRUE, LAMBDA, RESCALE_TRUE, INT8_MASK),
+    _spec("della", della, (WEIGHT_REQUIRED, DELLA_DENSITY, EPSILON, NORMALIZE_TRUE, LAMBDA, RESCALE_TRUE, INT8_MASK),
           "Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)",
           "magnitude-rank sampled drop (MagPrune), TIES sign consensus", randomized=True),
     _spec("della_linear", della_linear,
-          (WEIGHT_REQUIRED, DENSITY, EPSILON, NORMALIZE_FALSE, LAMBDA, RESCALE_TRUE, INT8_MASK),
+          (WEIGHT_REQUIRED, DELLA_DENSITY, EPSILON, NORMALIZE_FALSE, LAMBDA, RESCALE_TRUE, INT8_MASK),
           "Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)",
           "magnitude-rank sampled drop (MagPrune), weighted sum", randomized=True),
 )
