@@ -15,7 +15,6 @@ import torch
 
 from . import sparsify
 from .consensus import sign_agreement_mask
-from .linear import weighted_sum
 from .spec import (
     DENSITY, EPSILON, GAMMA, INT8_MASK, LAMBDA, NORMALIZE_FALSE, NORMALIZE_TRUE,
     RESCALE_FALSE, RESCALE_TRUE, WEIGHT_REQUIRED, Floats, MethodSpec, ParamSpec, Tensors,
@@ -40,10 +39,13 @@ def combine_task_vectors(
 ) -> torch.Tensor:
     """Steps 1-3 above. tensors: n x [*shape]; base: [*shape]."""
     if sparsifier is None and not consensus:  # plain task arithmetic: accumulate, no [n, *shape] stack
-        mixed = weighted_sum((t - base for t in tensors), weights)
-        total = float(sum(weights))
-        if normalize and abs(total) >= 1e-8:
-            mixed = mixed / total
+        mixed = None  # sum_i (w_i * delta_i), added in order: the rounding of a sum over a stack
+        for t, w in zip(tensors, weights):
+            weighted = (t - base).mul_(float(w))
+            mixed = weighted if mixed is None else mixed.add_(weighted)
+        total = torch.tensor(list(weights), dtype=base.dtype).sum()
+        if normalize and total.abs() >= 1e-8:
+            mixed = mixed / total.to(mixed.device)
         return base + lambda_ * mixed
     deltas = torch.stack([t - base for t in tensors])  # [n, *shape]
     if sparsifier is not None:
