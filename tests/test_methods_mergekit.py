@@ -76,6 +76,12 @@ def test_multislerp_antipodal_pair_falls_back_to_lerp_and_three_cancelling_raise
         merge("multislerp", [[1.0, 0.0], [-1.0, 0.0], [2.0, 0.0], [-3.0, 0.0]], weight=[1.0, 1.0, 1.0, 1.0])
 
 
+def test_multislerp_of_zero_task_vectors_is_the_base():
+    # difference from mergekit (which raises): tensors no model changed merge to the base
+    base = [0.5, -1.0, 2.0]
+    assert_close(merge("multislerp", [base, base, base], base=base, weight=[0.2, 0.5, 0.3]), base)
+
+
 # ---- karcher: the base model takes part ------------------------------------------------
 
 def test_karcher_averages_the_base_model_in():

@@ -84,7 +84,8 @@ def multislerp(
     """Barycentric interpolation on the hypersphere (of task vectors with a base):
     project the unit vectors onto the tangent space at their weighted mean direction
     m (u - (u.m) m), average there, map back with the exponential map, and scale by
-    the weighted mean norm."""
+    the weighted mean norm. Two inputs whose directions cancel, or inputs that are all
+    zero (task vectors of unchanged tensors), are combined linearly."""
     if len(tensors) == 1:
         return tensors[0]
     stacked = torch.stack(list(tensors))  # [n, *shape]
@@ -99,10 +100,10 @@ def multislerp(
     mean = (units * w[:, None]).sum(dim=0)  # [d]
     mean_norm = mean.norm()
     if mean_norm < eps:  # directions cancel: no mean direction
-        if len(tensors) != 2:
+        if len(tensors) != 2 and bool((norms > eps).any()):
             raise ValueError("multislerp: the weighted mean direction is zero (antipodal inputs whose weights "
                              "balance out); change the weights")
-        merged = (flat[0] * w[0] + flat[1] * w[1]).reshape(stacked.shape[1:])  # fall back to lerp
+        merged = (flat * w[:, None]).sum(dim=0).reshape(stacked.shape[1:])  # fall back to lerp
         return merged if base is None else merged + base
     mean = mean / mean_norm
     dots = (units * mean).sum(dim=-1, keepdim=True)  # [n, 1]
