@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
-from .spec import NORMALIZE_TRUE, WEIGHT, Floats, MethodSpec, ParamSpec, Tensors
+from .spec import NORMALIZE_TRUE, WEIGHT, Floats, MethodSpec, ParamSpec, Tensors, require_base
 
 
 def weighted_sum(tensors: Iterable[torch.Tensor], weights: Floats) -> torch.Tensor:
@@ -46,7 +46,7 @@ def nearswap(
 ) -> torch.Tensor:
     """Take the other model's value where it is close to the base (|diff| < t):
     w = clamp(t / max(|base - other|, 1e-6), 0, 1); result = w * other + (1 - w) * base."""
-    other = tensors[0]
+    other, base = tensors[0], require_base(base, "nearswap")
     w = (t / (base - other).abs().clamp(min=1e-6)).clamp(0.0, 1.0)
     return w * other + (1.0 - w) * base
 
@@ -58,7 +58,7 @@ def model_stock(
     t = N cos / (1 + (N - 1) cos), cos the mean pairwise cosine of task vectors (over
     the whole tensor, or per vector along the last dim when filter_wise). Where the
     denominator vanishes (|.| < 1e-6) the base is kept."""
-    n = len(tensors)
+    n, base = len(tensors), require_base(base, "model_stock")
     if filter_wise:
         flat = [(t - base).reshape(1, -1) if base.dim() < 2 else t - base for t in tensors]  # [..., last]
     else:

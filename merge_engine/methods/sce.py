@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .consensus import sign_agreement_mask
-from .spec import INT8_MASK, MethodSpec, ParamSpec, Tensors
+from .spec import INT8_MASK, MethodSpec, ParamSpec, Tensors, require_base
 
 
 def _variance_mask(deltas: torch.Tensor, select_topk: float) -> torch.Tensor:
@@ -22,6 +22,7 @@ def sce(
     tensors: Tensors, base: torch.Tensor | None, *, select_topk: float, int8_mask: bool,
     generator: torch.Generator | None
 ) -> torch.Tensor:
+    base = require_base(base, "sce")
     deltas = torch.stack([t - base for t in tensors])  # [n, *shape]
     if select_topk < 1.0:
         deltas = deltas * _variance_mask(deltas, select_topk)  # select

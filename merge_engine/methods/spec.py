@@ -8,8 +8,9 @@ parameters.
 from __future__ import annotations
 
 import keyword
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 
@@ -47,7 +48,7 @@ class MethodSpec:
     """
 
     name: str
-    fn: Callable[..., "object"]
+    fn: Callable[..., object]
     params: tuple[ParamSpec, ...]
     paper: str
     description: str
@@ -92,6 +93,13 @@ class MethodSpec:
     @property
     def global_params(self) -> tuple[ParamSpec, ...]:
         return tuple(p for p in self.params if p.scope == "global")
+
+
+def require_base(base: torch.Tensor | None, method: str) -> torch.Tensor:
+    """The base tensor of a method that cannot work without one."""
+    if base is None:
+        raise ValueError(f"{method} needs a base model tensor (set base_model)")
+    return base
 
 
 def kwarg_name(name: str) -> str:

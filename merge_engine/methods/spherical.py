@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .spec import T, WEIGHT, Floats, MethodSpec, ParamSpec, Tensors
+from .spec import WEIGHT, Floats, MethodSpec, ParamSpec, T, Tensors, require_base
 
 SLERP_DOT_THRESHOLD = 0.9995  # slerp: |cos| above this interpolates linearly
 SLERP_EPS = 1e-8  # slerp: norms at or below this count as 1 (zero tensors stay zero)
@@ -49,7 +49,7 @@ def slerp(
     tensors: Tensors, base: torch.Tensor | None, *, t: float, generator: torch.Generator | None
 ) -> torch.Tensor:
     """Spherical interpolation from the base model (t=0) to the other model (t=1)."""
-    return slerp_tensors(base, tensors[0], t)
+    return slerp_tensors(require_base(base, "slerp"), tensors[0], t)
 
 
 def nuslerp(

@@ -8,16 +8,29 @@ Each method is a composition of three steps on task vectors (delta_i = x_i - bas
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Callable, Sequence
 
 import torch
 
 from . import sparsify
 from .consensus import sign_agreement_mask
 from .spec import (
-    DENSITY, EPSILON, GAMMA, INT8_MASK, LAMBDA, NORMALIZE_FALSE, NORMALIZE_TRUE,
-    RESCALE_FALSE, RESCALE_TRUE, WEIGHT_REQUIRED, Floats, MethodSpec, ParamSpec, Tensors,
+    DENSITY,
+    EPSILON,
+    GAMMA,
+    INT8_MASK,
+    LAMBDA,
+    NORMALIZE_FALSE,
+    NORMALIZE_TRUE,
+    RESCALE_FALSE,
+    RESCALE_TRUE,
+    WEIGHT_REQUIRED,
+    Floats,
+    MethodSpec,
+    ParamSpec,
+    Tensors,
+    require_base,
 )
 
 # DELLA keep probabilities density +/- epsilon must stay inside (0, 1): with the default
@@ -39,10 +52,10 @@ def combine_task_vectors(
 ) -> torch.Tensor:
     """Steps 1-3 above. tensors: n x [*shape]; base: [*shape]."""
     if sparsifier is None and not consensus:  # plain task arithmetic: accumulate, no [n, *shape] stack
-        mixed = None  # sum_i (w_i * delta_i), added in order: the rounding of a sum over a stack
-        for t, w in zip(tensors, weights):
-            weighted = (t - base).mul_(float(w))
-            mixed = weighted if mixed is None else mixed.add_(weighted)
+        # sum_i (w_i * delta_i), added in order: the rounding of a sum over a stack
+        mixed = (tensors[0] - base).mul_(float(weights[0]))
+        for x, weight in zip(tensors[1:], weights[1:]):
+            mixed.add_((x - base).mul_(float(weight)))
         total = torch.tensor(list(weights), dtype=base.dtype).sum()
         if normalize and total.abs() >= 1e-8:
             mixed = mixed / total.to(mixed.device)
@@ -50,8 +63,8 @@ def combine_task_vectors(
     deltas = torch.stack([t - base for t in tensors])  # [n, *shape]
     if sparsifier is not None:
         deltas = torch.stack([sparsifier(d, i) for i, d in enumerate(deltas)])
-    w = torch.tensor(list(weights), dtype=deltas.dtype, device=deltas.device)
-    w = w.view(-1, *([1] * (deltas.dim() - 1)))  # [n, 1, ...]
+    w = torch.tensor(list(weights), dtype=deltas.dtype, device=deltas.device).view(
+        -1, *([1] * (deltas.dim() - 1)))  # [n, 1, ...]
     weighted = deltas * w
     if consensus:
         mask = sign_agreement_mask(weighted, int8=int8_mask).to(deltas.dtype)
@@ -73,7 +86,7 @@ def task_arithmetic(
 ) -> torch.Tensor:
     """rescale and int8_mask are accepted as mergekit does; without sparsification
     or sign consensus they change nothing."""
-    return combine_task_vectors(tensors, base, weight, None, False, normalize, lambda_)
+    return combine_task_vectors(tensors, require_base(base, "task_arithmetic"), weight, None, False, normalize, lambda_)
 
 
 def ties(
@@ -81,7 +94,7 @@ def ties(
     lambda_: float, rescale: bool, int8_mask: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
     trim = lambda d, i: sparsify.magnitude(d, density[i], rescale)  # noqa: E731
-    return combine_task_vectors(tensors, base, weight, trim, True, normalize, lambda_, int8_mask)
+    return combine_task_vectors(tensors, require_base(base, "ties"), weight, trim, True, normalize, lambda_, int8_mask)
 
 
 def dare_ties(
@@ -89,7 +102,7 @@ def dare_ties(
     lambda_: float, rescale: bool, int8_mask: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
     drop = lambda d, i: sparsify.random_drop(d, density[i], rescale, generator)  # noqa: E731
-    return combine_task_vectors(tensors, base, weight, drop, True, normalize, lambda_, int8_mask)
+    return combine_task_vectors(tensors, require_base(base, "dare_ties"), weight, drop, True, normalize, lambda_, int8_mask)
 
 
 def dare_linear(
@@ -98,7 +111,7 @@ def dare_linear(
 ) -> torch.Tensor:
     """int8_mask is accepted as mergekit does; without sign consensus it changes nothing."""
     drop = lambda d, i: sparsify.random_drop(d, density[i], rescale, generator)  # noqa: E731
-    return combine_task_vectors(tensors, base, weight, drop, False, normalize, lambda_)
+    return combine_task_vectors(tensors, require_base(base, "dare_linear"), weight, drop, False, normalize, lambda_)
 
 
 def breadcrumbs(
@@ -107,7 +120,7 @@ def breadcrumbs(
 ) -> torch.Tensor:
     """int8_mask is accepted as mergekit does; without sign consensus it changes nothing."""
     crumbs = lambda d, i: sparsify.magnitude_outliers(d, density[i], gamma[i], rescale)  # noqa: E731
-    return combine_task_vectors(tensors, base, weight, crumbs, False, normalize, lambda_)
+    return combine_task_vectors(tensors, require_base(base, "breadcrumbs"), weight, crumbs, False, normalize, lambda_)
 
 
 def breadcrumbs_ties(
@@ -115,7 +128,7 @@ def breadcrumbs_ties(
     normalize: bool, lambda_: float, rescale: bool, int8_mask: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
     crumbs = lambda d, i: sparsify.magnitude_outliers(d, density[i], gamma[i], rescale)  # noqa: E731
-    return combine_task_vectors(tensors, base, weight, crumbs, True, normalize, lambda_, int8_mask)
+    return combine_task_vectors(tensors, require_base(base, "breadcrumbs_ties"), weight, crumbs, True, normalize, lambda_, int8_mask)
 
 
 def della(
@@ -123,7 +136,7 @@ def della(
     normalize: bool, lambda_: float, rescale: bool, int8_mask: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
     prune = lambda d, i: sparsify.rank_magnitude_sampling(d, density[i], epsilon[i], rescale, generator)  # noqa: E731
-    return combine_task_vectors(tensors, base, weight, prune, True, normalize, lambda_, int8_mask)
+    return combine_task_vectors(tensors, require_base(base, "della"), weight, prune, True, normalize, lambda_, int8_mask)
 
 
 def della_linear(
@@ -132,7 +145,7 @@ def della_linear(
 ) -> torch.Tensor:
     """int8_mask is accepted as mergekit does; without sign consensus it changes nothing."""
     prune = lambda d, i: sparsify.rank_magnitude_sampling(d, density[i], epsilon[i], rescale, generator)  # noqa: E731
-    return combine_task_vectors(tensors, base, weight, prune, False, normalize, lambda_)
+    return combine_task_vectors(tensors, require_base(base, "della_linear"), weight, prune, False, normalize, lambda_)
 
 
 def _spec(name: str, fn, params: tuple[ParamSpec, ...], paper: str, description: str, randomized=False):
