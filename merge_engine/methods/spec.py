@@ -48,7 +48,7 @@ class MethodSpec:
     """
 
     name: str
-    fn: Callable[..., object]
+    fn: Callable[..., torch.Tensor]
     params: tuple[ParamSpec, ...]
     paper: str
     description: str
@@ -78,7 +78,7 @@ class MethodSpec:
             else:
                 value = [p.default] * len(tensors) if p.scope == "per_model" else p.default
             kwargs[kwarg_name(p.name)] = value
-        return self.fn(tensors, base, generator=generator, **kwargs)  # type: ignore[return-value]
+        return self.fn(tensors, base, generator=generator, **kwargs)
 
     def param(self, name: str) -> ParamSpec | None:
         for p in self.params:
