@@ -83,7 +83,7 @@ class ModelTokenSource(_Frozen):
     token: str | None = None
 
     @model_validator(mode="after")
-    def _one_token(self) -> "ModelTokenSource":
+    def _one_token(self) -> ModelTokenSource:
         if (self.token_id is None) == (self.token is None):
             raise ValueError("give exactly one of `token` or `token_id`")
         return self
@@ -92,7 +92,7 @@ class ModelTokenSource(_Frozen):
 class TokenEmbeddingConfig(_Frozen):
     """Where the embedding / lm_head row of one output token comes from (merge_engine/tokenizer.py)."""
 
-    source: Union[ZeroTokenSource, ModelTokenSource, str, None] = None
+    source: ZeroTokenSource | ModelTokenSource | str | None = None
     force: bool = False
 
 

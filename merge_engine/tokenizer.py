@@ -27,9 +27,10 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 
@@ -79,11 +80,12 @@ class VocabAlignment:
         shape = (self.num_tokens,) + (1,) * len(rest)
         rows = [self.rows[m].to(tensors[0].device) for m in models]
         present = [r >= 0 for r in rows]
-        gathered = [t[r.clamp(min=0)] * p.view(shape).to(t.dtype) for t, r, p in zip(tensors, rows, present)]
+        gathered = [t[r.clamp(min=0)] * p.view(shape).to(t.dtype)  # [num_tokens, *rest], zeros where absent
+                    for t, r, p in zip(tensors, rows, present, strict=True)]
         count = torch.stack(present).sum(dim=0)
         # default row of a token a model lacks: the base's row, else the mean over the models that have it
         default = torch.stack(gathered).sum(dim=0) / count.clamp(min=1).view(shape).to(gathered[0].dtype)
-        if self.base_model in models:
+        if self.base_model is not None and self.base_model in models:
             b = list(models).index(self.base_model)
             default = torch.where(present[b].view(shape), gathered[b], default)
         forced = torch.zeros(self.num_tokens, dtype=torch.bool, device=default.device)
@@ -91,7 +93,7 @@ class VocabAlignment:
             default[token_id] = self._token_row(spec, token_id, models, tensors, rows)
             forced[token_id] = spec.force
         out = []
-        for g, p in zip(gathered, present):
+        for g, p in zip(gathered, present, strict=True):
             merged_rows = torch.where((p & ~forced).view(shape), g, default)
             full = merged_rows.new_empty((self.size, *rest))
             full[: self.num_tokens] = merged_rows
@@ -105,7 +107,7 @@ class VocabAlignment:
                    rows: Sequence[torch.Tensor]) -> torch.Tensor:
         if spec.kind == "zero":
             return tensors[0].new_zeros(tensors[0].shape[1:])
-        if spec.model not in models:
+        if spec.model is None or spec.model not in models:
             raise TokenizerError(f"tokenizer.tokens: token {token_id} takes its row from {spec.model!r}, which is "
                                  f"not an input of this tensor (inputs: {', '.join(models)})")
         k = list(models).index(spec.model)
@@ -269,13 +271,14 @@ def _token_default(token: str, cfg, toks: Mapping[str, Any], sources: Mapping[st
 # ---------------------------------------------------------------- writing
 def write_tokenizer(out: Path, plan: OutputTokenizer, chat_template: str | None) -> None:
     """Copy (or save) the output tokenizer into `out`, then set the chat template if one is given."""
-    if plan.copy_from is not None and _copyable(plan.copy_from):
+    if plan.tokenizer is not None:  # an extended vocabulary
+        plan.tokenizer.save_pretrained(str(out))
+    elif plan.copy_from is not None and _copyable(plan.copy_from):
         for name in TOKENIZER_FILES:
             if (plan.copy_from / name).is_file():
                 shutil.copyfile(plan.copy_from / name, out / name)
-    else:
-        tok = plan.tokenizer if plan.tokenizer is not None else _load(plan.copy_from, str(plan.copy_from), False)
-        tok.save_pretrained(str(out))
+    elif plan.copy_from is not None:  # no tokenizer_config.json next to the vocabulary: load and save (as mergekit)
+        _load(plan.copy_from, str(plan.copy_from), False).save_pretrained(str(out))
     template = _chosen_template(chat_template, plan.models)
     if template is not None and template != (_read_template(out) or "").strip():
         set_chat_template(out, template)
