@@ -19,6 +19,7 @@ import logging
 import sys
 import time
 import traceback
+from pathlib import Path
 
 
 def _run_mergekit(argv: list[str]) -> None:
@@ -41,7 +42,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     run = _run_mergekit if tool == "mergekit" else _run_evomerge
-    jobs = json.loads(open(jobs_path).read())
+    jobs = json.loads(Path(jobs_path).read_text())
     with open(results_path, "w") as results:
         for job in jobs:
             buf = io.StringIO()

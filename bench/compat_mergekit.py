@@ -1,7 +1,8 @@
 """Compatibility check against mergekit 0.1.5 (PyPI): the same recipe, tensor by tensor.
 
     python bench/compat_mergekit.py [--workdir /tmp/evomerge-compat] [--families llama qwen2]
-                                    [--groups methods slices tokenizer dtype] [--name compat_mergekit]
+                                    [--groups methods slices tokenizer dtype] [--methods ties ...]
+                                    [--mergekit-workers 2] [--name compat_mergekit]
 
 mergekit runs from an isolated venv: $EVOMERGE_MERGEKIT_VENV, else <repo>/.cache/mergekit-0.1.5,
 created there when missing (`python -m venv`, `pip install torch==2.13.0`, `pip install
@@ -11,8 +12,9 @@ Tiny models (bench/compat_models.py: Llama untied and tied, Qwen2 fp32 with bias
 GQA; 4 layers, hidden 32, a trained BPE tokenizer) are merged by both tools with the same
 recipe, for a matrix of every method x {scalar, gradient, filter parameters} x {models:,
 slices with remapped layer ranges, slice-level base_model} x tokenizer options x dtype.
-Both tools run their `mergekit-yaml` entry point in one process each (bench/_compat_driver.py),
-side by side, with --random-seed 0.
+Both tools run their `mergekit-yaml` entry point in-process, many recipes per process
+(bench/_compat_driver.py; mergekit in --mergekit-workers processes, evomerge in one), side by side,
+with --random-seed 0. About 5-15 minutes for the 352 cells on 2 busy cores.
 
 Each cell compares every output tensor (identical bits / within tolerance / differs, with max
 abs and relative L2 = |ours - mk| / |mk|), config.json (keys that differ) and the tokenizer
@@ -83,7 +85,7 @@ def _w(*ws: float) -> list[dict[str, Any]]:
 
 
 def _wd(ws: tuple[float, ...], ds: tuple[float, ...], **extra: Any) -> list[dict[str, Any]]:
-    return [{"weight": w, "density": d, **extra} for w, d in zip(ws, ds)]
+    return [{"weight": w, "density": d, **extra} for w, d in zip(ws, ds, strict=True)]
 
 
 THREE = ["ft1", "ft2", "ft3"]
@@ -167,7 +169,7 @@ def method_recipe(method: str, paths: dict[str, Path], form: str) -> dict[str, A
         recipe["base_model"] = str(paths["base"])
     recipe.update(extra)
     recipe["models"] = [{"model": str(paths[m]), **({"parameters": p} if p else {})}
-                        for m, p in zip(models, per_model)]
+                        for m, p in zip(models, per_model, strict=True)]
     if glob:
         recipe["parameters"] = glob
     return recipe
@@ -203,7 +205,7 @@ def slice_recipe(method: str, paths: dict[str, Path], form: str) -> dict[str, An
             base_name = "ft3" if (form == "slices_base" and k == 0) else "base"
             sources.append({"model": str(paths[base_name]), "layer_range": [0, 2] if k == 0 else [2, 4]})
         src_names = names if not (form == "slices_base" and k == 0) else [n if n != "ft3" else "base" for n in names]
-        for j, (n, p) in enumerate(zip(src_names, per_model)):
+        for j, (n, p) in enumerate(zip(src_names, per_model, strict=True)):
             rng = [0, 2] if k == 0 else ranges1[j % 3]
             src: dict[str, Any] = {"model": str(paths[n]), "layer_range": rng}
             if p:
@@ -240,7 +242,8 @@ def tokenizer_recipes(paths: dict[str, Path]) -> dict[str, dict[str, Any]]:
 
     def ta(models: list[str], **top: Any) -> dict[str, Any]:
         return {"merge_method": "task_arithmetic", "base_model": b,
-                "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(models, (0.6, 0.4))], **top}
+                "models": [{"model": m, "parameters": {"weight": w}}
+                           for m, w in zip(models, (0.6, 0.4), strict=True)], **top}
 
     custom = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
               "{% if add_generation_prompt %}assistant: {% endif %}")
@@ -260,7 +263,8 @@ def tokenizer_recipes(paths: dict[str, Path]) -> dict[str, dict[str, Any]]:
         "pad_base": ta([f1, f2], tokenizer={"source": "base", "pad_to_multiple_of": 48}),
         "pad_only": ta([f1, f2], tokenizer={"pad_to_multiple_of": 48}),
         "pad_union_added": ta([f1, fx], tokenizer={"source": "union", "pad_to_multiple_of": 48}),
-        "tokens_zero": ta([f1, fx], tokenizer={"source": "union", "tokens": {"<extra_0>": {"source": {"kind": "zero"}}}}),
+        "tokens_zero": ta([f1, fx], tokenizer={"source": "union",
+                                                "tokens": {"<extra_0>": {"source": {"kind": "zero"}}}}),
         "tokens_from_model": ta([f1, fx], tokenizer={"source": "union", "tokens": {
             "<extra_1>": {"source": fx}, "Hello": {"source": {"kind": "model_token", "model": fx, "token": "<extra_2>"},
                                                     "force": True}}}),
@@ -324,14 +328,16 @@ def build_matrix(families: dict[str, dict[str, Path]], groups: list[str]) -> lis
 
 
 # ---------------------------------------------------------------- running
-def run_tool(tool: str, python: str, cells: list[Cell], work: Path, env: dict[str, str]) -> subprocess.Popen:
+def run_tool(tool: str, python: str, cells: list[Cell], work: Path, env: dict[str, str],
+             shard: int = 0) -> subprocess.Popen:
     jobs = [{"id": c.id, "recipe": str(work / "recipes" / f"{c.id}.yml"), "out": str(work / tool / c.id),
              "args": ["--random-seed", "0"] + (["--quiet"] if tool == "mergekit" else ["--no-progress"])}
             for c in cells]
-    (work / f"jobs-{tool}.json").write_text(json.dumps(jobs))
-    return subprocess.Popen([python, str(REPO / "bench" / "_compat_driver.py"), tool, str(work / f"jobs-{tool}.json"),
-                             str(work / f"results-{tool}.jsonl")], env=env, cwd=str(work),
-                            stdout=subprocess.DEVNULL, stderr=open(work / f"driver-{tool}.log", "w"))
+    name = f"{tool}-{shard}"
+    (work / f"jobs-{name}.json").write_text(json.dumps(jobs))
+    return subprocess.Popen([python, str(REPO / "bench" / "_compat_driver.py"), tool, str(work / f"jobs-{name}.json"),
+                             str(work / f"results-{name}.jsonl")], env=env, cwd=str(work),
+                            stdout=subprocess.DEVNULL, stderr=open(work / f"driver-{name}.log", "w"))
 
 
 # ---------------------------------------------------------------- comparing
@@ -344,8 +350,26 @@ def _load_tensors(out: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _token_permutation(ours: Path, mk: Path) -> torch.Tensor | None:
+    """Where both tokenizers hold the same tokens under different ids: for each of mergekit's ids, our id."""
+    from transformers import AutoTokenizer
+
+    try:
+        va = AutoTokenizer.from_pretrained(str(ours)).get_vocab()
+        vb = AutoTokenizer.from_pretrained(str(mk)).get_vocab()
+    except Exception:  # noqa: BLE001 - no tokenizer, no permutation
+        return None
+    if va == vb or set(va) != set(vb) or sorted(vb.values()) != list(range(len(vb))):
+        return None
+    return torch.tensor([va[t] for t, _ in sorted(vb.items(), key=lambda kv: kv[1])])
+
+
 def compare_tensors(ours: Path, mk: Path) -> dict[str, Any]:
     a, b = _load_tensors(ours), _load_tensors(mk)
+    perm = _token_permutation(ours, mk)
+    res_perm = perm is not None
+    if perm is not None:  # compare vocabulary rows token by token (same tokens, other ids)
+        a = {n: (t[perm] if t.dim() and t.shape[0] == perm.numel() else t) for n, t in a.items()}
     res: dict[str, Any] = {"only_ours": sorted(set(a) - set(b)), "only_mergekit": sorted(set(b) - set(a)),
                            "identical": 0, "close": 0, "differs": [], "max_abs": 0.0, "max_rel_l2": 0.0}
     for name in sorted(set(a) & set(b)):
@@ -370,6 +394,7 @@ def compare_tensors(ours: Path, mk: Path) -> dict[str, Any]:
         else:
             res["differs"].append({"name": name, "max_abs": max_abs, "rel_l2": rel})
     res["tensor_dtypes"] = sorted({str(t.dtype).removeprefix("torch.") for t in a.values()})
+    res["rows_matched_by_token"] = res_perm
     return res
 
 
@@ -449,6 +474,8 @@ def _fmt_diff(row: dict[str, Any]) -> str:
         parts.append(f"only ours: {t['only_ours'][:3]} only mergekit: {t['only_mergekit'][:3]}")
     if t["close"]:
         parts.append(f"{t['close']} within tol (max rel L2 {t['max_rel_l2']:.2g})")
+    if t.get("rows_matched_by_token"):
+        parts.append("same tokens under other ids: embedding rows compared token by token")
     return "; ".join(parts)
 
 
@@ -539,6 +566,7 @@ def main() -> None:
                     choices=["methods", "slices", "tokenizer", "dtype"])
     ap.add_argument("--methods", nargs="+", default=None, help="only these merge methods")
     ap.add_argument("--name", default="compat_mergekit", help="results file name under bench/results/")
+    ap.add_argument("--mergekit-workers", type=int, default=2, help="mergekit processes (default 2)")
     args = ap.parse_args()
     start = time.perf_counter()
     venv = mergekit_venv()
@@ -558,15 +586,17 @@ def main() -> None:
     print(f"{len(cells)} cells; mergekit from {venv}; evomerge from {REPO}", flush=True)
     base_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     base_env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    procs = {"mergekit": run_tool("mergekit", str(venv / "bin" / "python"), cells, work, base_env),
-             "evomerge": run_tool("evomerge", sys.executable, cells, work, {**base_env, "PYTHONPATH": str(REPO)})}
-    for tool, p in procs.items():
+    # mergekit takes about twice evomerge's time per cell: it gets `--mergekit-workers` processes
+    procs = {f"mergekit-{k}": run_tool("mergekit", str(venv / "bin" / "python"), cells[k::args.mergekit_workers],
+                                       work, base_env, k) for k in range(args.mergekit_workers)}
+    procs["evomerge-0"] = run_tool("evomerge", sys.executable, cells, work, {**base_env, "PYTHONPATH": str(REPO)})
+    for name, p in procs.items():
         if p.wait() != 0:
-            raise SystemExit(f"error: the {tool} driver failed; see {work}/driver-{tool}.log")
-    results = {}
-    for tool in procs:
-        results[tool] = {json.loads(line)["id"]: json.loads(line)
-                         for line in (work / f"results-{tool}.jsonl").read_text().splitlines()}
+            raise SystemExit(f"error: the {name} driver failed; see {work}/driver-{name}.log")
+    results: dict[str, dict[str, Any]] = {"mergekit": {}, "evomerge": {}}
+    for name in procs:
+        for line in (work / f"results-{name}.jsonl").read_text().splitlines():
+            results[name.split("-")[0]][json.loads(line)["id"]] = json.loads(line)
     rows = [classify(c, results["evomerge"][c.id], results["mergekit"][c.id], work) for c in cells]
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
