@@ -84,7 +84,10 @@ class VocabAlignment:
                     for t, r, p in zip(tensors, rows, present, strict=True)]
         count = torch.stack(present).sum(dim=0)
         # default row of a token a model lacks: the base's row, else the mean over the models that have it
-        default = torch.stack(gathered).sum(dim=0) / count.clamp(min=1).view(shape).to(gathered[0].dtype)
+        default = torch.zeros_like(gathered[0])
+        for g in gathered:  # summed one model at a time: no [n_models, vocab, hidden] stack
+            default += g
+        default /= count.clamp(min=1).view(shape).to(default.dtype)
         if self.base_model is not None and self.base_model in models:
             b = list(models).index(self.base_model)
             default = torch.where(present[b].view(shape), gathered[b], default)

@@ -226,3 +226,12 @@ def test_union_with_a_base_model_uses_the_bases_row_for_missing_tokens(tz, tmp_p
         torch.testing.assert_close(wo[EMBED][vo[t]], wb[EMBED][vb[t]])
     for t in shared:
         torch.testing.assert_close(wo[EMBED][vo[t]], wf[EMBED][va[t]] + wb[EMBED][vb[t]] - wa[EMBED][va[t]])
+
+
+def test_a_token_source_that_does_not_exist_is_refused_before_writing(tz, tmp_path):
+    from merge_engine.tokenizer import TokenizerError
+
+    with pytest.raises(TokenizerError, match=r"tokenizer.tokens.<x>.source.token: '<nope>' is not in the vocabulary"):
+        _merge(tmp_path, "out", **_linear(tz["base"], tz["ft"]), tokenizer={"source": "union", "tokens": {
+            "<x>": {"source": {"kind": "model_token", "model": str(tz["base"]), "token": "<nope>"}}}})
+    assert not (tmp_path / "out").exists()
