@@ -13,6 +13,7 @@ from .io.output import atomic_directory, check_not_an_input
 from .io.writer import ShardedSafetensorsWriter, TensorLayout
 from .options import MergeOptions
 from .plan import MergePlan, build_plan
+from .tokenizer import OutputTokenizer, plan_output_tokenizer, write_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +24,12 @@ def open_sources(config: MergeConfig, options: MergeOptions, cache: bool = False
 
 
 def plan_merge(config: MergeConfig, options: MergeOptions | None = None,
-               sources: dict[str, ModelSource] | None = None) -> tuple[MergePlan, dict[str, ModelSource]]:
+               sources: dict[str, ModelSource] | None = None,
+               tokenizer: OutputTokenizer | None = None) -> tuple[MergePlan, dict[str, ModelSource]]:
     options = options or MergeOptions()
     sources = sources or open_sources(config, options)
-    return build_plan(config, sources, options.random_seed, options.allow_crimes), sources
+    tokenizer = tokenizer or plan_output_tokenizer(config, sources, options.trust_remote_code)
+    return build_plan(config, sources, options.random_seed, options.allow_crimes, tokenizer.alignment), sources
 
 
 def run_merge(config: MergeConfig, out_path: str | Path, options: MergeOptions | None = None) -> Path:
@@ -35,8 +38,8 @@ def run_merge(config: MergeConfig, out_path: str | Path, options: MergeOptions |
     out_path = Path(out_path)
     sources = open_sources(config, options)
     check_not_an_input(out_path, [s.path for s in sources.values()])
-    plan, _ = plan_merge(config, options, sources)
-    tok_source = artifacts.tokenizer_source(config, plan.reference_model) if options.copy_tokenizer else None
+    tokenizer = plan_output_tokenizer(config, sources, options.trust_remote_code)
+    plan, _ = plan_merge(config, options, sources, tokenizer)
     layouts = [TensorLayout(j.output_name, j.shape, j.out_dtype) for j in plan.jobs]
     with atomic_directory(out_path) as tmp:
         writer = ShardedSafetensorsWriter(tmp, layouts, options.out_shard_size)
@@ -49,8 +52,8 @@ def run_merge(config: MergeConfig, out_path: str | Path, options: MergeOptions |
         out_dtype = config.out_dtype or config.dtype or str(plan.jobs[0].out_dtype).removeprefix("torch.")
         artifacts.write_config(tmp, plan.config_json, out_dtype)
         artifacts.copy_generation_config(tmp, sources[plan.reference_model])
-        if tok_source is not None:
-            artifacts.write_tokenizer(tmp, sources[tok_source], config.chat_template, options.trust_remote_code)
+        if options.copy_tokenizer or tokenizer.copy_from is None:  # a built vocabulary is always written
+            write_tokenizer(tmp, tokenizer, config.chat_template)
         artifacts.write_card_and_recipe(tmp, config, options.write_model_card)
     log.info("wrote %d tensors, %d layers to %s", len(plan.jobs), plan.num_output_layers, out_path)
     return out_path

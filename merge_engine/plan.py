@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .architecture import Architecture, detect_architecture, parse_layer_name
+from .architecture import LM_HEAD_NAMES, Architecture, detect_architecture, parse_layer_name
 from .config import MergeConfig, OutputSlice, SliceSource
 from .io.loader import ModelSource
 from .methods import MethodSpec
 from .params import MISSING, resolve
+
+if TYPE_CHECKING:
+    from .tokenizer import VocabAlignment
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                 "float64": torch.float64}
@@ -40,6 +43,8 @@ class TensorJob:
     shape: tuple[int, ...]
     out_dtype: torch.dtype
     seed: int | None = None
+    vocab: VocabAlignment | None = None  # embedding / lm_head: rows mapped to the output vocabulary on read
+
 
     def describe(self) -> str:
         srcs = ", ".join(f"{r.model}:{r.name}" for r in self.inputs)
@@ -98,7 +103,7 @@ def _resolve_all(spec: MethodSpec, tensor_name: str, t: float, sources: list[Sli
 
 
 def build_plan(config: MergeConfig, sources: dict[str, ModelSource], random_seed: int | None = None,
-               allow_crimes: bool = False) -> MergePlan:
+               allow_crimes: bool = False, vocab: VocabAlignment | None = None) -> MergePlan:
     spec = config.method
     base_name = config.base_model
     slices = config.as_slices()
@@ -136,15 +141,18 @@ def build_plan(config: MergeConfig, sources: dict[str, ModelSource], random_seed
                                            slice_params, config.parameters)
         shape_ref = base_ref or inputs[0]
         shape = sources[shape_ref.model].meta(shape_ref.name)[0]
+        aligned = vocab if vocab is not None and out_name in (arch.embedding_name, *LM_HEAD_NAMES) else None
         for r in inputs:
             other = sources[r.model].meta(r.name)[0]
-            if other != shape:
+            if (other[1:] != shape[1:]) if aligned else (other != shape):
                 raise PlanError(f"tensor {out_name!r}: shape mismatch, {shape_ref.model}:{shape_ref.name} is "
                                 f"{list(shape)} but {r.model}:{r.name} is {list(other)}; these models cannot be "
-                                "merged tensor by tensor (different sizes or vocabularies)")
+                                "merged tensor by tensor (different sizes, or vocabularies: set tokenizer_source)")
+        if aligned:
+            shape = (aligned.size, *shape[1:])
         return TensorJob(out_name, spec.name, inputs, base_ref if spec.uses_base else None, globals_, per_model,
                          shape, out_dtype_for(shape_ref.name),
-                         _seed(random_seed, out_name) if spec.randomized else None)
+                         _seed(random_seed, out_name) if spec.randomized else None, aligned)
 
     jobs: list[TensorJob] = []
     non_layer = [n for n in ref.tensor_names() if parse_layer_name(n) is None]
@@ -186,6 +194,8 @@ def build_plan(config: MergeConfig, sources: dict[str, ModelSource], random_seed
     non_layer_jobs(post, slices[-1], 1.0)
     config_json = dict(ref.config)
     config_json[arch.num_layers_key] = out_layer
+    if vocab is not None and "vocab_size" in config_json:
+        config_json["vocab_size"] = vocab.size
     if isinstance(config_json.get("layer_types"), list) and len(config_json["layer_types"]) == arch.num_layers:
         config_json["layer_types"] = [config_json["layer_types"][i] for i in layer_sources]
     return MergePlan(tuple(jobs), reference, arch, out_layer, tuple(layer_sources), config_json)

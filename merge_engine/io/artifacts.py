@@ -1,5 +1,5 @@
-"""The non-weight files of an output model: config, tokenizer, generation config,
-model card and the resolved recipe."""
+"""The non-weight files of an output model: config, generation config, model card and the
+resolved recipe (the tokenizer: merge_engine/tokenizer.py), and the built-in chat templates."""
 
 from __future__ import annotations
 
@@ -15,44 +15,24 @@ from .loader import ModelSource
 
 def write_config(out: Path, config_json: dict, out_dtype: str | None) -> None:
     cfg = dict(config_json)
-    if out_dtype:
-        cfg["torch_dtype"] = out_dtype
-        if "dtype" in cfg:
-            cfg["dtype"] = out_dtype
+    if out_dtype:  # the key(s) the input config uses; transformers >= 4.56 reads `dtype`
+        keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["dtype"]
+        for key in keys:
+            cfg[key] = out_dtype
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
-def tokenizer_source(config: MergeConfig, reference: str) -> str:
-    src = config.tokenizer_source_name
-    if src == "base":
-        return config.base_model or reference
-    if src == "union":
-        raise ValueError("tokenizer_source: 'union' (vocabulary merging) is not supported; use 'base' or a "
-                         "model path")
-    if src not in config.referenced_models():
-        raise ValueError(f"tokenizer_source: {src!r} is not one of the recipe's models "
-                         f"({', '.join(config.referenced_models())})")
-    return src
-
-
-def write_tokenizer(out: Path, source: ModelSource, chat_template: str | None, trust_remote_code: bool) -> None:
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(source.path), trust_remote_code=trust_remote_code)
-    except Exception as e:  # noqa: BLE001 - report any tokenizer load failure with the model named
-        raise ValueError(f"tokenizer of {source.name!r} could not be loaded: {e}") from None
-    if chat_template:
-        if chat_template == "auto":
-            pass
-        elif chat_template in CHAT_TEMPLATES:
-            tok.chat_template = CHAT_TEMPLATES[chat_template]
-        elif "{%" in chat_template or "{{" in chat_template:
-            tok.chat_template = chat_template
-        else:
-            raise ValueError(f"chat_template: {chat_template!r} is neither a known template "
-                             f"({', '.join(CHAT_TEMPLATES)}, auto) nor a Jinja template")
-    tok.save_pretrained(str(out))
+def resolve_chat_template(chat_template: str | None) -> str | None:
+    """The Jinja template a recipe's `chat_template` names; None (or `auto`, resolved by the caller) keeps
+    the tokenizer's own."""
+    if not chat_template or chat_template == "auto":
+        return None
+    if chat_template in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[chat_template]
+    if "{%" in chat_template or "{{" in chat_template:
+        return chat_template
+    raise ValueError(f"chat_template: {chat_template!r} is neither a known template "
+                     f"({', '.join(CHAT_TEMPLATES)}, auto) nor a Jinja template")
 
 
 def copy_generation_config(out: Path, source: ModelSource) -> None:
