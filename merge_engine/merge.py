@@ -9,6 +9,7 @@ from .config import MergeConfig
 from .executor import execute_plan
 from .io import artifacts
 from .io.loader import ModelSource
+from .io.references import open_model
 from .io.output import atomic_directory, check_not_an_input
 from .io.writer import ShardedSafetensorsWriter, TensorLayout
 from .options import MergeOptions
@@ -18,7 +19,8 @@ log = logging.getLogger(__name__)
 
 
 def open_sources(config: MergeConfig, options: MergeOptions, cache: bool = False) -> dict[str, ModelSource]:
-    return {m: ModelSource(m, allow_pickle=options.allow_pickle, cache=cache)
+    return {m: open_model(m, allow_pickle=options.allow_pickle, cache=cache, cache_dir=options.transformers_cache,
+                          lora_dtype=options.lora_merge_dtype)
             for m in config.referenced_models()}
 
 
@@ -26,7 +28,8 @@ def plan_merge(config: MergeConfig, options: MergeOptions | None = None,
                sources: dict[str, ModelSource] | None = None) -> tuple[MergePlan, dict[str, ModelSource]]:
     options = options or MergeOptions()
     sources = sources or open_sources(config, options)
-    return build_plan(config, sources, options.random_seed, options.allow_crimes), sources
+    seed = options.random_seed if options.random_seed is not None else config.random_seed
+    return build_plan(config, sources, seed, options.allow_crimes), sources
 
 
 def run_merge(config: MergeConfig, out_path: str | Path, options: MergeOptions | None = None) -> Path:
