@@ -18,6 +18,7 @@ import torch
 from merge_engine.config import MergeConfig
 from merge_engine.executor import execute_plan
 from merge_engine.io.loader import ModelSource
+from merge_engine.io.references import open_model
 from merge_engine.merge import run_merge
 from merge_engine.options import MergeOptions
 from merge_engine.plan import build_plan
@@ -53,9 +54,10 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[Any, Any]:
 class InMemoryMaterializer:
     def __init__(self, reference_model: str, tokenizer_source: str | None = None, device: str = "cpu",
                  random_seed: int | None = None):
-        self.model, self.tokenizer = load_model(reference_model, device)
+        # hub ids and base+LoRA references load from their resolved base directory (weights are overwritten)
+        self.model, self.tokenizer = load_model(open_model(reference_model).path, device)
         if tokenizer_source and tokenizer_source != reference_model:
-            _, self.tokenizer = load_model(tokenizer_source, device)
+            _, self.tokenizer = load_model(open_model(tokenizer_source).path, device)
         self.device = device
         self.random_seed = random_seed
         self._sources: dict[str, ModelSource] = {}
@@ -64,7 +66,7 @@ class InMemoryMaterializer:
     def materialize(self, config: MergeConfig) -> tuple[Any, Any]:
         for m in config.referenced_models():
             if m not in self._sources:
-                self._sources[m] = ModelSource(m, cache=True)
+                self._sources[m] = open_model(m, cache=True)
         plan = build_plan(config, self._sources, self.random_seed)
         execute_plan(plan.jobs, self._sources, self._sink, self.device, progress=False)
         return self.model, self.tokenizer
