@@ -63,7 +63,7 @@ def resolve_device(name: str) -> str:
     if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
         built = f"torch {torch.__version__}"
         raise ValueError(f"--device {name}: no {device.type} device is available here ({built}); "
-                         "drop --cuda/--gpu-rich or use --device cpu (or auto)")
+                         "use --device cpu (or auto) and drop GPU flags, or run where that device exists")
     count = backend.device_count() if hasattr(backend, "device_count") else 1
     if device.index is not None and device.index >= count:
         raise ValueError(f"--device {name}: only {count} {device.type} device(s) here (indices 0..{count - 1})")
