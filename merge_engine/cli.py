@@ -71,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--transformers-cache", default=None, metavar="DIR",
                    help="Hugging Face hub cache for hub ids (default: huggingface_hub's, HF_HOME/HF_HUB_CACHE)")
     s.add_argument("--lora-merge-cache", default=None, metavar="DIR",
-                   help="accepted for mergekit compatibility, no effect: LoRA adapters (base+adapter) are applied "
-                        "tensor by tensor while merging, no merged copy is written")
+                   help="write each base+adapter reference, merged, to a model directory here (mergekit's "
+                        "naming) and reuse it on later runs; without it adapters are applied tensor by tensor "
+                        "while merging and no merged copy is written")
     s.add_argument("--lora-merge-dtype", default=None, choices=sorted(DTYPES),
                    help="dtype a LoRA's base tensors are read as before the adapter update (default: as stored)")
     d = p.add_argument_group("dangerous options")
@@ -125,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             random_seed=args.random_seed, lazy_unpickle=args.lazy_unpickle, allow_pickle=args.allow_pickle,
             write_model_card=args.write_model_card, progress=args.progress and not args.quiet,
             transformers_cache=args.transformers_cache, lora_merge_dtype=args.lora_merge_dtype,
+            lora_merge_cache=args.lora_merge_cache,
         )
         if args.print_plan:
             plan, _ = plan_merge(config, options)

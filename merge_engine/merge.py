@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 def open_sources(config: MergeConfig, options: MergeOptions, cache: bool = False) -> dict[str, ModelSource]:
     return {m: open_model(m, allow_pickle=options.allow_pickle, cache=cache, cache_dir=options.transformers_cache,
-                          lora_dtype=options.lora_merge_dtype)
+                          lora_dtype=options.lora_merge_dtype, lora_merge_cache=options.lora_merge_cache)
             for m in config.referenced_models()}
 
 

@@ -199,3 +199,21 @@ def test_lora_of_another_model_is_refused(lora, tmp_path):
     _, gpt2_adapter = lora["gpt2"]
     rc, out = merge_one(tmp_path, f"{base}+{gpt2_adapter}")
     assert rc == 2 and not out.exists()
+
+
+def test_lora_merge_cache_writes_the_merged_model_once(lora, tmp_path):
+    base, adapter = lora["llama"]
+    cache = tmp_path / "lora_cache"
+    rc, out = merge_one(tmp_path, f"{base}+{adapter}", "--lora-merge-cache", str(cache))
+    assert rc == 0
+    expected = peft_merged(base, adapter)
+    assert_same(out, expected)
+    (entry,) = cache.iterdir()
+    assert entry.name.startswith(f"{base.name}_") and f"_{adapter.name}_" in entry.name
+    assert_same(entry, expected)
+    assert (entry / "config.json").exists() and (entry / "tokenizer.json").exists()
+    stamp = (entry / "model.safetensors").stat().st_mtime_ns
+    shutil.rmtree(out)
+    rc, out = merge_one(tmp_path, f"{base}+{adapter}", "--lora-merge-cache", str(cache))
+    assert rc == 0 and (entry / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not rewritten
+    assert_same(out, expected)

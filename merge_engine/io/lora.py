@@ -14,15 +14,19 @@ merged tensor exists only while the job that reads it runs.
 
 from __future__ import annotations
 
+import binascii
 import json
 import math
+import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from ..reference import ModelPath, ModelReference
 from .loader import ModelLoadError, ModelSource
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -180,3 +184,37 @@ class LoraModelSource(ModelSource):
         if self._merged is not None:
             self._merged[name] = tensor
         return tensor
+
+
+def cache_name(ref: ModelReference) -> str:
+    """mergekit's directory name for a merged base+LoRA in --lora-merge-cache (so its entries are shared)."""
+    def unique(p: ModelPath) -> str:
+        return os.path.basename(p.path) + "_" + str(binascii.crc32(str(p).encode()))
+    assert ref.lora is not None
+    return unique(ref.model) + "_" + unique(ref.lora)
+
+
+def write_merged(source: LoraModelSource, out: Path) -> Path:
+    """--lora-merge-cache: write base+adapter as a model directory (tensor by tensor, atomically), with the
+    base's config, generation config and tokenizer files. An existing entry is reused, as mergekit does."""
+    from .output import atomic_directory
+    from .writer import ShardedSafetensorsWriter, TensorLayout
+
+    if out.is_dir():
+        return out
+    names = source.tensor_names()
+    layouts = [TensorLayout(n, source.meta(n)[0], getattr(torch, source.meta(n)[1])) for n in names]
+    with atomic_directory(out) as tmp:
+        writer = ShardedSafetensorsWriter(tmp, layouts, 5 * 1000**3)
+        try:
+            for shard in writer.shards:  # the writer takes tensors in its shard order
+                for layout in shard:
+                    writer.write(layout.name, source.get(layout.name))
+        except BaseException:
+            writer.abort()
+            raise
+        writer.finish()
+        for f in source.path.iterdir():  # config, generation config, tokenizer files: not the weights
+            if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".index.json")):
+                shutil.copyfile(f, tmp / f.name)
+    return out
