@@ -13,9 +13,9 @@ from merge_engine.cli import NO_EFFECT, build_parser
 from merge_engine.cli import main as merge_main
 
 
-@pytest.fixture
-def recipe(zoo, tmp_path) -> Path:
-    path = tmp_path / "recipe.yml"
+@pytest.fixture(scope="module")
+def recipe(zoo, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("flags") / "recipe.yml"
     path.write_text(yaml.safe_dump({
         "merge_method": "dare_ties", "base_model": str(zoo["base"]),
         "models": [{"model": str(zoo["a"]), "parameters": {"weight": 0.6, "density": 0.5}},
@@ -42,11 +42,18 @@ NO_OP_FLAGS = [[f"--{n.replace('_', '-')}"] for n in NO_EFFECT] + [[f"--no-{n.re
     ["--no-trust-remote-code"], ["--no-unsafe-truncate-embeddings"], ["-v"], ["-vv"]]
 
 
+@pytest.fixture(scope="module")
+def plain(recipe) -> Path:
+    out = recipe.parent / "plain"
+    assert run(recipe, out) == 0
+    return out
+
+
 @pytest.mark.parametrize("flags", NO_OP_FLAGS, ids=lambda f: " ".join(f))
-def test_compat_flag_is_accepted_and_changes_nothing(recipe, tmp_path, flags):
-    assert run(recipe, tmp_path / "plain") == 0
+def test_compat_flag_is_accepted_and_changes_nothing(recipe, plain, tmp_path, flags, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     assert run(recipe, tmp_path / "flagged", *flags) == 0
-    assert same(tmp_path / "plain", tmp_path / "flagged")
+    assert same(plain, tmp_path / "flagged")
     assert not (tmp_path / "unused-dir").exists()
 
 
