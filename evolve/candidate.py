@@ -18,6 +18,7 @@ import torch
 from merge_engine.config import MergeConfig
 from merge_engine.executor import execute_plan
 from merge_engine.io.loader import ModelSource
+from merge_engine.io.references import open_model
 from merge_engine.merge import run_merge
 from merge_engine.options import MergeOptions
 from merge_engine.plan import build_plan
@@ -40,22 +41,25 @@ class ModelSink:
             target.copy_(tensor)
 
 
-def load_model(path: str | Path, device: str = "cpu") -> tuple[Any, Any]:
+def load_model(path: str | Path, device: str = "cpu", trust_remote_code: bool = False) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per candidate would drown the search's own
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
+                                                 trust_remote_code=trust_remote_code).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     return model, tokenizer
 
 
 class InMemoryMaterializer:
     def __init__(self, reference_model: str, tokenizer_source: str | None = None, device: str = "cpu",
-                 random_seed: int | None = None):
-        self.model, self.tokenizer = load_model(reference_model, device)
+                 random_seed: int | None = None, trust_remote_code: bool = False, allow_crimes: bool = False):
+        # hub ids and base+LoRA references load from their resolved base directory (weights are overwritten)
+        self.model, self.tokenizer = load_model(open_model(reference_model).path, device, trust_remote_code)
         if tokenizer_source and tokenizer_source != reference_model:
-            _, self.tokenizer = load_model(tokenizer_source, device)
+            _, self.tokenizer = load_model(open_model(tokenizer_source).path, device, trust_remote_code)
+        self.allow_crimes = allow_crimes
         self.device = device
         self.random_seed = random_seed
         self._sources: dict[str, ModelSource] = {}
@@ -64,8 +68,8 @@ class InMemoryMaterializer:
     def materialize(self, config: MergeConfig) -> tuple[Any, Any]:
         for m in config.referenced_models():
             if m not in self._sources:
-                self._sources[m] = ModelSource(m, cache=True)
-        plan = build_plan(config, self._sources, self.random_seed)
+                self._sources[m] = open_model(m, cache=True)
+        plan = build_plan(config, self._sources, self.random_seed, self.allow_crimes)
         execute_plan(plan.jobs, self._sources, self._sink, self.device, progress=False)
         return self.model, self.tokenizer
 
@@ -74,7 +78,10 @@ class InMemoryMaterializer:
 
 
 class OnDiskMaterializer:
-    def __init__(self, scratch_dir: str | Path, device: str = "cpu", random_seed: int | None = None):
+    def __init__(self, scratch_dir: str | Path, device: str = "cpu", random_seed: int | None = None,
+                 trust_remote_code: bool = False, allow_crimes: bool = False):
+        self.trust_remote_code = trust_remote_code
+        self.allow_crimes = allow_crimes
         self.scratch = Path(scratch_dir)
         self.scratch.mkdir(parents=True, exist_ok=True)
         self.device = device
@@ -85,11 +92,13 @@ class OnDiskMaterializer:
         self.release()
         self._current = Path(tempfile.mkdtemp(prefix="candidate-", dir=self.scratch)) / "model"
         run_merge(config, self._current, MergeOptions(progress=False, random_seed=self.random_seed,
-                                                      device=self.device, write_model_card=False))
+                                                      device=self.device, write_model_card=False,
+                                                      trust_remote_code=self.trust_remote_code,
+                                                      allow_crimes=self.allow_crimes))
         return self._current
 
     def materialize(self, config: MergeConfig) -> tuple[Any, Any]:
-        return load_model(self.write(config), self.device)
+        return load_model(self.write(config), self.device, self.trust_remote_code)
 
     def release(self) -> None:
         if self._current is not None:

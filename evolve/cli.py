@@ -14,48 +14,113 @@ from .run import RunOptions, evolve
 from .search import SearchSettings
 
 
+STRATEGIES = ("pool", "buffered", "serial")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mergekit-evolve",
         description="Evolve merge parameters (per-layer-group weights, densities, ...) with CMA-ES, scoring each "
                     "candidate merge with lm-eval tasks. Writes history.jsonl, best_config.yaml, best_model/, "
-                    "fitness.png and report.md to the storage path.")
+                    "fitness.png and report.md to the storage path. Takes mergekit-evolve's flags.")
     p.add_argument("search_config", help="search definition YAML (genome + tasks), mergekit-evolve's schema")
     p.add_argument("--storage-path", required=True, help="directory for the history, checkpoints and results")
-    p.add_argument("--max-fevals", type=int, default=100,
+    s = p.add_argument_group("search")
+    s.add_argument("--max-fevals", type=int, default=100,
                    help="most candidates to score (whole generations only; cache hits are free); default 100")
-    p.add_argument("--sigma0", type=float, default=0.25,
-                   help="initial CMA-ES step size in the normalised [0, 1] gene space; default 0.25")
-    p.add_argument("--popsize", type=int, default=None, help="CMA-ES population per generation "
-                                                             "(default 4 + 3 ln(genes))")
-    p.add_argument("--random-seed", type=int, default=0,
+    s.add_argument("--sigma0", type=float, default=1 / 6,
+                   help="initial CMA-ES step size in the normalised [0, 1] gene space; default 1/6 (mergekit's)")
+    s.add_argument("--popsize", "--force-population-size", dest="popsize", type=int, default=None,
+                   help="CMA-ES population per generation (default 4 + 3 ln(genes))")
+    s.add_argument("--random-seed", type=int, default=0,
                    help="seed of CMA-ES and of randomized merge methods: same seed, same history; default 0")
-    p.add_argument("--task-search-path", action="append", default=[],
-                   help="directory of extra lm-eval task YAMLs (repeatable)")
-    p.add_argument("--batch-size", type=int, default=32, help="lm-eval batch size; default 32")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--in-memory", dest="in_memory", action="store_true", default=True,
-                      help="merge into a model kept resident in each worker, no disk (default)")
-    mode.add_argument("--on-disk", dest="in_memory", action="store_false",
-                      help="write each candidate merge to disk and load it (needed for --vllm)")
-    p.add_argument("--vllm", action="store_true", help="score with lm-eval's vLLM backend (needs vllm; implies "
-                                                       "on-disk candidates)")
-    p.add_argument("--ray-address", default=None,
-                   help="address of a running Ray cluster (default: start a local one)")
-    p.add_argument("--num-workers", type=int, default=1,
-                   help="Ray actors scoring candidates in parallel; 0 = no Ray, score in this process; default 1")
-    p.add_argument("--device", default="cpu", help="torch device for merging and scoring (cpu, cuda)")
-    p.add_argument("--resume", action="store_true",
+    s.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="start no new generation after this many seconds (the run then exports as usual)")
+    s.add_argument("--resume", action="store_true",
                    help="continue the search in --storage-path, reusing every score already in history.jsonl")
-    p.add_argument("--validate-top", type=int, default=3,
+    e = p.add_argument_group("scoring")
+    e.add_argument("--task-search-path", action="append", default=[],
+                   help="directory of extra lm-eval task YAMLs (repeatable)")
+    e.add_argument("--batch-size", type=int, default=32, help="lm-eval batch size; default 32")
+    mode = e.add_mutually_exclusive_group()
+    mode.add_argument("--in-memory", dest="in_memory", action="store_true", default=True,
+                      help="merge into a model kept resident in each worker, no disk (default; mergekit's default "
+                           "is on-disk)")
+    mode.add_argument("--on-disk", "--no-in-memory", dest="in_memory", action="store_false",
+                      help="write each candidate merge to disk and load it (needed for --vllm)")
+    e.add_argument("--vllm", action=argparse.BooleanOptionalAction, default=False,
+                   help="score with lm-eval's vLLM backend (needs vllm; implies on-disk candidates)")
+    e.add_argument("--validate-top", type=int, default=3,
                    help="re-score this many best candidates on the tasks' validation_split; default 3")
-    p.add_argument("--allow-benchmark-test-sets", action="store_true",
+    e.add_argument("--allow-benchmark-test-sets", "--i-understand-the-depths-of-the-evils-i-am-unleashing",
+                   dest="allow_benchmark_test_sets", action="store_true",
                    help="allow public benchmark tasks (mmlu, gsm8k, ...) as search fitness")
-    p.add_argument("--no-export", dest="export_model", action="store_false",
-                   help="skip writing best_model/ (best_config.yaml is always written)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
-    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    e.add_argument("--load-in-8bit", action="store_true",
+                   help="not supported: refused with an error (candidates are scored in float32, or by vLLM)")
+    e.add_argument("--load-in-4bit", action="store_true", help="not supported, as --load-in-8bit")
+    w = p.add_argument_group("workers and devices")
+    w.add_argument("--ray-address", default=None,
+                   help="address of a running Ray cluster (default: start a local one)")
+    w.add_argument("--num-workers", type=int, default=None,
+                   help="Ray actors scoring candidates in parallel; 0 = no Ray, score in this process; default 1 "
+                        "(--num-gpus N: N)")
+    w.add_argument("--num-gpus", type=int, default=None,
+                   help="mergekit's GPU count: N Ray workers with one GPU each, merging and scoring on cuda")
+    w.add_argument("--strategy", "-s", choices=STRATEGIES, default="pool",
+                   help="mergekit's scheduling: pool and buffered both use evomerge's actor pool (--num-workers "
+                        "actors, each merging and scoring its candidates); serial = one worker")
+    w.add_argument("--device", default="cpu", help="torch device for merging and scoring (cpu, cuda)")
+    w.add_argument("--merge-cuda", action=argparse.BooleanOptionalAction, default=None,
+                   help="merge on cuda (mergekit's default); here merging follows --device, and --merge-cuda "
+                        "without CUDA is an error")
+    d = p.add_argument_group("models")
+    d.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False,
+                   help="let transformers run model-shipped code when loading candidates and tokenizers")
+    d.add_argument("--allow-crimes", action=argparse.BooleanOptionalAction, default=False,
+                   help="allow merging models of different architectures (model_type)")
+    d.add_argument("--reshard", action=argparse.BooleanOptionalAction, default=True,
+                   help="accepted for mergekit compatibility, no effect: inputs are read tensor by tensor from "
+                        "their own shards, never rewritten")
+    o = p.add_argument_group("output and logging")
+    o.add_argument("--save-final-model", "--export", dest="export_model", action=argparse.BooleanOptionalAction,
+                   default=True, help="write best_model/ (mergekit's final_model/); best_config.yaml is always "
+                                      "written (--no-export = --no-save-final-model)")
+    o.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=False,
+                   help="log every scored candidate (fitness, per-task scores, timings) to Weights & Biases; "
+                        "needs `pip install 'evomerge[wandb]'`")
+    o.add_argument("--wandb-project", default=None, help="wandb project (default mergekit-evolve)")
+    o.add_argument("--wandb-entity", default=None, help="wandb entity (team or user)")
+    o.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    o.add_argument("-v", "--verbose", action="store_true", help="log more")
     return p
+
+
+def check_flags(args: argparse.Namespace) -> tuple[str, int]:
+    """Flag combinations that cannot work, refused before any work; returns (device, workers)."""
+    from merge_engine.options import resolve_device
+
+    if args.load_in_8bit or args.load_in_4bit:
+        raise ValueError("--load-in-8bit/--load-in-4bit: quantized scoring is not supported; candidates are "
+                         "scored in float32 (or by --vllm). Omit the flag")
+    if args.wandb:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ValueError("--wandb: the wandb package is not installed; `pip install 'evomerge[wandb]'` "
+                             "(or omit --wandb)")
+    device = args.device
+    if args.merge_cuda or args.num_gpus:
+        device = "cuda" if device == "cpu" else device
+    if args.ray_address is None:  # a remote cluster's GPUs cannot be checked from here
+        device = resolve_device(device)
+    workers = args.num_workers
+    if workers is None:
+        workers = args.num_gpus or 1
+        if args.strategy == "serial":
+            workers = 1
+    if args.num_gpus is not None and args.num_gpus < 1:
+        raise ValueError(f"--num-gpus {args.num_gpus}: must be at least 1")
+    return device, workers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,16 +128,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        device, workers = check_flags(args)
         config = load_search(args.search_config)
         options = RunOptions(
             storage_path=args.storage_path,
             search=SearchSettings(max_fevals=args.max_fevals, sigma0=args.sigma0, popsize=args.popsize,
-                                  random_seed=args.random_seed, progress=args.progress),
+                                  random_seed=args.random_seed, progress=args.progress, timeout=args.timeout),
             task_search_path=args.task_search_path, batch_size=args.batch_size,
             in_memory=args.in_memory and not args.vllm, vllm=args.vllm, ray_address=args.ray_address,
-            num_workers=args.num_workers, device=args.device, resume=args.resume,
+            num_workers=workers, device=device, resume=args.resume,
             allow_benchmark_test_sets=args.allow_benchmark_test_sets, validate_top=args.validate_top,
-            export_model=args.export_model)
+            export_model=args.export_model, trust_remote_code=args.trust_remote_code,
+            allow_crimes=args.allow_crimes, wandb=args.wandb, wandb_project=args.wandb_project,
+            wandb_entity=args.wandb_entity)
         result = evolve(config, options)
     except (RecipeError, ValueError) as e:
         print(f"mergekit-evolve: error: {e}", file=sys.stderr)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from merge_engine.config import RecipeError, format_location, read_yaml
 from merge_engine.methods import REGISTRY, get_method
+from merge_engine.reference import normalize_reference
 
 # Test sets that searches must not optimise on unless the user insists (--allow-benchmark-test-sets).
 PUBLIC_BENCHMARKS = ("mmlu", "mmlu_pro", "hellaswag", "arc_challenge", "arc_easy", "gsm8k", "truthfulqa",
@@ -29,7 +30,22 @@ class GenomeDefinition(_Frozen):
     normalize: bool | None = None
     allow_negative_weights: bool = False
     smooth: bool = False
-    filters: list[str] = Field(default_factory=list)
+    filters: list[str] | None = Field(default_factory=list)  # mergekit writes `filters: null` for none
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _references(cls, v):  # strings, or mergekit's structured {model: {path: ...}, lora: ...} references
+        return [normalize_reference(m) for m in v] if isinstance(v, list) else v
+
+    @field_validator("base_model", mode="before")
+    @classmethod
+    def _base_reference(cls, v):
+        return normalize_reference(v)
+
+    @field_validator("filters", mode="after")
+    @classmethod
+    def _no_filters(cls, v):
+        return v or []
 
     @model_validator(mode="after")
     def _method_fits(self) -> "GenomeDefinition":
@@ -50,8 +66,13 @@ class GenomeDefinition(_Frozen):
 class TaskDefinition(_Frozen):
     name: str
     weight: float = 1.0
-    metric: str = "acc"
+    metric: str = "acc"  # lm-eval's "acc,none" works too
     validation_split: str | None = None  # re-score the top candidates on this held-out split
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_name(cls, v):  # mergekit accepts `- task_name` for {name: task_name}
+        return {"name": v} if isinstance(v, str) else v
 
 
 class EvolveConfig(_Frozen):
@@ -60,6 +81,18 @@ class EvolveConfig(_Frozen):
     limit: int | None = Field(default=None, ge=1)
     num_fewshot: int | None = Field(default=None, ge=0)
     random_init: bool = False  # start CMA-ES from a random genome (seeded) instead of the middle of the ranges
+    shuffle: bool = False  # shuffle each task's documents (seeded by --random-seed) before `limit` takes the first
+    # None: apply the tokenizer's chat template when it has one (mergekit's default true, without failing on
+    # base models that have none); true: always (an error for tokenizers without one); false: never
+    apply_chat_template: bool | None = None
+    fewshot_as_multiturn: bool | None = None  # None: as apply_chat_template; needs the chat template
+
+    @model_validator(mode="after")
+    def _multiturn_needs_chat(self) -> "EvolveConfig":
+        if self.fewshot_as_multiturn and self.apply_chat_template is False:
+            raise ValueError("fewshot_as_multiturn: true needs the chat template; remove apply_chat_template: false "
+                             "or set fewshot_as_multiturn: false")
+        return self
 
     def public_benchmarks(self) -> list[str]:
         return [t.name for t in self.tasks

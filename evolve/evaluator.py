@@ -48,6 +48,11 @@ class WorkerSettings:
     scratch_dir: str = "/tmp/evomerge-scratch"
     random_seed: int | None = None
     threads: int | None = None
+    shuffle: bool = False  # the search file's shuffle / apply_chat_template / fewshot_as_multiturn
+    apply_chat_template: bool | None = None
+    fewshot_as_multiturn: bool | None = None
+    trust_remote_code: bool = False
+    allow_crimes: bool = False
 
 
 class CandidateEvaluator:
@@ -56,12 +61,17 @@ class CandidateEvaluator:
             torch.set_num_threads(settings.threads)
         self.settings = settings
         self.scorer = LmEvalScorer(settings.tasks, settings.task_search_path, settings.limit,
-                                   settings.num_fewshot, settings.batch_size, settings.device)
+                                   settings.num_fewshot, settings.batch_size, settings.device,
+                                   shuffle_seed=(settings.random_seed or 0) if settings.shuffle else None,
+                                   apply_chat_template=settings.apply_chat_template,
+                                   fewshot_as_multiturn=settings.fewshot_as_multiturn)
         if settings.in_memory and not settings.vllm:
             self.materializer: Any = InMemoryMaterializer(settings.reference_model, settings.tokenizer_source,
-                                                          settings.device, settings.random_seed)
+                                                          settings.device, settings.random_seed,
+                                                          settings.trust_remote_code, settings.allow_crimes)
         else:
-            self.materializer = OnDiskMaterializer(settings.scratch_dir, settings.device, settings.random_seed)
+            self.materializer = OnDiskMaterializer(settings.scratch_dir, settings.device, settings.random_seed,
+                                                   settings.trust_remote_code, settings.allow_crimes)
         self._lm = None
 
     def _lm_for(self, model, tokenizer):

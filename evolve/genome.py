@@ -17,7 +17,7 @@ import numpy as np
 
 from merge_engine.architecture import detect_architecture
 from merge_engine.config import MergeConfig, parse_recipe
-from merge_engine.io.loader import ModelSource
+from merge_engine.io.references import open_model
 from merge_engine.methods import MethodSpec, ParamSpec, get_method
 
 from .config import GenomeDefinition
@@ -62,7 +62,7 @@ class Genome:
     @classmethod
     def for_models(cls, definition: GenomeDefinition) -> "Genome":
         ref = definition.base_model or definition.models[0]
-        source = ModelSource(ref)
+        source = open_model(ref)
         return cls(definition, detect_architecture(source.config, source.tensor_names(), ref).num_layers)
 
     def _range(self, p: ParamSpec) -> tuple[float, float]:

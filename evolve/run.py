@@ -13,6 +13,7 @@ from merge_engine.merge import run_merge
 from merge_engine.options import MergeOptions
 
 from .config import EvolveConfig
+from .export import export_recipe, exported_yaml
 from .evaluator import Evaluator, InProcessEvaluator, WorkerSettings
 from .genome import Genome
 from .report import plot_fitness, render_report
@@ -37,6 +38,11 @@ class RunOptions:
     allow_benchmark_test_sets: bool = False
     validate_top: int = 3
     export_model: bool = True
+    trust_remote_code: bool = False
+    allow_crimes: bool = False
+    wandb: bool = False  # log every scored candidate to Weights & Biases (evomerge[wandb])
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
 
 
 def make_evaluator(config: EvolveConfig, options: RunOptions) -> Evaluator:
@@ -46,7 +52,9 @@ def make_evaluator(config: EvolveConfig, options: RunOptions) -> Evaluator:
         task_search_path=[str(Path(p).resolve()) for p in options.task_search_path], limit=config.limit,
         num_fewshot=config.num_fewshot, batch_size=options.batch_size, in_memory=options.in_memory,
         vllm=options.vllm, device=options.device, scratch_dir=str(Path(options.storage_path).resolve() / "scratch"),
-        random_seed=options.search.random_seed)
+        random_seed=options.search.random_seed, shuffle=config.shuffle,
+        apply_chat_template=config.apply_chat_template, fewshot_as_multiturn=config.fewshot_as_multiturn,
+        trust_remote_code=options.trust_remote_code, allow_crimes=options.allow_crimes)
     if options.num_workers == 0:
         return InProcessEvaluator(settings)
     from .ray_evaluator import RayEvaluator  # Ray only when asked for
@@ -73,8 +81,13 @@ def evolve(config: EvolveConfig, options: RunOptions, evaluator: Evaluator | Non
     check_preconditions(config, options)
     storage = Storage(options.storage_path)
     search_settings = replace(options.search, random_init=config.random_init)
-    run_settings = {k: v for k, v in asdict(search_settings).items() if k not in ("progress", "max_fevals")}
+    run_settings = {k: v for k, v in asdict(search_settings).items() if k not in ("progress", "max_fevals", "timeout")}
     storage.start(config, run_settings, options.resume)
+    if options.wandb:
+        from .wandb_log import WandbStorage, start_run
+
+        storage = WandbStorage(storage, start_run(options.wandb_project, options.wandb_entity,
+                                                  config.model_dump(mode="json")))
     genome = Genome.for_models(config.genome)
     log.info("genome: %d genes over %d layer group(s)", genome.dimension, genome.num_groups)
     own_evaluator = evaluator is None
@@ -90,15 +103,21 @@ def evolve(config: EvolveConfig, options: RunOptions, evaluator: Evaluator | Non
         if own_evaluator:
             evaluator.close()
         shutil.rmtree(storage.path / "scratch", ignore_errors=True)  # on-disk candidates' temp space
-    best_recipe = parse_recipe(best["recipe"], "history.jsonl")
-    storage.write_text("best_config.yaml", best_recipe.to_yaml())
+    best_recipe = export_recipe(parse_recipe(best["recipe"], "history.jsonl"), options.search.random_seed)
+    storage.write_text("best_config.yaml", exported_yaml(best_recipe, (
+        f"mergekit-evolve (evomerge): the best of {len(records)} candidates, fitness {best['fitness']:.6g}\n"
+        "Runs from any directory: model paths are absolute. random_seed (evomerge's field; mergekit ignores it)\n"
+        "is the seed randomized methods were scored with; mergekit-yaml --random-seed overrides it.")))
     if options.export_model:
         run_merge(best_recipe, storage.path / "best_model",
                   MergeOptions(random_seed=options.search.random_seed, device=options.device,
-                               progress=options.search.progress))
+                               progress=options.search.progress, trust_remote_code=options.trust_remote_code,
+                               allow_crimes=options.allow_crimes))
     plot_fitness(records, storage.path / "fitness.png")
     report = render_report(records, validation, best, run_settings)
     storage.write_text("report.md", report)
+    if options.wandb:
+        storage.finish(str(storage.path / "best_config.yaml"))
     return {"best": best, "validation": validation, "records": records, "report": report}
 
 

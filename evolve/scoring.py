@@ -61,6 +61,15 @@ def reuse_requests(task: Any) -> Any:
     return task
 
 
+def shuffle_documents(task: Any, seed: int) -> None:
+    """Put every split of a task's dataset in a seeded random order (mergekit shuffles unseeded)."""
+    dataset = getattr(task, "dataset", None)
+    if dataset is None:
+        return
+    for split in list(dataset.keys()):
+        dataset[split] = dataset[split].shuffle(seed=seed)
+
+
 def combine(tasks: list[TaskDefinition], per_task: dict[str, float]) -> float:
     total = sum(t.weight for t in tasks)
     return sum(t.weight * per_task[t.name] for t in tasks) / (total or 1.0)
@@ -71,7 +80,8 @@ class LmEvalScorer:
 
     def __init__(self, tasks: list[TaskDefinition], task_search_path: list[str] | None = None,
                  limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 32,
-                 device: str = "cpu"):
+                 device: str = "cpu", shuffle_seed: int | None = None, apply_chat_template: bool | None = None,
+                 fewshot_as_multiturn: bool | None = None):
         from lm_eval.tasks import TaskManager
 
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
@@ -79,6 +89,8 @@ class LmEvalScorer:
         self.limit = limit
         self.batch_size = batch_size
         self.device = device
+        self.apply_chat_template = apply_chat_template
+        self.fewshot_as_multiturn = fewshot_as_multiturn
         paths = [str(Path(p).resolve()) for p in task_search_path or []]
         names = [t.name for t in tasks]
         manager = TaskManager(include_path=paths or None, include_defaults=False) if paths else None
@@ -95,6 +107,8 @@ class LmEvalScorer:
             task = loaded[t.name]
             if num_fewshot is not None:
                 task.set_config(key="num_fewshot", value=num_fewshot)
+            if shuffle_seed is not None:  # the search file's `shuffle`: `limit` then takes a seeded random subset
+                shuffle_documents(task, shuffle_seed)
             if t.validation_split:
                 held_out = copy.deepcopy(task)
                 held_out.config.test_split = t.validation_split
@@ -116,8 +130,13 @@ class LmEvalScorer:
             return {}
         task_dict = {"tasks": dict(chosen), "groups": {}, "group_map": {}}
         with contextlib.redirect_stderr(io.StringIO()):  # lm-eval's per-call progress bars
+            chat = self.apply_chat_template
+            if chat is None:  # mergekit applies it by default; only tokenizers that have one can
+                chat = bool(getattr(getattr(lm, "tokenizer", None), "chat_template", None))
+            multiturn = chat if self.fewshot_as_multiturn is None else self.fewshot_as_multiturn
             results = evaluate(lm=lm, task_dict=task_dict, limit=self.limit, log_samples=False,
-                               bootstrap_iters=0, verbosity="ERROR")["results"]
+                               bootstrap_iters=0, verbosity="ERROR", apply_chat_template=chat,
+                               fewshot_as_multiturn=multiturn)["results"]
         out = {}
         for t in self.tasks:
             if t.name not in chosen:

@@ -36,6 +36,7 @@ class SearchSettings:
     popsize: int | None = None
     random_seed: int = 0
     progress: bool = True
+    timeout: float | None = None  # seconds; no new generation is started after it (cma's `timeout`)
 
 
 @dataclass
@@ -63,6 +64,8 @@ def make_optimizer(genome: Genome, settings: SearchSettings) -> cma.CMAEvolution
                "tolflatfitness": 10**9, "tolfun": 0.0, "tolfunhist": 0.0, "tolstagnation": 10**9}
     if settings.popsize:
         options["popsize"] = settings.popsize
+    if settings.timeout is not None:
+        options["timeout"] = settings.timeout
     x0 = np.random.default_rng([settings.random_seed, 1]).uniform(size=genome.dimension) if settings.random_init \
         else genome.x0()
     return cma.CMAEvolutionStrategy(x0, settings.sigma0, options)

@@ -6,61 +6,127 @@ import argparse
 import logging
 import sys
 
-from .config import RecipeError, load_recipe
+import torch
+
+from .config import DTYPES, RecipeError, load_recipe
 from .executor import MergeError
 from .io.loader import ModelLoadError
 from .merge import plan_merge, run_merge
 from .methods import REGISTRY
-from .options import MergeOptions, parse_size
+from .options import MergeOptions, parse_size, resolve_device
 from .plan import PlanError
+
+
+# mergekit-yaml flags that change nothing here, and why (also shown in --help).
+NO_EFFECT = {
+    "low_cpu_memory": "tensors are streamed one at a time anyway; results stay on the merge device only while "
+                      "their job runs",
+    "clone_tensors": "every output tensor is a fresh tensor already (a layer used twice is merged twice)",
+    "read_to_gpu": "inputs are read to CPU and moved to --device per tensor",
+    "multi_gpu": "one device per merge; use --device to pick it",
+    "async_write": "shards are written as their tensors complete",
+}
+
+
+def _flag(p: argparse._ActionsContainer, name: str, help: str, default: bool = False) -> None:
+    """A mergekit-style boolean: --name / --no-name."""
+    p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=default, help=help)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mergekit-yaml",
         description="Merge Hugging Face models as a mergekit-style YAML recipe describes, streaming one tensor "
-                    "at a time. Methods: " + ", ".join(sorted(REGISTRY)) + ".",
+                    "at a time. Models are local directories, hub ids (org/name[@revision], through the "
+                    "huggingface_hub cache) or base+lora_adapter references. Methods: "
+                    + ", ".join(sorted(REGISTRY)) + ".",
     )
     p.add_argument("config_file", help="the merge recipe (YAML)")
     p.add_argument("out_path", help="output model directory (written atomically; replaced if it exists)")
-    p.add_argument("--device", default=None, help="torch device for the arithmetic, e.g. cpu, cuda, cuda:1 "
-                                                  "(default cpu)")
-    p.add_argument("--cuda", action="store_true", help="shorthand for --device cuda")
-    p.add_argument("--copy-tokenizer", dest="copy_tokenizer", action=argparse.BooleanOptionalAction, default=True,
-                   help="write the tokenizer of tokenizer_source (default: base model) to the output")
-    p.add_argument("--out-shard-size", default="5B", type=parse_size,
+    g = p.add_argument_group("device and performance")
+    g.add_argument("--device", default=None, help="torch device for the arithmetic: cpu (default), cuda, cuda:N, "
+                                                  "or auto (cuda when available, else cpu); an unavailable device "
+                                                  "is an error before any work")
+    _flag(g, "cuda", "shorthand for --device cuda")
+    g.add_argument("--gpu-rich", action="store_true",
+                   help="mergekit's alias for --cuda --low-cpu-memory --read-to-gpu --multi-gpu: here --cuda")
+    g.add_argument("--num-threads", "-j", type=int, default=None,
+                   help="torch CPU threads (torch.set_num_threads and interop threads); default: torch's")
+    for name, why in NO_EFFECT.items():
+        _flag(g, name.replace("_", "-"), f"accepted for mergekit compatibility, no effect: {why}")
+    g.add_argument("--write-threads", type=int, default=1,
+                   help=f"accepted for mergekit compatibility, no effect: {NO_EFFECT['async_write']}")
+    _flag(g, "lazy-unpickle", "accepted for mergekit compatibility: pickles (read only with --allow-pickle) "
+                              "are always memory-mapped")
+    o = p.add_argument_group("output")
+    _flag(o, "copy-tokenizer", "write the tokenizer of tokenizer_source (default: base model) to the output",
+          default=True)
+    o.add_argument("--out-shard-size", default="5B", type=parse_size,
                    help="largest output shard, e.g. 500M, 2G, 5B (billions of bytes); default 5B")
-    p.add_argument("--allow-crimes", action="store_true",
-                   help="allow merging models of different architectures (model_type)")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="let transformers run code shipped with a model when loading its tokenizer")
-    p.add_argument("--random-seed", type=int, default=None,
-                   help="seed for randomized methods (dare_*, della*): same seed, same output")
+    _flag(o, "write-model-card", "write README.md with the recipe and method (default on)", default=True)
+    _flag(o, "safe-serialization", "output is always safetensors: --no-safe-serialization (pickled "
+                                   "pytorch_model.bin) is accepted with a warning and still writes safetensors",
+          default=True)
+    s = p.add_argument_group("storage")
+    s.add_argument("--transformers-cache", default=None, metavar="DIR",
+                   help="Hugging Face hub cache for hub ids (default: huggingface_hub's, HF_HOME/HF_HUB_CACHE)")
+    s.add_argument("--lora-merge-cache", default=None, metavar="DIR",
+                   help="write each base+adapter reference, merged, to a model directory here (mergekit's "
+                        "naming) and reuse it on later runs; without it adapters are applied tensor by tensor "
+                        "while merging and no merged copy is written")
+    s.add_argument("--lora-merge-dtype", default=None, choices=sorted(DTYPES),
+                   help="dtype a LoRA's base tensors are read as before the adapter update (default: as stored)")
+    d = p.add_argument_group("dangerous options")
+    _flag(d, "allow-crimes", "allow merging models of different architectures (model_type)")
+    _flag(d, "trust-remote-code", "let transformers run code shipped with a model when loading its tokenizer")
+    _flag(d, "unsafe-truncate-embeddings", "not supported: refused with an error (models with different "
+                                           "vocabularies need a tokenizer_source)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="read pytorch_model.bin pickles (with torch's weights_only unpickler); only for files you "
                         "trust. By default only safetensors are read")
-    p.add_argument("--lazy-unpickle", action="store_true",
-                   help="accepted for mergekit compatibility: pickles are always memory-mapped; implies nothing "
-                        "without --allow-pickle")
-    p.add_argument("--write-model-card", action=argparse.BooleanOptionalAction, default=True,
-                   help="write README.md with the recipe and method (default on)")
+    p.add_argument("--random-seed", type=int, default=None,
+                   help="seed for randomized methods (dare_*, della*): same seed, same output; overrides the "
+                        "recipe's random_seed")
+    p.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False,
+                   help="no progress bar and no closing message")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     p.add_argument("--print-plan", action="store_true", help="print the per-tensor plan and exit without writing")
-    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log more (mergekit's -v, repeatable)")
     return p
+
+
+def apply_threads(num_threads: int | None) -> None:
+    if num_threads is None:
+        return
+    if num_threads < 1:
+        raise ValueError(f"--num-threads {num_threads}: must be at least 1")
+    torch.set_num_threads(num_threads)
+    try:
+        torch.set_num_interop_threads(num_threads)
+    except RuntimeError:  # only settable before the first parallel work; harmless to skip afterwards
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    device = args.device or ("cuda" if args.cuda else "cpu")
     try:
+        if args.unsafe_truncate_embeddings:
+            raise ValueError("--unsafe-truncate-embeddings is not supported; merge models with the same "
+                             "vocabulary, or pick the vocabulary with tokenizer_source")
+        if not args.safe_serialization:
+            logging.warning("--no-safe-serialization: output is written as safetensors anyway (pickles can run "
+                            "arbitrary code when loaded)")
+        device = resolve_device(args.device or ("cuda" if args.cuda or args.gpu_rich else "cpu"))
+        apply_threads(args.num_threads)
         config = load_recipe(args.config_file)
         options = MergeOptions(
             device=device, copy_tokenizer=args.copy_tokenizer, out_shard_size=args.out_shard_size,
             allow_crimes=args.allow_crimes, trust_remote_code=args.trust_remote_code,
             random_seed=args.random_seed, lazy_unpickle=args.lazy_unpickle, allow_pickle=args.allow_pickle,
-            write_model_card=args.write_model_card, progress=args.progress,
+            write_model_card=args.write_model_card, progress=args.progress and not args.quiet,
+            transformers_cache=args.transformers_cache, lora_merge_dtype=args.lora_merge_dtype,
+            lora_merge_cache=args.lora_merge_cache,
         )
         if args.print_plan:
             plan, _ = plan_merge(config, options)
@@ -70,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, ModelLoadError, PlanError, MergeError, ValueError) as e:
         print(f"mergekit-yaml: error: {e}", file=sys.stderr)
         return 2
-    print(f"merged model written to {out}")
+    if not args.quiet:
+        print(f"merged model written to {out}")
     return 0
 
 

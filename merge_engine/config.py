@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .methods import REGISTRY, MethodSpec, get_method
+from .reference import normalize_reference
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16",
@@ -40,11 +41,15 @@ class InputModel(_Frozen):
     model: str
     parameters: Parameters | None = None
 
+    _reference = field_validator("model", mode="before")(normalize_reference)
+
 
 class SliceSource(_Frozen):
     model: str
     layer_range: tuple[int, int]
     parameters: Parameters | None = None
+
+    _reference = field_validator("model", mode="before")(normalize_reference)
 
     @field_validator("layer_range")
     @classmethod
@@ -114,6 +119,11 @@ class MergeConfig(_Frozen):
     tokenizer: TokenizerConfig | None = None
     chat_template: str | None = None
     name: str | None = None
+    # evomerge's own: the --random-seed of randomized methods, so that a recipe (e.g. evolve's exported
+    # best_config.yaml) rebuilds the same model; mergekit ignores unknown top-level fields
+    random_seed: int | None = None
+
+    _reference = field_validator("base_model", mode="before")(normalize_reference)
 
     @field_validator("dtype", "out_dtype")
     @classmethod

@@ -9,6 +9,7 @@ from .config import MergeConfig
 from .executor import execute_plan
 from .io import artifacts
 from .io.loader import ModelSource
+from .io.references import open_model
 from .io.output import atomic_directory, check_not_an_input
 from .io.writer import ShardedSafetensorsWriter, TensorLayout
 from .options import MergeOptions
@@ -19,7 +20,8 @@ log = logging.getLogger(__name__)
 
 
 def open_sources(config: MergeConfig, options: MergeOptions, cache: bool = False) -> dict[str, ModelSource]:
-    return {m: ModelSource(m, allow_pickle=options.allow_pickle, cache=cache)
+    return {m: open_model(m, allow_pickle=options.allow_pickle, cache=cache, cache_dir=options.transformers_cache,
+                          lora_dtype=options.lora_merge_dtype, lora_merge_cache=options.lora_merge_cache)
             for m in config.referenced_models()}
 
 
@@ -29,7 +31,8 @@ def plan_merge(config: MergeConfig, options: MergeOptions | None = None,
     options = options or MergeOptions()
     sources = sources or open_sources(config, options)
     tokenizer = tokenizer or plan_output_tokenizer(config, sources, options.trust_remote_code)
-    return build_plan(config, sources, options.random_seed, options.allow_crimes, tokenizer.alignment), sources
+    seed = options.random_seed if options.random_seed is not None else config.random_seed
+    return build_plan(config, sources, seed, options.allow_crimes, tokenizer.alignment), sources
 
 
 def run_merge(config: MergeConfig, out_path: str | Path, options: MergeOptions | None = None) -> Path:

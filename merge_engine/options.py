@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import torch
 from pydantic import BaseModel, ConfigDict, field_validator
 
 
@@ -20,11 +21,19 @@ class MergeOptions(BaseModel):
     allow_pickle: bool = False
     write_model_card: bool = True
     progress: bool = True
+    transformers_cache: str | None = None  # hub cache directory for hub ids (default: huggingface_hub's)
+    lora_merge_dtype: str | None = None  # dtype a LoRA's base tensors are read as before the update
+    lora_merge_cache: str | None = None  # write merged base+LoRA models there (and reuse them) when set
 
     @field_validator("out_shard_size", mode="before")
     @classmethod
     def _parse_size(cls, v):
         return parse_size(v) if isinstance(v, str) else v
+
+    @field_validator("device")
+    @classmethod
+    def _usable_device(cls, v: str) -> str:
+        return resolve_device(v)
 
 
 def parse_size(text: str) -> int:
@@ -34,3 +43,29 @@ def parse_size(text: str) -> int:
         raise ValueError(f"cannot parse size {text!r}: use a number with an optional K, M, G or B suffix")
     scale = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9, "t": 1e12}[m[2].lower()]
     return int(float(m[1]) * scale)
+
+
+def resolve_device(name: str) -> str:
+    """'auto' -> cuda when available (then xpu, mps), else cpu, as mergekit; any other device must exist here,
+    so that a missing GPU is an error before any work instead of a failure mid-merge."""
+    if name == "auto":
+        for kind in ("cuda", "xpu", "mps"):
+            backend = getattr(torch, kind, None)
+            if backend is not None and backend.is_available():
+                return kind
+        return "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r}: not a torch device; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cpu" or device.type == "meta":
+        return name
+    backend = getattr(torch, device.type, None)
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        built = f"torch {torch.__version__}"
+        raise ValueError(f"--device {name}: no {device.type} device is available here ({built}); "
+                         "use --device cpu (or auto) and drop GPU flags, or run where that device exists")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"--device {name}: only {count} {device.type} device(s) here (indices 0..{count - 1})")
+    return name

@@ -112,7 +112,9 @@ def test_search_exports_recipe_model_plot_and_report(zoo, in_process, tmp_path):
                                             "fitness.png", "report.md", "search.yml"}
     best = max(out["records"], key=lambda r: r["fitness"])
     assert load_recipe(s / "best_config.yaml").model_dump() == best["recipe"] | {} or True
-    assert recipe_key(load_recipe(s / "best_config.yaml")) == best["recipe_hash"]
+    exported = load_recipe(s / "best_config.yaml")  # the scored recipe plus the dtype it was built in
+    assert exported.dtype == "float32"
+    assert recipe_key(exported.model_copy(update={"dtype": None})) == best["recipe_hash"]
     assert (s / "best_model" / "model.safetensors").exists()
     assert len(out["validation"]) == 3 and "gap" in out["report"]
     record = json.loads((s / "history.jsonl").read_text().splitlines()[0])

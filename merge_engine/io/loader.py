@@ -27,25 +27,30 @@ class ModelLoadError(ValueError):
 
 
 def resolve_model_path(model: str) -> Path:
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise ModelLoadError(f"model {model!r}: expected a model directory, got a file")
-    looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~"))
-    hint = (" It looks like a Hugging Face hub id; this tool runs offline: download it first "
-            f"(`huggingface-cli download {model} --local-dir DIR`) and give DIR in the recipe."
-            if looks_like_hub_id else " Check the path in the recipe (relative paths are resolved from the "
-            "current directory).")
-    raise ModelLoadError(f"model {model!r} not found: no such directory.{hint}")
+    """A local directory, or the hub snapshot of a hub id (see io/hub.py); LoRA references need
+    io.references.open_model."""
+    from .hub import resolve_model_dir
+    from ..reference import parse_reference
+
+    if Path(model).expanduser().is_dir():
+        return Path(model).expanduser()
+    try:
+        ref = parse_reference(model)
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None
+    if ref.lora is not None:
+        raise ModelLoadError(f"model {model!r} is a base+LoRA reference; open it with "
+                             "merge_engine.io.references.open_model")
+    return resolve_model_dir(ref.model)
 
 
 class ModelSource:
     """One input model directory: its config and a name -> tensor view of its weights."""
 
-    def __init__(self, model: str, *, allow_pickle: bool = False, cache: bool = False):
+    def __init__(self, model: str, *, allow_pickle: bool = False, cache: bool = False,
+                 path: Path | None = None):
         self.name = model
-        self.path = resolve_model_path(model)
+        self.path = Path(path) if path is not None else resolve_model_path(model)
         self.config = self._read_config()
         self._cache: dict[str, torch.Tensor] | None = {} if cache else None
         self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
