@@ -169,22 +169,24 @@ def test_search_exports_recipe_model_plot_and_report(zoo, in_process, tmp_path):
 
 @pytest.mark.slow
 def test_same_seed_same_history_and_resume_continues_without_rescoring(zoo, in_process, tmp_path):
-    run(zoo, tmp_path / "full", in_process, max_fevals=16, seed=5, export_model=False)
-    run(zoo, tmp_path / "again", in_process, max_fevals=16, seed=5, export_model=False)
+    """End to end with real scores (the search logic itself: tests/test_tests_search.py)."""
+    run(zoo, tmp_path / "full", in_process, max_fevals=12, seed=5, export_model=False)
+    run(zoo, tmp_path / "again", in_process, max_fevals=12, seed=5, export_model=False)
     assert history(tmp_path / "full") == history(tmp_path / "again")
-    run(zoo, tmp_path / "other", in_process, max_fevals=8, seed=6, export_model=False)
-    assert history(tmp_path / "other") != history(tmp_path / "full")[:8]
+    assert len({f for _, f in history(tmp_path / "full")}) > 1  # real, differing scores
+    run(zoo, tmp_path / "other", in_process, max_fevals=4, seed=6, export_model=False)
+    assert history(tmp_path / "other") != history(tmp_path / "full")[:4]
 
-    run(zoo, tmp_path / "part", in_process, max_fevals=12, seed=5, export_model=False)
-    assert len(history(tmp_path / "part")) == 12
+    run(zoo, tmp_path / "part", in_process, max_fevals=8, seed=5, export_model=False)
+    assert len(history(tmp_path / "part")) == 8
     with pytest.raises(ValueError, match="--resume"):
-        run(zoo, tmp_path / "part", in_process, max_fevals=12, seed=5)
+        run(zoo, tmp_path / "part", in_process, max_fevals=8, seed=5)
     with pytest.raises(ValueError, match="differs"):
-        run(zoo, tmp_path / "part", in_process, max_fevals=12, seed=7, resume=True)
-    run(zoo, tmp_path / "part", in_process, max_fevals=16, seed=5, resume=True, export_model=False)
-    assert history(tmp_path / "part") == history(tmp_path / "full")  # 3 generations replayed, none re-scored
+        run(zoo, tmp_path / "part", in_process, max_fevals=8, seed=7, resume=True)
+    run(zoo, tmp_path / "part", in_process, max_fevals=12, seed=5, resume=True, export_model=False)
+    assert history(tmp_path / "part") == history(tmp_path / "full")  # 2 generations replayed, none re-scored
     indices = [json.loads(line)["index"] for line in (tmp_path / "part" / "history.jsonl").read_text().splitlines()]
-    assert indices == list(range(16))
+    assert indices == list(range(12))
 
 
 @pytest.mark.slow
@@ -238,23 +240,23 @@ def test_cli_killed_mid_search_resumes(zoo, tmp_path):
                    "merge_method": "linear", "layer_granularity": 2},
         "tasks": [{"name": "evo_addition"}], "limit": 8}))
     storage = tmp_path / "s"
-    cmd = [sys.executable, "-m", "evolve.cli", str(search), "--storage-path", str(storage), "--max-fevals", "40",
+    cmd = [sys.executable, "-m", "evolve.cli", str(search), "--storage-path", str(storage), "--max-fevals", "16",
            "--popsize", "4", "--num-workers", "0", "--task-search-path", str(ROOT / "tasks"), "--no-progress",
            "--no-export"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.time() + 240
     hist = storage / "history.jsonl"
-    while time.time() < deadline and not (hist.exists() and len(hist.read_text().splitlines()) >= 9):
+    while time.time() < deadline and not (hist.exists() and len(hist.read_text().splitlines()) >= 5):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = len(hist.read_text().splitlines())
-    assert 9 <= done < 40  # killed after two generations, during or after the third
+    assert 5 <= done < 16  # killed after the first generation, during or after the second
     res = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     records = [json.loads(line) for line in hist.read_text().splitlines()]
-    assert len(records) == 40 and len({r["recipe_hash"] for r in records}) == 40
+    assert len(records) == 16 and len({r["recipe_hash"] for r in records}) == 16
     assert (storage / "best_config.yaml").exists() and "Merge search report" in res.stdout
 
 
