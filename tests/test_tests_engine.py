@@ -51,17 +51,12 @@ def logits(path, ids: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
-def test_merged_tensors_and_logits_match_hand_computation(zoo, tmp_path, arch, method):
+def test_merged_tensors_and_logits_match_hand_computation(zoo, tmp_path, arch):
+    """base + 0.6 * (fine-tune - base), tensor by tensor, and the logits of the model transformers loads."""
     base, ft = zoo[arch], zoo[FINETUNE.get(arch, f"{arch}_ft")]
-    if method == "linear":  # 0.25 * base + 0.75 * fine-tune
-        recipe = {"merge_method": "linear", "models": [{"model": str(base), "parameters": {"weight": 1.0}},
-                                                       {"model": str(ft), "parameters": {"weight": 3.0}}]}
-        combine = lambda b, f: 0.25 * b + 0.75 * f  # noqa: E731
-    else:  # base + 0.6 * (fine-tune - base)
-        recipe = {"merge_method": "task_arithmetic", "base_model": str(base),
-                  "models": [{"model": str(ft), "parameters": {"weight": 0.6}}]}
-        combine = lambda b, f: b + 0.6 * (f - b)  # noqa: E731
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(base),
+              "models": [{"model": str(ft), "parameters": {"weight": 0.6}}]}
+    combine = lambda b, f: b + 0.6 * (f - b)  # noqa: E731
     out = run_merge(parse_recipe(recipe), tmp_path / "out", QUIET)
     merged, wb, wf = weights(out), weights(base), weights(ft)
     assert merged.keys() == wb.keys(), "the merged model keeps the base's tensor names (tied: no lm_head)"
@@ -70,6 +65,8 @@ def test_merged_tensors_and_logits_match_hand_computation(zoo, tmp_path, arch, m
         assert tensor.dtype == wb[name].dtype and tensor.shape == wb[name].shape, name
         assert torch.allclose(tensor, expected, atol=1e-6), name
         assert not torch.equal(tensor, wb[name]) or torch.equal(wb[name], wf[name]), f"{name}: base copied"
+    if "model.layers.0.self_attn.k_proj.weight" in merged:  # GQA: 4 query heads, 2 key-value heads of 8
+        assert merged["model.layers.0.self_attn.k_proj.weight"].shape == (16, 32)
     config, base_config = (json.loads((p / "config.json").read_text()) for p in (out, base))
     assert config.get("tie_word_embeddings") == base_config.get("tie_word_embeddings")
     # the merged model, as transformers loads it, computes what the hand-merged weights compute: nothing was
@@ -81,13 +78,6 @@ def test_merged_tensors_and_logits_match_hand_computation(zoo, tmp_path, arch, m
     got, want = logits(out, ids), logits(hand, ids)
     assert torch.allclose(got, want, atol=1e-5)
     assert not torch.allclose(got, logits(base, ids), atol=1e-3)  # the merge changed the model's outputs
-
-
-def test_gqa_key_value_projections_keep_their_shape(zoo, tmp_path):
-    recipe = {"merge_method": "linear", "models": [{"model": str(zoo["mistral"])}, {"model": str(zoo["mistral_ft"])}]}
-    merged = weights(run_merge(parse_recipe(recipe), tmp_path / "out", QUIET))
-    q, k = merged["model.layers.0.self_attn.q_proj.weight"], merged["model.layers.0.self_attn.k_proj.weight"]
-    assert q.shape == (32, 32) and k.shape == (16, 32)  # 4 query heads, 2 key-value heads of 8
 
 
 # ---- the sharded writer -----------------------------------------------------------------------------------
