@@ -47,14 +47,15 @@ def settings(zoo, **kw) -> WorkerSettings:
 
 
 @pytest.fixture(scope="module")
-def zoo(specialists):
-    """The names these tests use: base, a (the addition specialist) and b (the reversal specialist)."""
+def trained(specialists):
+    """The zoo's names for the trained models: base, a (the addition specialist), b (the reversal specialist).
+    Tests that score use these; tests that only build genomes or recipes use the (cheaper) untrained zoo."""
     return {"base": specialists["base"], "a": specialists["addition"], "b": specialists["reversal"]}
 
 
 @pytest.fixture(scope="module")
-def in_process(zoo):
-    return InProcessEvaluator(settings(zoo))
+def in_process(trained):
+    return InProcessEvaluator(settings(trained))
 
 
 def weights(path: Path) -> dict:
@@ -75,8 +76,8 @@ def specialist_recipes(zoo):
 
 
 @pytest.mark.slow
-def test_specialists_score_differently(zoo, in_process):
-    addition, reversal, _ = in_process.evaluate(specialist_recipes(zoo))
+def test_specialists_score_differently(trained, in_process):
+    addition, reversal, _ = in_process.evaluate(specialist_recipes(trained))
     assert addition.per_task == {"evo_addition": 1.0, "evo_reversal": 0.0}
     assert reversal.per_task == {"evo_addition": 0.0, "evo_reversal": 1.0}
 
@@ -112,11 +113,11 @@ def test_decoded_genome_is_an_ordinary_recipe(zoo, tmp_path):
 
 
 @pytest.mark.slow
-def test_in_memory_and_on_disk_candidates_score_the_same(zoo, tmp_path):
-    dare = Genome(definition(zoo, method="dare_ties"), 4).decode(np.full(4, 0.7))  # seeded random drops
-    recipes = [*specialist_recipes(zoo)[:2], dare]
-    in_mem = InProcessEvaluator(settings(zoo, random_seed=3)).evaluate(recipes)
-    on_disk = InProcessEvaluator(settings(zoo, in_memory=False, scratch_dir=str(tmp_path),
+def test_in_memory_and_on_disk_candidates_score_the_same(trained, tmp_path):
+    dare = Genome(definition(trained, method="dare_ties"), 4).decode(np.full(4, 0.7))  # seeded random drops
+    recipes = [*specialist_recipes(trained)[:2], dare]
+    in_mem = InProcessEvaluator(settings(trained, random_seed=3)).evaluate(recipes)
+    on_disk = InProcessEvaluator(settings(trained, in_memory=False, scratch_dir=str(tmp_path),
                                           random_seed=3)).evaluate(recipes)
     assert all(s.ok for s in in_mem + on_disk)
     assert distinct(in_mem)
@@ -125,8 +126,8 @@ def test_in_memory_and_on_disk_candidates_score_the_same(zoo, tmp_path):
 
 
 @pytest.mark.slow
-def test_failed_candidate_is_a_penalised_score(zoo, in_process, tmp_path):
-    bad = GenomeDefinition(models=[str(zoo["a"]), str(tmp_path / "gone")], base_model=str(zoo["base"]),
+def test_failed_candidate_is_a_penalised_score(trained, in_process, tmp_path):
+    bad = GenomeDefinition(models=[str(trained["a"]), str(tmp_path / "gone")], base_model=str(trained["base"]),
                            merge_method="linear")
     recipe = Genome(bad, 4).decode(np.full(2, 0.5))
     score = in_process.evaluate([recipe])[0]
@@ -146,8 +147,8 @@ def history(path):
 
 
 @pytest.mark.slow
-def test_search_exports_recipe_model_plot_and_report(zoo, in_process, tmp_path):
-    out = run(zoo, tmp_path / "s", in_process, max_fevals=8)
+def test_search_exports_recipe_model_plot_and_report(trained, in_process, tmp_path):
+    out = run(trained, tmp_path / "s", in_process, max_fevals=8)
     s = tmp_path / "s"
     assert len(history(s)) == 8
     assert {p.name for p in s.iterdir()} >= {"history.jsonl", "state.json", "best_config.yaml", "best_model",
@@ -168,30 +169,30 @@ def test_search_exports_recipe_model_plot_and_report(zoo, in_process, tmp_path):
 
 
 @pytest.mark.slow
-def test_same_seed_same_history_and_resume_continues_without_rescoring(zoo, in_process, tmp_path):
+def test_same_seed_same_history_and_resume_continues_without_rescoring(trained, in_process, tmp_path):
     """End to end with real scores (the search logic itself: tests/test_tests_search.py)."""
-    run(zoo, tmp_path / "full", in_process, max_fevals=12, seed=5, export_model=False)
-    run(zoo, tmp_path / "again", in_process, max_fevals=12, seed=5, export_model=False)
+    run(trained, tmp_path / "full", in_process, max_fevals=12, seed=5, export_model=False)
+    run(trained, tmp_path / "again", in_process, max_fevals=12, seed=5, export_model=False)
     assert history(tmp_path / "full") == history(tmp_path / "again")
     assert len({f for _, f in history(tmp_path / "full")}) > 1  # real, differing scores
-    run(zoo, tmp_path / "other", in_process, max_fevals=4, seed=6, export_model=False)
+    run(trained, tmp_path / "other", in_process, max_fevals=4, seed=6, export_model=False)
     assert history(tmp_path / "other") != history(tmp_path / "full")[:4]
 
-    run(zoo, tmp_path / "part", in_process, max_fevals=8, seed=5, export_model=False)
+    run(trained, tmp_path / "part", in_process, max_fevals=8, seed=5, export_model=False)
     assert len(history(tmp_path / "part")) == 8
     with pytest.raises(ValueError, match="--resume"):
-        run(zoo, tmp_path / "part", in_process, max_fevals=8, seed=5)
+        run(trained, tmp_path / "part", in_process, max_fevals=8, seed=5)
     with pytest.raises(ValueError, match="differs"):
-        run(zoo, tmp_path / "part", in_process, max_fevals=8, seed=7, resume=True)
-    run(zoo, tmp_path / "part", in_process, max_fevals=12, seed=5, resume=True, export_model=False)
+        run(trained, tmp_path / "part", in_process, max_fevals=8, seed=7, resume=True)
+    run(trained, tmp_path / "part", in_process, max_fevals=12, seed=5, resume=True, export_model=False)
     assert history(tmp_path / "part") == history(tmp_path / "full")  # 2 generations replayed, none re-scored
     indices = [json.loads(line)["index"] for line in (tmp_path / "part" / "history.jsonl").read_text().splitlines()]
     assert indices == list(range(12))
 
 
 @pytest.mark.slow
-def test_identical_genomes_are_scored_once_and_convergence_ends_the_search(zoo, in_process, tmp_path):
-    out = run(zoo, tmp_path / "s", in_process, max_fevals=40, sigma0=1e-9, export_model=False)
+def test_identical_genomes_are_scored_once_and_convergence_ends_the_search(trained, in_process, tmp_path):
+    out = run(trained, tmp_path / "s", in_process, max_fevals=40, sigma0=1e-9, export_model=False)
     assert len(history(tmp_path / "s")) == 1  # 4 identical candidates per generation, scored once
     assert json.loads((tmp_path / "s" / "state.json").read_text())["generation"] == 3
     assert out["best"]["index"] == 0
@@ -215,13 +216,13 @@ def test_search_yaml_errors_name_fields(tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_workers_score_like_the_in_process_evaluator(zoo, in_process):
+def test_ray_workers_score_like_the_in_process_evaluator(trained, in_process):
     import ray
 
     from evolve.ray_evaluator import RayEvaluator
 
-    recipes = specialist_recipes(zoo)[:2]
-    evaluator = RayEvaluator(settings(zoo), num_workers=1)
+    recipes = specialist_recipes(trained)[:2]
+    evaluator = RayEvaluator(settings(trained), num_workers=1)
     try:
         remote = evaluator.evaluate(recipes)
     finally:
@@ -233,10 +234,10 @@ def test_ray_workers_score_like_the_in_process_evaluator(zoo, in_process):
 
 
 @pytest.mark.slow
-def test_cli_killed_mid_search_resumes(zoo, tmp_path):
+def test_cli_killed_mid_search_resumes(trained, tmp_path):
     search = tmp_path / "search.yml"
     search.write_text(yaml.safe_dump({
-        "genome": {"models": [str(zoo["a"]), str(zoo["b"])], "base_model": str(zoo["base"]),
+        "genome": {"models": [str(trained["a"]), str(trained["b"])], "base_model": str(trained["base"]),
                    "merge_method": "linear", "layer_granularity": 2},
         "tasks": [{"name": "evo_addition"}], "limit": 8}))
     storage = tmp_path / "s"
@@ -273,11 +274,11 @@ def test_history_cut_mid_line_is_repaired(tmp_path):
 
 
 @pytest.mark.slow
-def test_reused_requests_score_like_freshly_built_ones(zoo):
-    addition, reversal, _ = specialist_recipes(zoo)
+def test_reused_requests_score_like_freshly_built_ones(trained):
+    addition, reversal, _ = specialist_recipes(trained)
     recipes = [addition, reversal, addition]
-    reused = InProcessEvaluator(settings(zoo)).evaluate(recipes)
-    fresh = [InProcessEvaluator(settings(zoo)).evaluate([r])[0] for r in recipes[:2]]
+    reused = InProcessEvaluator(settings(trained)).evaluate(recipes)
+    fresh = [InProcessEvaluator(settings(trained)).evaluate([r])[0] for r in recipes[:2]]
     assert distinct(reused[:2])  # stale responses from the first candidate would score the second like it
     assert [s.per_task for s in reused] == [s.per_task for s in fresh + fresh[:1]]
 
