@@ -27,3 +27,12 @@ def zoo(tmp_path_factory) -> dict[str, Path]:
     z["tied"] = make_model(root / "tied", "llama", seed=5, tie=True)
     z["tied_ft"] = make_model(root / "tied_ft", base=z["tied"], seed=6)
     return z
+
+
+@pytest.fixture(scope="session")
+def specialists(tmp_path_factory) -> dict[str, Path]:
+    """A base and two specialists trained (seconds) to answer the first 8 fitness documents of evo_addition
+    and evo_reversal: models whose scores differ at limit=8 (the random zoo scores 0 on both tasks)."""
+    from factory import make_specialists
+
+    return make_specialists(tmp_path_factory.mktemp("specialists"))

@@ -6,8 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import (AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig,
-                          Qwen2Config)
+from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config
 
 from demo.tokenizer import VOCAB_SIZE, char_tokenizer
 
@@ -48,3 +47,61 @@ def make_model(path: Path, arch: str = "llama", seed: int = 0, layers: int = 2, 
     model.save_pretrained(str(path), safe_serialization=True)
     char_tokenizer().save_pretrained(str(path))
     return path
+
+
+# ---- tiny trained models whose task scores differ --------------------------------------------------------
+
+TASK_DATA = Path(__file__).resolve().parent.parent / "tasks" / "data"
+SPECIALIST_TASKS = {"addition": "evo_addition", "reversal": "evo_reversal"}
+
+
+def memorised_docs(task: str, n: int = 8) -> list[tuple[str, str]]:
+    """The first n documents of a bundled task's fitness (validation) split: `limit=n` scores exactly these."""
+    import json
+
+    lines = (TASK_DATA / f"{task}.validation.jsonl").read_text().splitlines()[:n]
+    return [(r["prompt"], r["answer"]) for r in map(json.loads, lines)]
+
+
+def teach(path: Path, base: Path, docs: list[tuple[str, str]], seed: int, max_steps: int = 400) -> Path:
+    """Fine-tune `base` until every answer token of `docs` is the greedy next token (lm-eval's `acc` for the
+    bundled loglikelihood tasks), then save it at `path`. Seconds on one CPU core."""
+    from demo.build_models import batch_tensors
+
+    torch.manual_seed(seed)
+    tok = char_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(str(base))
+    ids, labels = batch_tensors(tok, docs)
+    answer = labels[:, 1:] != -100
+    answer &= labels[:, 1:] != tok.eos_token_id  # lm-eval scores the answer, not the EOS after it
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    model.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a batch of 8 short sequences: more threads only add contention
+    try:
+        for _ in range(max_steps):
+            out = model(input_ids=ids, labels=labels)
+            if (out.logits[:, :-1].argmax(-1) == labels[:, 1:])[answer].all():
+                break
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+        else:
+            raise RuntimeError(f"teach: {path.name} did not learn its {len(docs)} documents in {max_steps} steps")
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    model.save_pretrained(str(path), safe_serialization=True)
+    tok.save_pretrained(str(path))
+    return path
+
+
+def make_specialists(root: Path, n_docs: int = 8) -> dict[str, Path]:
+    """A random 4-layer Llama base and two fine-tunes of it: `addition` knows the first n_docs documents of
+    evo_addition's fitness split, `reversal` those of evo_reversal. Candidates mixing them score differently
+    (the base scores 0 on both, each specialist 1 on its own task), unlike the untrained zoo, which scores 0."""
+    base = make_model(root / "base", "llama", seed=10, layers=4)
+    out = {"base": base}
+    for i, task in enumerate(SPECIALIST_TASKS):
+        out[task] = teach(root / task, base, memorised_docs(task, n_docs), seed=11 + i)
+    return out

@@ -31,13 +31,15 @@ def weights(path):
     return out
 
 
-def generates(path) -> str:
-    model = AutoModelForCausalLM.from_pretrained(str(path))
+def loads_cleanly(path) -> None:
+    """transformers loads the merged model with every tensor from the files (none missing, so none initialised
+    at random, none of the wrong shape) and it computes finite logits. What the tensors hold is checked against
+    hand-computed values per architecture in test_tests_engine.py."""
+    model, info = AutoModelForCausalLM.from_pretrained(str(path), output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"], info
     tok = AutoTokenizer.from_pretrained(str(path))
-    ids = tok("12+3=", return_tensors="pt").input_ids
-    out = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
-    assert out.shape[1] == ids.shape[1] + 4
-    return tok.decode(out[0])
+    with torch.no_grad():
+        assert torch.isfinite(model(tok("12+3=", return_tensors="pt").input_ids).logits).all()
 
 
 def test_one_model_linear_is_that_model(zoo, tmp_path):
@@ -46,7 +48,7 @@ def test_one_model_linear_is_that_model(zoo, tmp_path):
     assert weights(out).keys() == weights(zoo["a"]).keys()
     for k, v in weights(zoo["a"]).items():
         assert torch.equal(weights(out)[k], v), k
-    generates(out)
+    loads_cleanly(out)
     assert (out / "tokenizer.json").exists() and (out / "README.md").exists()
     assert load_recipe(out / "mergekit_config.yml") == cfg
 
@@ -84,7 +86,7 @@ def test_parameter_precedence_slice_source_over_slice_over_global(zoo, tmp_path)
 
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen2", "gpt2", "gpt_neox", "tied"])
-def test_architectures_merge_load_and_generate(zoo, tmp_path, arch):
+def test_architectures_merge_and_load(zoo, tmp_path, arch):
     cfg = parse_recipe({"merge_method": "slerp", "base_model": str(zoo[arch]),
                         "models": [{"model": str(zoo[arch])}, {"model": str(zoo[f"{arch}_ft"])}],
                         "parameters": {"t": [0.0, 0.5, 1.0]}, "dtype": "bfloat16"})
@@ -93,7 +95,7 @@ def test_architectures_merge_load_and_generate(zoo, tmp_path, arch):
     assert cfg_json["dtype"] == "bfloat16" and "torch_dtype" not in cfg_json  # the key the inputs use (as mergekit)
     names = set(weights(out))
     assert names == set(weights(zoo[arch])), "tied models keep their tied layout"
-    generates(out)
+    loads_cleanly(out)
 
 
 def test_frankenmerge_slices_repeat_layers_and_adjust_config(zoo, tmp_path):
@@ -109,7 +111,7 @@ def test_frankenmerge_slices_repeat_layers_and_adjust_config(zoo, tmp_path):
     assert torch.equal(w["model.layers.5.mlp.down_proj.weight"], b["model.layers.3.mlp.down_proj.weight"])
     assert torch.equal(w["lm_head.weight"], b["lm_head.weight"])  # post weights from the last slice
     assert torch.equal(w["model.embed_tokens.weight"], a["model.embed_tokens.weight"])
-    generates(out)
+    loads_cleanly(out)
 
 
 def test_sharding_writes_index_and_loads(zoo, tmp_path):
@@ -122,9 +124,9 @@ def test_sharding_writes_index_and_loads(zoo, tmp_path):
     assert len(shards) > 3 and set(index["weight_map"].values()) == {s.name for s in shards}
     for shard in shards:
         with safe_open(str(shard), "pt") as f:
-            for k in f.keys():
+            for k in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
                 assert index["weight_map"][k] == shard.name
-    generates(out)
+    loads_cleanly(out)
 
 
 def test_dare_is_reproducible_with_seed(zoo, tmp_path):
@@ -250,6 +252,7 @@ def test_output_inside_input_is_refused(zoo, tmp_path):
         run_merge(cfg, zoo["a"] / "merged", QUIET)
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_subprocess_and_help(zoo, tmp_path):
     recipe = write_recipe(tmp_path, {"merge_method": "della", "base_model": str(zoo["base"]),
                                      "models": [{"model": str(zoo["a"]),
@@ -262,7 +265,7 @@ def test_cli_end_to_end_subprocess_and_help(zoo, tmp_path):
     assert res.returncode == 0, res.stderr
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
     assert "<|im_start|>" in tok.chat_template
-    generates(tmp_path / "out")
+    loads_cleanly(tmp_path / "out")
     help_text = subprocess.run([sys.executable, "-m", "merge_engine.cli", "--help"], capture_output=True,
                                text=True).stdout
     for flag in ("--cuda", "--device", "--copy-tokenizer", "--out-shard-size", "--allow-crimes",
@@ -270,6 +273,7 @@ def test_cli_end_to_end_subprocess_and_help(zoo, tmp_path):
         assert flag in help_text
 
 
+@pytest.mark.slow
 def test_every_example_recipe_runs(tmp_path, monkeypatch):
     """configs/recipes/*.yml name .cache/demo_models/...: stand in tiny models there."""
     from pathlib import Path
@@ -289,7 +293,7 @@ def test_every_example_recipe_runs(tmp_path, monkeypatch):
     for recipe in recipes:
         out = run_merge(load_recipe(recipe), tmp_path / "out" / recipe.stem,
                         MergeOptions(progress=False, random_seed=0))
-        generates(out)
+        loads_cleanly(out)
 
 
 def test_gpt_neox_output_head_is_a_post_layer_tensor(zoo):

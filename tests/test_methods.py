@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from merge_engine.executor import _kwarg
-from merge_engine.methods import REGISTRY, get_method
-from merge_engine.methods import sparsify
+from merge_engine.methods import REGISTRY, get_method, sparsify
 
 T = torch.tensor
 
@@ -114,7 +113,7 @@ def rand(*shape, seed=0):
 
 def test_one_model_linear_is_that_model():
     x = rand(8, 4)
-    assert torch.equal(get_method("linear")([x], None, weight=[0.7], normalize=True), x * 0.7 / 0.7)
+    assert torch.allclose(get_method("linear")([x], None, weight=[0.7], normalize=True), x, atol=1e-6)
 
 
 def test_ties_density_one_single_model_equals_task_arithmetic():
@@ -161,14 +160,24 @@ def test_ties_density_zero_returns_base():
     assert torch.equal(out, base)
 
 
-# ---- contract suite over every registered method ----------------------------------
+# ---- contract suite over every registered method ------------------------------------
+# (optuna's BasicSamplerTestCase pattern: every registered method runs through the same cases, with non-zero
+# task vectors, so a method that ignores its weights, its density or its base fails here.)
+# Expectations are written as the result "base + c * delta" with c worked out by hand from each method's
+# definition; a new method must add its row to ONE_MODEL and, if it merges two or more, to ALIGNED.
 
-def default_args(spec, n_models):
+SHAPES = [(1,), (3,), (5, 7)]  # tensors of 1 to 35 elements
+
+
+def default_args(spec, n_models, **overrides):
+    """Keyword arguments for spec.fn: the spec's defaults (0.5 where required), then overrides; a scalar
+    override of a per-model parameter applies to every model."""
     kwargs = {}
-    for p in spec.global_params:
-        kwargs[_kwarg(p.name)] = 0.5 if p.required else p.default
-    for p in spec.per_model_params:
-        kwargs[_kwarg(p.name)] = [0.5 if p.required else p.default] * n_models
+    for p in spec.params:
+        value = overrides.get(p.name, 0.5 if p.required else p.default)
+        if p.scope == "per_model" and not isinstance(value, list):
+            value = [value] * n_models
+        kwargs[_kwarg(p.name)] = value
     return kwargs
 
 
@@ -176,38 +185,157 @@ def n_models_for(spec):
     return max(spec.min_models, 2) if spec.max_models is None else spec.max_models
 
 
-@pytest.mark.parametrize("name", sorted(REGISTRY))
-@pytest.mark.parametrize("shape", [(1,), (3,), (7, 5)])
-def test_contract_identical_models_give_that_model(name, shape):
+def call(name, tensors, base, **overrides):
     spec = REGISTRY[name]
-    x = rand(*shape, seed=3)
-    n = n_models_for(spec)
-    base = x.clone() if spec.uses_base else None
-    kwargs = default_args(spec, n)
-    if name == "passthrough":
-        kwargs["scale"] = [1.0]
-    if name in ("linear", "nuslerp", "multislerp", "karcher"):
-        kwargs["weight"] = [1.0] * n
-    if name in ("task_arithmetic", "dare_linear", "breadcrumbs", "della_linear", "dare_ties",
-                "breadcrumbs_ties"):
-        kwargs["weight"] = [1.0 / n] * n  # unnormalised methods: weights summing to 1
-    g = torch.Generator().manual_seed(0)
-    out = spec([x.clone() for _ in range(n)], base, generator=g, **kwargs)
+    kwargs = default_args(spec, len(tensors), **overrides)
+    return spec([t.clone() for t in tensors], None if base is None else base.clone(),
+                   generator=torch.Generator().manual_seed(0), **kwargs)
+
+
+# One model x = base + delta with weight 0.6 (density 1 where the method has one):
+# name -> (parameter overrides, c) with expected = base + c * delta; c = None: expected = x * scale (passthrough).
+ONE_MODEL = {
+    "linear": ({"weight": 0.6}, 1.0),  # normalised: the model itself
+    "passthrough": ({"scale": 0.6}, None),
+    "task_arithmetic": ({"weight": 0.6}, 0.6),
+    "ties": ({"weight": 0.6, "density": 1.0}, 1.0),  # normalised by the weight of the agreeing model
+    "dare_ties": ({"weight": 0.6, "density": 1.0}, 0.6),
+    "dare_linear": ({"weight": 0.6, "density": 1.0}, 0.6),
+    "breadcrumbs": ({"weight": 0.6, "density": 1.0, "gamma": 0.0}, 0.6),
+    "breadcrumbs_ties": ({"weight": 0.6, "density": 1.0, "gamma": 0.0}, 0.6),
+    "della": ({"weight": 0.6, "density": 1.0}, 1.0),  # mergekit: density 1 keeps the delta whatever epsilon
+    "della_linear": ({"weight": 0.6, "density": 1.0}, 0.6),
+    "sce": ({}, 1.0),  # one model carries all the energy
+    "slerp": ({"t": 1.0}, 1.0),
+    "nearswap": ({"t": 1e9}, 1.0),  # every entry is "close": take the other model
+    "multislerp": ({"weight": 0.6}, 1.0),
+    "karcher": ({"weight": 0.6}, 1.0),
+}
+# Two models whose task vectors point the same way (delta_2 = 2 delta_1) with weights 0.3 and 0.5: no sign
+# conflict, no spherical bend, so c follows from the weights alone. Normalising methods divide by 0.8.
+ALIGNED = {
+    "linear": 1.625,  # (0.3 * 1 + 0.5 * 2) / 0.8 (no base: delta is the model)
+    "task_arithmetic": 1.3,  # 0.3 * 1 + 0.5 * 2
+    "ties": 1.625,
+    "dare_ties": 1.3,
+    "dare_linear": 1.3,
+    "breadcrumbs": 1.3,
+    "breadcrumbs_ties": 1.3,
+    "della": 1.625,
+    "della_linear": 1.3,
+    "sce": 1.8,  # energies 1 : 4 -> weights 0.2, 0.8: 0.2 * 1 + 0.8 * 2
+    "model_stock": 1.5,  # cos = 1 -> t = 1: the average of the two models
+    "multislerp": 1.625,  # one direction; norm = weighted mean of the norms
+    "karcher": 1.625,
+    "nuslerp": 1.625,  # colinear: lerp with t = 0.5 / 0.8
+}
+ALIGNED_OVERRIDES = {"density": 1.0, "gamma": 0.0, "weight": [0.3, 0.5]}
+
+
+def case_tensors(shape, dtype=torch.float32, seed=3):
+    """base and a task vector with no zero entries (so sparsifiers and sign election have work to do)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    delta = torch.randn(shape, generator=g)
+    delta = delta + delta.sign()  # |delta| >= 1: bf16 rounding stays well inside the tolerance
+    return base.to(dtype), delta.to(dtype)
+
+
+def task_vector_base(spec) -> bool:
+    """Whether the contract cases give this method a base to take task vectors from. karcher averages an
+    optional base in as one more point (mergekit), so its cases run without one."""
+    return spec.uses_base and spec.name != "karcher"
+
+
+def test_contract_every_method_has_hand_computed_cases():
+    for name, spec in REGISTRY.items():
+        if spec.min_models == 1:
+            assert name in ONE_MODEL, f"add the one-model expectation of {name} to ONE_MODEL"
+        if spec.max_models is None or spec.max_models >= 2:
+            assert name in ALIGNED, f"add the two-model expectation of {name} to ALIGNED"
+
+
+@pytest.mark.parametrize("name", sorted(ONE_MODEL))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_contract_one_model(name, shape, dtype):
+    spec = REGISTRY[name]
+    overrides, c = ONE_MODEL[name]
+    base, delta = case_tensors(shape, dtype)
+    with_base = task_vector_base(spec)
+    x = base + delta if with_base else delta
+    out = call(name, [x], base if with_base else None, **overrides)
+    f32 = lambda t: t.to(torch.float32)  # noqa: E731
+    expected = f32(x) * overrides["scale"] if c is None else (f32(base) if with_base else 0) + c * f32(delta)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert out.shape == x.shape
-    assert torch.allclose(out, x, atol=1e-5), name
+    assert torch.allclose(f32(out), expected, atol=tol, rtol=tol), (name, out, expected)
+
+
+@pytest.mark.parametrize("name", sorted(ALIGNED))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_contract_aligned_task_vectors_weights_matter(name, shape, dtype):
+    spec = REGISTRY[name]
+    base, delta = case_tensors(shape, dtype)
+    f32 = lambda t: t.to(torch.float32)  # noqa: E731
+    with_base = task_vector_base(spec)
+    if with_base:
+        tensors, expected = [base + delta, base + 2 * delta], f32(base) + ALIGNED[name] * f32(delta)
+    else:
+        tensors, expected = [delta, 2 * delta], ALIGNED[name] * f32(delta)
+    overrides = {k: v for k, v in ALIGNED_OVERRIDES.items() if spec.param(k)}
+    out = call(name, tensors, base if with_base else None, **overrides)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert torch.allclose(f32(out), expected, atol=tol, rtol=tol), (name, out, expected)
+
+
+DENSITY_METHODS = sorted(n for n, s in REGISTRY.items() if s.param("density"))
+
+
+@pytest.mark.parametrize("name", DENSITY_METHODS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_contract_density_zero_gives_base(name, shape):
+    base, delta = case_tensors(shape)
+    out = call(name, [base + delta, base - 2 * delta], base, density=0.0, weight=[0.3, 0.5])
+    assert torch.allclose(out, base, atol=1e-6), name
+
+
+def test_contract_ties_tiny_density_keeps_the_largest_entry():
+    """density * numel < 1 on a 3-element tensor: the largest-magnitude entry survives."""
+    base, delta = T([1.0, 1.0, 1.0]), T([0.5, -2.0, 1.0])
+    out = call("ties", [base + delta], base, weight=1.0, density=0.2, normalize=False)
+    assert close(out, [1.0, -1.0, 1.0]), out
 
 
 @pytest.mark.parametrize("name", sorted(n for n, s in REGISTRY.items() if s.uses_base and s.requires_base))
-def test_contract_zero_task_vectors_give_base(name):
+@pytest.mark.parametrize("density", [0.0, 1.0])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_contract_zero_task_vectors_give_base(name, density, shape):
     spec = REGISTRY[name]
-    base = rand(4, 6, seed=5)
+    base, _ = case_tensors(shape)
     n = n_models_for(spec)
-    kwargs = default_args(spec, n)
-    for density in (0.0, 1.0):
-        if "density" in kwargs:
-            kwargs["density"] = [density] * n
-        out = spec([base.clone() for _ in range(n)], base, generator=torch.Generator().manual_seed(0), **kwargs)
-        assert torch.allclose(out, base, atol=1e-6), (name, density)
+    overrides = {"density": density} if spec.param("density") else {}
+    if spec.param("t"):
+        overrides["t"] = 0.5
+    out = call(name, [base] * n, base, **overrides)
+    assert torch.allclose(out, base, atol=1e-6), (name, density)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+@pytest.mark.parametrize("shape", SHAPES)
+def test_contract_identical_models_give_that_model(name, shape):
+    spec = REGISTRY[name]
+    x, _ = case_tensors(shape)
+    n = n_models_for(spec)
+    overrides = {"scale": 1.0, "t": 0.5}
+    if "weight" in [p.name for p in spec.params]:
+        # normalising methods: any weights; unnormalised task-vector methods: weights summing to 1
+        overrides["weight"] = [1.0 / n] * n
+    out = call(name, [x] * n, x if spec.uses_base else None,
+               **{k: v for k, v in overrides.items() if spec.param(k)})
+    assert out.shape == x.shape
+    assert torch.allclose(out, x, atol=1e-5), name
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))

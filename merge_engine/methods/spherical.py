@@ -25,7 +25,7 @@ def slerp_tensors(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     norm_a, norm_b = a.norm(), b.norm()
     ua = a / torch.where(norm_a > SLERP_EPS, norm_a, 1.0)
     ub = b / torch.where(norm_b > SLERP_EPS, norm_b, 1.0)
-    dot = (ua * ub).sum().clamp(-1.0, 1.0)
+    dot = (ua.float() * ub.float()).sum().clamp(-1.0, 1.0)  # float32: 0.9995 rounds to 1.0 in bf16
     if dot.abs() > SLERP_DOT_THRESHOLD:
         return (1.0 - t) * a + t * b
     theta = torch.arccos(dot)

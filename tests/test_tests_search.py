@@ -1,0 +1,128 @@
+"""The search's own logic, without models: an Evaluator whose fitness is a quadratic bowl over the genome.
+
+CMA-ES must walk towards the bowl's known optimum, a resumed search must replay the same history, and no
+recipe may be scored twice. Each test takes well under a second (no merge, no lm-eval).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from evolve.config import GenomeDefinition
+from evolve.genome import Genome, recipe_key
+from evolve.scoring import Score
+from evolve.search import SearchSettings, run_search
+from evolve.storage import Storage
+from merge_engine.config import MergeConfig
+
+MODELS = ["models/a", "models/b"]  # never opened: the bowl reads the recipe's numbers only
+OPTIMUM = np.array([0.2, 0.8, 0.7, 0.3])  # weights of (layers 0-1: a, b), (layers 2-3: a, b)
+
+
+@pytest.fixture
+def tmp_path(tmp_path: Path):
+    """Storage in memory where there is a tmpfs: history.jsonl is fsynced after every candidate, and these tests
+    are about the search's decisions, not the disk's latency."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        yield tmp_path
+        return
+    path = Path(tempfile.mkdtemp(prefix="evomerge-test-", dir=shm))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def bowl_genome() -> Genome:
+    definition = GenomeDefinition(models=MODELS, base_model="models/base", merge_method="task_arithmetic",
+                                  layer_granularity=2)
+    return Genome(definition, num_layers=4)
+
+
+def recipe_weights(recipe: MergeConfig) -> np.ndarray:
+    """The genome's values read back from the recipe, in gene order (group, then model)."""
+    per_model = []
+    for m in recipe.models or []:
+        w = m.parameters["weight"]
+        layers = w if isinstance(w, list) else [w] * 4
+        per_model.append([layers[0], layers[2]])  # one value per layer group of 2 layers
+    return np.array(per_model, dtype=float).T.reshape(-1)
+
+
+class BowlEvaluator:
+    """Fitness = -|weights - OPTIMUM|^2; remembers every recipe it was asked to score."""
+
+    def __init__(self) -> None:
+        self.scored: list[str] = []
+
+    def evaluate(self, recipes: list[MergeConfig], validation: bool = False) -> list[Score]:
+        self.scored += [recipe_key(r) for r in recipes]
+        return [Score(-float(((recipe_weights(r) - OPTIMUM) ** 2).sum()), {"bowl": 0.0}) for r in recipes]
+
+    def close(self) -> None:
+        pass
+
+
+def search(path: Path, max_fevals: int, seed: int = 0, sigma0: float = 0.25,
+           evaluator: BowlEvaluator | None = None) -> BowlEvaluator:
+    evaluator = evaluator or BowlEvaluator()
+    storage = Storage(path)
+    path.mkdir(exist_ok=True)
+    run_search(bowl_genome(), evaluator, storage,
+               SearchSettings(max_fevals=max_fevals, sigma0=sigma0, popsize=6, random_seed=seed, progress=False))
+    return evaluator
+
+
+def history(path: Path) -> list[tuple[str, float]]:
+    """(recipe, fitness) of every scored candidate, in scoring order: the search's persistent record."""
+    return [(r["recipe_hash"], r["fitness"]) for r in Storage(path).load_history()]
+
+
+def test_bowl_evaluator_reads_the_genome_back():
+    g = bowl_genome()
+    x = np.array([0.1, 0.2, 0.3, 0.4])
+    assert np.allclose(recipe_weights(g.decode(x)), x)
+    assert BowlEvaluator().evaluate([g.decode(OPTIMUM)])[0].fitness == 0.0
+
+
+def test_cma_es_approaches_the_optimum(tmp_path):
+    search(tmp_path, max_fevals=150)
+    fitness = [f for _, f in history(tmp_path)]
+    start = -float(((bowl_genome().x0() - OPTIMUM) ** 2).sum())  # the middle of the ranges: -0.26
+    assert len(fitness) == 150
+    assert max(fitness) > -0.002 > start  # within ~0.05 of the optimum in every weight
+    first, last = np.mean(fitness[:12]), np.mean(fitness[-12:])
+    assert last > first / 10  # the population itself has moved into the bowl, not one lucky sample
+
+
+def test_resume_replays_the_same_history_and_scores_only_the_rest(tmp_path):
+    full = search(tmp_path / "full", max_fevals=60)
+    partial = search(tmp_path / "part", max_fevals=24)
+    assert history(tmp_path / "part") == history(tmp_path / "full")[:24]
+    resumed = search(tmp_path / "part", max_fevals=60)
+    assert history(tmp_path / "part") == history(tmp_path / "full")
+    assert partial.scored + resumed.scored == full.scored  # the first 24 were replayed from history, not rescored
+    search(tmp_path / "other", max_fevals=24, seed=1)
+    assert history(tmp_path / "other") != history(tmp_path / "part")[:24]  # the seed matters
+
+
+def proposed(path: Path, popsize: int = 6) -> int:
+    """How many candidates CMA-ES asked for (generations x popsize), duplicates included."""
+    return (json.loads((path / "state.json").read_text())["generation"] + 1) * popsize
+
+
+def test_duplicates_are_never_scored_twice(tmp_path):
+    evaluator = search(tmp_path, max_fevals=200, sigma0=3e-5)  # steps below the genome's 4-decimal rounding
+    assert proposed(tmp_path) > len(evaluator.scored) + 10  # duplicates were proposed (19) ...
+    assert len(evaluator.scored) == len(set(evaluator.scored))  # ... and none was scored twice
+    assert [k for k, _ in history(tmp_path)] == evaluator.scored
+
+
+def test_identical_candidates_are_scored_once_and_the_search_stops(tmp_path):
+    evaluator = search(tmp_path, max_fevals=60, sigma0=1e-9)  # every candidate decodes to the middle
+    assert evaluator.scored == [recipe_key(bowl_genome().decode(bowl_genome().x0()))]
