@@ -38,14 +38,10 @@ def _kwarg(name: str) -> str:
     return f"{name}_" if keyword.iskeyword(name) else name
 
 
-JobInputs = tuple[list[torch.Tensor], torch.Tensor | None]
-
-
-def read_inputs(job: TensorJob, sources: Mapping[str, ModelSource]) -> JobInputs:
-    """The job's input tensors (and base) as stored: no dtype conversion, no device move."""
-    tensors = [sources[r.model].get(r.name) for r in job.inputs]
+def read_inputs(job: TensorJob, sources: Mapping[str, ModelSource]) -> list[torch.Tensor | None]:
+    """[base or None, input 0, input 1, ...] as stored: no dtype conversion, no device move."""
     base = sources[job.base.model].get(job.base.name) if job.base else None
-    return tensors, base
+    return [base, *(sources[r.model].get(r.name) for r in job.inputs)]
 
 
 def _float32(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -62,12 +58,18 @@ def _is_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
-def merge_tensors(job: TensorJob, inputs: JobInputs, device: torch.device) -> torch.Tensor:
-    """Run the job's method on its (stored) inputs; returns the result in the output dtype."""
+def merge_tensors(job: TensorJob, stored: list[torch.Tensor | None], sources: Mapping[str, ModelSource],
+                  device: torch.device) -> torch.Tensor:
+    """Run the job's method on its inputs as read (read_inputs); returns the result in the
+    output dtype. `stored` is emptied: each stored tensor is freed once its float32 copy exists."""
     spec = get_method(job.method)
-    stored, stored_base = inputs
-    tensors = [_float32(t, device) for t in stored]
-    base = _float32(stored_base, device) if stored_base is not None else None
+    converted = []
+    while stored:
+        t = stored.pop(0)
+        converted.append(_float32(t, device) if t is not None else None)
+        del t
+    base, tensors = converted[0], converted[1:]
+    del converted
     kwargs = {_kwarg(k): v for k, v in job.global_params.items()}
     for p in spec.per_model_params:
         kwargs[_kwarg(p.name)] = [m[p.name] for m in job.per_model_params]
@@ -81,8 +83,9 @@ def merge_tensors(job: TensorJob, inputs: JobInputs, device: torch.device) -> to
         raise MergeError(f"tensor {job.output_name!r}: {job.method} failed: {e}") from None
     del tensors, base
     if not _is_finite(merged):
-        named = list(zip(job.inputs, stored)) + ([(job.base, stored_base)] if job.base else [])
-        bad_inputs = [f"{r.model}:{r.name}" for r, t in named if t.is_floating_point() and not _is_finite(t)]
+        refs = ([job.base] if job.base else [None]) + list(job.inputs)
+        bad_inputs = [f"{r.model}:{r.name}" for r, t in zip(refs, read_inputs(job, sources))
+                      if t is not None and t.is_floating_point() and not _is_finite(t)]
         why = (f"input(s) contain NaN/inf: {', '.join(bad_inputs)}" if bad_inputs else
                f"the parameters {job.global_params} {list(job.per_model_params)} produce NaN/inf "
                "(e.g. weights that sum to zero with normalize)")
@@ -92,7 +95,7 @@ def merge_tensors(job: TensorJob, inputs: JobInputs, device: torch.device) -> to
 
 def execute_job(job: TensorJob, sources: Mapping[str, ModelSource], device: torch.device) -> torch.Tensor:
     """One job, start to end, on this thread."""
-    return merge_tensors(job, read_inputs(job, sources), device)
+    return merge_tensors(job, read_inputs(job, sources), sources, device)
 
 
 def keep_freed_memory() -> None:
@@ -143,8 +146,7 @@ def execute_plan(jobs: Iterable[TensorJob], sources: Mapping[str, ModelSource], 
                 inputs = next_inputs.result()  # re-raises the reader's error
                 if i + 1 < len(jobs):
                     next_inputs = reader.submit(read_inputs, jobs[i + 1], sources)
-                merged = merge_tensors(job, inputs, device)
-                del inputs
+                merged = merge_tensors(job, inputs, sources, device)
                 _raise_first_error(pending)
                 while len(pending) >= WRITE_QUEUE:
                     pending.popleft().result()  # re-raises the writer's error
