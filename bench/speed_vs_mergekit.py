@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -99,7 +100,7 @@ def build_model(path: Path, layers: int, seed: int) -> None:
 
 
 def models(cache: Path, layers: int) -> list[Path]:
-    paths = [cache / f"llama-{layers}L-{seed}" for seed in range(3)]
+    paths = [cache.resolve() / f"llama-{layers}L-{seed}" for seed in range(3)]
     for seed, p in enumerate(paths):
         if not (p / "config.json").exists():
             t0 = time.perf_counter()
@@ -179,16 +180,22 @@ def run_tool(tool: str, recipe_path: Path, out: Path, evomerge_root: Path, mk_py
         env["PYTHONPATH"] = str(evomerge_root)
     else:
         cmd = [str(mk_python), str(PEAK_RSS), "--mergekit", *common, "--quiet"]
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _children_cpu()
     proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
                           cwd=str(evomerge_root if tool == "evomerge" else recipe_path.parent))
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, _children_cpu() - cpu_start
     if proc.returncode != 0:
         raise RuntimeError(f"{tool} {recipe_path.name} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
     peak = json.loads(proc.stderr.strip().splitlines()[-1])["peak_rss_kib"]
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     shutil.rmtree(out, ignore_errors=True)
-    return {"wall_s": wall, "peak_rss_mib": peak / 1024, "output_bytes": size}
+    return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mib": peak / 1024, "output_bytes": size}
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of finished children (less sensitive to a loaded machine than wall time)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def io_floor(inputs: list[Path], out_bytes: int, scratch: Path) -> dict:
@@ -227,8 +234,9 @@ def compare(method: str, paths: list[Path], work: Path, repeats: int, evomerge_r
         mk = run_tool("mergekit", recipe_path, work / "out-mergekit", evomerge_root, mk_python)
         floor = io_floor(inputs, evo["output_bytes"], work)
         pair = {"evomerge": evo, "mergekit": mk, "io": floor, "speedup": mk["wall_s"] / evo["wall_s"]}
-        print(f"  {method} pair {k + 1}: evomerge {evo['wall_s']:.1f}s {evo['peak_rss_mib']:.0f}MiB | "
-              f"mergekit {mk['wall_s']:.1f}s {mk['peak_rss_mib']:.0f}MiB | x{pair['speedup']:.2f} | "
+        print(f"  {method} pair {k + 1}: evomerge {evo['wall_s']:.1f}s (cpu {evo['cpu_s']:.1f}s) "
+              f"{evo['peak_rss_mib']:.0f}MiB | mergekit {mk['wall_s']:.1f}s (cpu {mk['cpu_s']:.1f}s) "
+              f"{mk['peak_rss_mib']:.0f}MiB | x{pair['speedup']:.2f} | "
               f"floor {floor['read_s']:.1f}+{floor['write_s']:.1f}s", flush=True)
         pairs.append(pair)
     med = statistics.median
@@ -266,6 +274,11 @@ def flatness(cache: Path, work: Path, layers: list[int], methods: list[str], evo
 def materialize(paths: list[Path], evomerge_root: Path, repeats: int) -> dict:
     """In-memory vs on-disk candidate materialization through the search's public API, in a
     child process per mode (so each mode's RSS is its own)."""
+    from demo.tokenizer import char_tokenizer
+
+    for path in paths:  # loading a model for scoring needs a tokenizer; the merge does not
+        if not (path / "tokenizer_config.json").exists():
+            char_tokenizer().save_pretrained(str(path))
     out = {}
     for mode in ("in-memory", "on-disk"):
         code = MATERIALIZE_CHILD.format(root=str(evomerge_root), mode=mode, repeats=repeats,
@@ -333,6 +346,7 @@ def main() -> None:
     ap.add_argument("--flat-methods", nargs="+", default=["linear", "ties", "dare_ties", "della", "breadcrumbs"],
                     choices=ALL_METHODS)
     ap.add_argument("--materialize", action="store_true", help="also the search's candidate materialization")
+    ap.add_argument("--materialize-repeats", type=int, default=3, help="candidates timed per mode")
     ap.add_argument("--cache", type=Path, default=ROOT / ".cache" / "bench-models")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/evomerge-speed-bench"))
     ap.add_argument("--evomerge-root", type=Path, default=ROOT, help="checkout whose evomerge is measured")
@@ -352,7 +366,7 @@ def main() -> None:
             failed[m] = str(e)[-2000:]
     flat = (flatness(args.cache, args.workdir, args.flat_layers, args.flat_methods, args.evomerge_root.resolve())
             if args.flatness else [])
-    mat = materialize(paths, args.evomerge_root.resolve(), 3) if args.materialize else None
+    mat = materialize(paths, args.evomerge_root.resolve(), args.materialize_repeats) if args.materialize else None
     commit = subprocess.run(["git", "-C", str(args.evomerge_root), "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip()
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "load_avg_at_end": os.getloadavg(),
