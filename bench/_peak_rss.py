@@ -1,4 +1,7 @@
-"""Run mergekit-yaml in this process and report its peak RSS (VmHWM) on stderr.
+"""Run a merge CLI in this process and report its peak RSS (VmHWM) on stderr.
+
+    python _peak_rss.py ARGS...              evomerge's mergekit-yaml
+    python _peak_rss.py --mergekit ARGS...   mergekit's mergekit-yaml (run with mergekit's venv python)
 
 VmHWM belongs to the address space created at exec, so, unlike a child's ru_maxrss, it does
 not include the memory of the parent that forked it."""
@@ -6,9 +9,22 @@ not include the memory of the parent that forked it."""
 import json
 import sys
 
-from merge_engine.cli import main
 
-rc = main(sys.argv[1:])
-hwm_kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-print(json.dumps({"peak_rss_kib": hwm_kib}), file=sys.stderr)
+def _hwm_kib() -> int:
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+
+
+if sys.argv[1:2] == ["--mergekit"]:
+    from mergekit.scripts.run_yaml import main as mergekit_main
+
+    try:
+        mergekit_main(sys.argv[2:], standalone_mode=False)
+        rc = 0
+    except SystemExit as e:
+        rc = int(e.code or 0)
+else:
+    from merge_engine.cli import main
+
+    rc = main(sys.argv[1:])
+print(json.dumps({"peak_rss_kib": _hwm_kib()}), file=sys.stderr)
 sys.exit(rc)

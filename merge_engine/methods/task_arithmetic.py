@@ -37,6 +37,7 @@ from .spec import (
 # epsilon 0.15, evolve searches density where that holds.
 DELLA_DENSITY = replace(DENSITY, search=(0.2, 0.8))
 
+CHUNK = 1 << 20  # elements per slice in the elementwise steps (4 MiB of float32 per model)
 Sparsifier = Callable[[torch.Tensor, int], torch.Tensor]  # (delta, model index) -> delta
 
 
@@ -60,24 +61,34 @@ def combine_task_vectors(
         if normalize and total.abs() >= 1e-8:
             mixed = mixed / total.to(mixed.device)
         return base + lambda_ * mixed
-    deltas = torch.stack([t - base for t in tensors])  # [n, *shape]
-    if sparsifier is not None:
-        deltas = torch.stack([sparsifier(d, i) for i, d in enumerate(deltas)])
-    w = torch.tensor(list(weights), dtype=deltas.dtype, device=deltas.device).view(
-        -1, *([1] * (deltas.dim() - 1)))  # [n, 1, ...]
-    weighted = deltas * w
-    if consensus:
-        mask = sign_agreement_mask(weighted, int8=int8_mask).to(deltas.dtype)
-        mixed = (weighted * mask).sum(dim=0)
-        divisor = (w * mask).sum(dim=0)
-        divisor[divisor == 0] = 1.0
-    else:
-        mixed = weighted.sum(dim=0)
-        divisor = w.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1.0
-    if normalize:
-        mixed = mixed / divisor
-    return base + lambda_ * mixed
+    # 1. one task vector at a time (only one sparsifier's scratch memory alive): n x [*shape]
+    deltas = []
+    for i, t in enumerate(tensors):
+        delta = t - base
+        deltas.append(sparsifier(delta, i) if sparsifier is not None else delta)
+        del delta
+    # 2-3 are elementwise: run them on [n, CHUNK] slices so the scratch memory is a few chunks,
+    # not several [n, *shape] copies of the task vectors.
+    merged = torch.empty_like(base)
+    flat_merged, flat_base = merged.view(-1), base.reshape(-1)
+    flat_deltas = [d.reshape(-1) for d in deltas]
+    w = torch.tensor(list(weights), dtype=base.dtype, device=base.device).view(-1, 1)  # [n, 1]
+    for start in range(0, base.numel(), CHUNK):
+        end = min(start + CHUNK, base.numel())
+        weighted = torch.stack([d[start:end] for d in flat_deltas]) * w  # [n, chunk]
+        if consensus:
+            mask = sign_agreement_mask(weighted, int8=int8_mask).to(base.dtype)  # elect sign
+            mixed = (weighted * mask).sum(dim=0)  # disjoint merge
+            divisor = (w * mask).sum(dim=0)
+            divisor[divisor == 0] = 1.0
+        else:
+            mixed = weighted.sum(dim=0)
+            divisor = w.sum(dim=0)
+            divisor[divisor.abs() < 1e-8] = 1.0
+        if normalize:
+            mixed = mixed / divisor
+        flat_merged[start:end] = flat_base[start:end] + lambda_ * mixed
+    return merged
 
 
 def task_arithmetic(
