@@ -114,7 +114,7 @@ def test_chunked_task_vectors_match_stacked_on_large_tensors(method):
     base = torch.randn(shape, generator=gen)
     tensors = [base + 0.1 * torch.randn(shape, generator=gen) for _ in range(3)]
     fn = REGISTRY[method]  # the spec fills in the global defaults
-    kwargs = {p.name: PER_MODEL[p.name] + [0.2] for p in REGISTRY[method].per_model_params}
+    kwargs = {p.name: PER_MODEL[p.name] + [PER_MODEL[p.name][0]] for p in REGISTRY[method].per_model_params}
     chunked = fn(tensors, base, generator=torch.Generator().manual_seed(1), **kwargs)
     try:
         task_arithmetic.combine_task_vectors = stacked_task_vectors
