@@ -1,6 +1,7 @@
 """Plan -> tensors: run each job's merge method and hand the result to a sink.
 
-Inputs are read lazily, cast to float32 on the compute device (half-precision
+Inputs are read lazily, rounded to the recipe's `dtype` if it gives one (as mergekit
+casts its inputs), then cast to float32 on the compute device (half-precision
 arithmetic on CPU is slow and lossy), merged, checked for NaN/inf and cast to the
 job's output dtype. Only one job's tensors are alive at a time.
 """
@@ -14,13 +15,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .io.loader import ModelSource
+from .errors import MergeError
 from .io.writer import TensorSink
-from .methods import get_method
-from .plan import TensorJob
+from .plan import TensorJob, TensorRef
 
-
-class MergeError(ValueError):
-    """A tensor could not be merged (non-finite result, method failure)."""
+__all__ = ["MergeError", "execute_job", "execute_plan"]
 
 
 def _kwarg(name: str) -> str:
@@ -28,9 +27,16 @@ def _kwarg(name: str) -> str:
 
 
 def execute_job(job: TensorJob, sources: Mapping[str, ModelSource], device: torch.device) -> torch.Tensor:
-    spec = get_method(job.method)
-    tensors = [sources[r.model].get(r.name).to(device=device, dtype=torch.float32) for r in job.inputs]
-    base = sources[job.base.model].get(job.base.name).to(device=device, dtype=torch.float32) if job.base else None
+    spec = job.method
+
+    def read(ref: TensorRef) -> torch.Tensor:
+        tensor = sources[ref.model].get(ref.name)
+        if job.input_dtype is not None:
+            tensor = tensor.to(job.input_dtype)
+        return tensor.to(device=device, dtype=torch.float32)
+
+    tensors = [read(r) for r in job.inputs]
+    base = read(job.base) if job.base else None
     kwargs = {_kwarg(k): v for k, v in job.global_params.items()}
     for p in spec.per_model_params:
         kwargs[_kwarg(p.name)] = [m[p.name] for m in job.per_model_params]
@@ -41,7 +47,7 @@ def execute_job(job: TensorJob, sources: Mapping[str, ModelSource], device: torc
     try:
         merged = spec.fn(tensors, base, generator=generator, **kwargs)
     except (ValueError, RuntimeError) as e:
-        raise MergeError(f"tensor {job.output_name!r}: {job.method} failed: {e}") from None
+        raise MergeError(f"tensor {job.output_name!r}: {spec.name} failed: {e}") from None
     if not torch.isfinite(merged).all():
         bad_inputs = [f"{r.model}:{r.name}" for r, t in zip(job.inputs, tensors) if not torch.isfinite(t).all()]
         if base is not None and not torch.isfinite(base).all():

@@ -1,54 +1,91 @@
-"""run_merge: recipe + options -> a Hugging Face model directory, written atomically."""
+"""The engine's entry points.
+
+One path from a recipe to merged tensors, whatever receives them:
+:func:`plan_merge` plans the recipe against the opened models (every check that
+needs no tensor data happens there, ``--allow-crimes`` included) and
+:func:`write_plan` opens a sink for that plan and streams every merged tensor into
+it. :func:`run_merge` uses them with a sharded safetensors writer and writes the
+rest of a model directory around it; evolve's in-memory materializer uses them with
+a sink that copies into a resident model.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
+from typing import Callable, ContextManager, Iterable, Iterator, Mapping
 
 from .config import MergeConfig
+from .dtypes import dtype_name
 from .executor import execute_plan
 from .io import artifacts
 from .io.loader import ModelSource
 from .io.output import atomic_directory, check_not_an_input
-from .io.writer import ShardedSafetensorsWriter, TensorLayout
+from .io.writer import ShardedSafetensorsWriter, TensorLayout, TensorSink
 from .options import MergeOptions
 from .plan import MergePlan, build_plan
 
 log = logging.getLogger(__name__)
 
+SinkOpener = Callable[[MergePlan], ContextManager[TensorSink]]
 
-def open_sources(config: MergeConfig, options: MergeOptions, cache: bool = False) -> dict[str, ModelSource]:
-    return {m: ModelSource(m, allow_pickle=options.allow_pickle, cache=cache)
-            for m in config.referenced_models()}
+
+def open_sources(models: Iterable[str], options: MergeOptions, cache: bool = False,
+                 opened: Mapping[str, ModelSource] | None = None) -> dict[str, ModelSource]:
+    """A ModelSource for each model, reusing those in `opened`."""
+    opened = opened or {}
+    return {m: opened[m] if m in opened else ModelSource(m, allow_pickle=options.allow_pickle, cache=cache)
+            for m in models}
 
 
 def plan_merge(config: MergeConfig, options: MergeOptions | None = None,
-               sources: dict[str, ModelSource] | None = None) -> tuple[MergePlan, dict[str, ModelSource]]:
+               sources: Mapping[str, ModelSource] | None = None) -> tuple[MergePlan, Mapping[str, ModelSource]]:
+    """The recipe's plan against its models (opened here unless given)."""
     options = options or MergeOptions()
-    sources = sources or open_sources(config, options)
+    if sources is None:
+        sources = open_sources(config.referenced_models(), options)
     return build_plan(config, sources, options.random_seed, options.allow_crimes), sources
+
+
+def write_plan(plan: MergePlan, sources: Mapping[str, ModelSource], open_sink: SinkOpener,
+               options: MergeOptions) -> None:
+    """Open a sink for the plan and write every merged tensor into it."""
+    with open_sink(plan) as sink:
+        execute_plan(plan.jobs, sources, sink, options.device, options.progress)
+
+
+def safetensors_sink(out_dir: Path, max_shard_bytes: int) -> SinkOpener:
+    """Opens a sharded safetensors writer into out_dir for a plan; its index is written
+    when every tensor has arrived."""
+    @contextlib.contextmanager
+    def open_writer(plan: MergePlan) -> Iterator[TensorSink]:
+        layouts = [TensorLayout(j.output_name, j.shape, j.out_dtype) for j in plan.jobs]
+        writer = ShardedSafetensorsWriter(out_dir, layouts, max_shard_bytes)
+        try:
+            yield writer
+        except BaseException:
+            writer.abort()
+            raise
+        writer.finish()
+
+    return open_writer
 
 
 def run_merge(config: MergeConfig, out_path: str | Path, options: MergeOptions | None = None) -> Path:
     """Merge and write the model to out_path. Nothing is left at out_path on failure."""
     options = options or MergeOptions()
     out_path = Path(out_path)
-    sources = open_sources(config, options)
+    sources = open_sources(config.referenced_models(), options)
     check_not_an_input(out_path, [s.path for s in sources.values()])
-    plan, _ = plan_merge(config, options, sources)
+    plan, _ = plan_merge(config, options, sources)  # fails before anything is created
     tok_source = artifacts.tokenizer_source(config, plan.reference_model) if options.copy_tokenizer else None
-    layouts = [TensorLayout(j.output_name, j.shape, j.out_dtype) for j in plan.jobs]
     with atomic_directory(out_path) as tmp:
-        writer = ShardedSafetensorsWriter(tmp, layouts, options.out_shard_size)
-        try:
-            execute_plan(plan.jobs, sources, writer, options.device, options.progress)
-        except BaseException:
-            writer.abort()
-            raise
-        writer.finish()
-        out_dtype = config.out_dtype or config.dtype or str(plan.jobs[0].out_dtype).removeprefix("torch.")
-        artifacts.write_config(tmp, plan.config_json, out_dtype)
-        artifacts.copy_generation_config(tmp, sources[plan.reference_model])
+        write_plan(plan, sources, safetensors_sink(tmp, options.out_shard_size), options)
+        reference = sources[plan.reference_model]
+        artifacts.write_config(tmp, reference.config, plan.architecture.num_layers_key, plan.output_layer_sources,
+                               dtype_name(plan.out_dtype))
+        artifacts.copy_generation_config(tmp, reference)
         if tok_source is not None:
             artifacts.write_tokenizer(tmp, sources[tok_source], config.chat_template, options.trust_remote_code)
         artifacts.write_card_and_recipe(tmp, config, options.write_model_card)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Sequence
 
 from ..card import render_model_card
 from ..config import MergeConfig
@@ -22,12 +23,18 @@ CHAT_TEMPLATES = {
 }
 
 
-def write_config(out: Path, config_json: dict, out_dtype: str | None) -> None:
-    cfg = dict(config_json)
-    if out_dtype:
-        cfg["torch_dtype"] = out_dtype
-        if "dtype" in cfg:
-            cfg["dtype"] = out_dtype
+def write_config(out: Path, reference_config: dict, num_layers_key: str, layer_sources: Sequence[int],
+                 out_dtype: str) -> None:
+    """The reference model's config.json with the output's layer count (and per-layer
+    `layer_types` following the layers each output layer came from) and dtype."""
+    cfg = dict(reference_config)
+    layer_types = cfg.get("layer_types")
+    if isinstance(layer_types, list) and len(layer_types) == cfg.get(num_layers_key):
+        cfg["layer_types"] = [layer_types[i] for i in layer_sources]
+    cfg[num_layers_key] = len(layer_sources)
+    cfg["torch_dtype"] = out_dtype
+    if "dtype" in cfg:
+        cfg["dtype"] = out_dtype
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
