@@ -2,8 +2,9 @@
 
 Inputs are read lazily, rounded to the recipe's `dtype` if it gives one (as mergekit
 casts its inputs), then cast to float32 on the compute device (half-precision
-arithmetic on CPU is slow and lossy), merged, checked for NaN/inf and cast to the
-job's output dtype. Only one job's tensors are alive at a time.
+arithmetic on CPU is slow and lossy), merged, checked for NaN/inf, rounded to `dtype`
+again (mergekit's methods return their inputs' dtype) and cast to the job's output
+dtype. Only one job's tensors are alive at a time.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def execute_job(job: TensorJob, sources: Mapping[str, ModelSource], device: torc
                f"the parameters {job.global_params} {list(job.per_model_params)} produce NaN/inf "
                "(e.g. weights that sum to zero with normalize)")
         raise MergeError(f"tensor {job.output_name!r}: merged result is not finite; {why}")
+    if job.input_dtype is not None:  # mergekit's methods return their inputs' dtype: round the result to it too
+        merged = merged.to(job.input_dtype)
     return merged.to(job.out_dtype)
 
 

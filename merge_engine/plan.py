@@ -205,8 +205,9 @@ def _make_job(config: MergeConfig, slot: _Slot, sources: Mapping[str, ModelSourc
               input_dtype: torch.dtype | None, out_dtype: torch.dtype, random_seed: int | None) -> TensorJob:
     spec = config.method
     merged = [(s, n) for s, n in slot.inputs if not (spec.uses_base and s.model == slot.slice.base_model)]
-    inputs = tuple(_read_ref(sources, arch, s.model, n, slot) for s, n in merged)
-    base = _read_ref(sources, arch, slot.base[0], slot.base[1], slot) if slot.base else None
+    reads = _tensors_to_read(slot, sources, arch)
+    inputs = tuple(reads[(s.model, n)] for s, n in merged)
+    base = reads[slot.base] if slot.base else None
     global_params = {p.name: resolve_param(p, spec.name, slot.output_name, slot.t,
                                            config.parameter_levels(slot.slice, None))
                      for p in spec.global_params}
@@ -220,24 +221,30 @@ def _make_job(config: MergeConfig, slot: _Slot, sources: Mapping[str, ModelSourc
                      job_input_dtype, _seed(random_seed, slot.output_name) if spec.randomized else None)
 
 
-def _read_ref(sources: Mapping[str, ModelSource], arch: Architecture, model: str, name: str,
-              slot: _Slot) -> TensorRef:
-    """What to read for `name` from `model`: the tensor, or a tied model's embedding for its head."""
-    src = sources[model]
-    if src.has(name):
-        return TensorRef(model, name)
-    alternative = arch.tied_alternative(name)
-    if alternative is not None and src.has(alternative):
-        return TensorRef(model, alternative)
-    holders = [m for m in _slot_models(slot) if m != model and sources[m].has(name)]
-    why = f"model {holders[0]!r} has it" if holders else "the output tensor needs it"
-    raise PlanError(f"model {model!r} has no tensor {name!r} ({why}, for output tensor {slot.output_name!r}); "
-                    "every model of a slice must hold the same tensors: check that the models are the same "
-                    "architecture and size")
-
-
-def _slot_models(slot: _Slot) -> list[str]:
-    return ([slot.base[0]] if slot.base else []) + [s.model for s, _ in slot.inputs]
+def _tensors_to_read(slot: _Slot, sources: Mapping[str, ModelSource],
+                     arch: Architecture) -> dict[tuple[str, str], TensorRef]:
+    """What to read for each (model, tensor) of a slot: the tensor itself, or the embedding of
+    a tied model for its output head. A tensor a model lacks is an error naming every such model."""
+    wanted = ([slot.base] if slot.base else []) + [(s.model, n) for s, n in slot.inputs]
+    reads: dict[tuple[str, str], TensorRef] = {}
+    lacking: list[str] = []
+    for model, name in wanted:
+        alternative = arch.tied_alternative(name)
+        if sources[model].has(name):
+            reads[(model, name)] = TensorRef(model, name)
+        elif alternative is not None and sources[model].has(alternative):
+            reads[(model, name)] = TensorRef(model, alternative)
+        elif model not in lacking:
+            lacking.append(model)
+    if lacking:
+        holders = [m for m, n in wanted if (m, n) in reads]
+        missing = [n for m, n in wanted if m in lacking]
+        who = ", ".join(f"model {m!r}" for m in lacking)
+        why = f"model {holders[0]!r} has it" if holders else "no model of the slice has it"
+        raise PlanError(f"{who} {'has' if len(lacking) == 1 else 'have'} no tensor {missing[0]!r} ({why}, for "
+                        f"output tensor {slot.output_name!r}); every model of a slice must hold the same tensors: "
+                        "check that the models are the same architecture and size")
+    return reads
 
 
 def _common_shape(output_name: str, refs: list[TensorRef], sources: Mapping[str, ModelSource]) -> tuple[int, ...]:
