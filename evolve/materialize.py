@@ -13,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -33,7 +34,7 @@ class ModelSink:
         self.state = model.state_dict()
 
     @contextlib.contextmanager
-    def open(self, plan: MergePlan) -> Iterator["ModelSink"]:
+    def open(self, plan: MergePlan) -> Iterator[ModelSink]:
         """Check that every planned tensor fits the resident model, before any is merged."""
         for job in plan.jobs:
             target = self.state.get(job.output_name)

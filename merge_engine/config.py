@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Union
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .dtypes import parse_recipe_dtype
 from .errors import RecipeError
@@ -31,7 +30,7 @@ class ConditionalValue(_Frozen):
     (no filter, or ``"*"``, matches every tensor)."""
 
     filter: str | None = None
-    value: Union[Scalar, list[float]]
+    value: Scalar | list[float]
 
 
 def _single_conditional_as_list(value: Any) -> Any:
@@ -39,7 +38,7 @@ def _single_conditional_as_list(value: Any) -> Any:
     return [value] if isinstance(value, dict) else value
 
 
-ParameterValue = Annotated[Union[Scalar, list[ConditionalValue], list[float]],
+ParameterValue = Annotated[Scalar | list[ConditionalValue] | list[float],
                            BeforeValidator(_single_conditional_as_list)]
 Parameters = dict[str, ParameterValue]
 
@@ -68,7 +67,7 @@ class OutputSlice(_Frozen):
     parameters: Parameters | None = None
 
     @model_validator(mode="after")
-    def _same_length(self) -> "OutputSlice":
+    def _same_length(self) -> OutputSlice:
         lengths = {s.layer_range[1] - s.layer_range[0] for s in self.sources}
         if len(lengths) > 1:
             ranges = ", ".join(f"{s.model} {list(s.layer_range)}" for s in self.sources)
@@ -120,7 +119,7 @@ class MergeConfig(_Frozen):
         return None if v is None else parse_recipe_dtype(v)
 
     @model_validator(mode="after")
-    def _check_method_and_parameters(self) -> "MergeConfig":
+    def _check_method_and_parameters(self) -> MergeConfig:
         problems = validate_against_method(self)
         if problems:
             raise ValueError("\n".join(problems))

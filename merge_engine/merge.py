@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Callable, ContextManager, Iterable, Iterator, Mapping
 
 from .config import MergeConfig
 from .dtypes import dtype_name
@@ -28,7 +28,7 @@ from .plan import MergePlan, build_plan
 
 log = logging.getLogger(__name__)
 
-SinkOpener = Callable[[MergePlan], ContextManager[TensorSink]]
+SinkOpener = Callable[[MergePlan], contextlib.AbstractContextManager[TensorSink]]
 
 
 def open_sources(models: Iterable[str], options: MergeOptions, cache: bool = False,

@@ -17,7 +17,8 @@ as mergekit 0.1.5 does (``mergekit/config.py:evaluate_setting``,
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .config import ConditionalValue, Parameters
 from .errors import PlanError
@@ -31,7 +32,7 @@ def interpolate_gradient(values: Sequence[float], t: float) -> float:
     if len(values) == 1:
         return float(values[0])
     scaled = min(max(t, 0.0), 1.0) * (len(values) - 1)
-    lo = min(int(math.floor(scaled)), len(values) - 2)
+    lo = min(math.floor(scaled), len(values) - 2)
     frac = scaled - lo
     return float(values[lo]) * (1.0 - frac) + float(values[lo + 1]) * frac
 

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -38,6 +39,9 @@ from .errors import PlanError
 from .io.loader import ModelSource
 from .methods import MethodSpec
 from .params import resolve_param
+
+if TYPE_CHECKING:  # helper "compat"'s vocabulary alignment (merge_engine/tokenizer.py)
+    from .tokenizer import VocabAlignment
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,7 @@ class TensorJob:
     out_dtype: torch.dtype
     input_dtype: torch.dtype | None = None  # recipe `dtype:`: every input is rounded to it before the arithmetic
     seed: int | None = None
+    vocab: VocabAlignment | None = None  # embedding / head: rows mapped to the output vocabulary on read
 
     def describe(self) -> str:
         srcs = ", ".join(f"{r.model}:{r.name}" for r in self.inputs)
@@ -97,7 +102,7 @@ class _Slot:
 
 
 def build_plan(config: MergeConfig, sources: Mapping[str, ModelSource], random_seed: int | None = None,
-               allow_crimes: bool = False) -> MergePlan:
+               allow_crimes: bool = False, vocab: VocabAlignment | None = None) -> MergePlan:
     reference = config.base_model or config.output_slices[0].sources[0].model
     arch = detect_architecture(sources[reference].config, sources[reference].tensor_names(), reference)
     if not allow_crimes:
@@ -106,7 +111,7 @@ def build_plan(config: MergeConfig, sources: Mapping[str, ModelSource], random_s
     slots, layer_sources = _plan_tensors(config.method, slices, sources, arch)
     input_dtype = BY_NAME[config.dtype] if config.dtype else None
     out_dtype = _output_dtype(config, sources[reference], reference)
-    jobs = tuple(_make_job(config, slot, sources, arch, input_dtype, out_dtype, random_seed) for slot in slots)
+    jobs = tuple(_make_job(config, slot, sources, arch, input_dtype, out_dtype, random_seed, vocab) for slot in slots)
     return MergePlan(jobs, reference, arch, out_dtype, tuple(layer_sources))
 
 
@@ -133,12 +138,19 @@ def _resolve_layer_ranges(slices: tuple[SliceView, ...], sources: Mapping[str, M
                 raise PlanError(f"{src.path}: layer_range [{lo}, {hi}] exceeds the {n} layers of model "
                                 f"{src.model!r}")
             resolved.append(SourceView(src.model, (lo, hi), src.parameters, src.path))
-        if len({s.layer_range[1] - s.layer_range[0] for s in resolved}) > 1:
-            spans = ", ".join(f"{s.model} ({s.layer_range[1] - s.layer_range[0]})" for s in resolved)
+        if len({_span(s)[1] - _span(s)[0] for s in resolved}) > 1:
+            spans = ", ".join(f"{s.model} ({_span(s)[1] - _span(s)[0]})" for s in resolved)
             raise PlanError(f"{slc.path or 'models'}: every model must span the same number of layers, got "
                             f"{spans}; use `slices:` to pick layer ranges")
         out.append(SliceView(tuple(resolved), slc.base_model, slc.parameters, slc.path))
     return out
+
+
+def _span(src: SourceView) -> tuple[int, int]:
+    """A source's layer range, once _resolve_layer_ranges has filled it in."""
+    if src.layer_range is None:
+        raise AssertionError(f"{src.path}: layer range not resolved")
+    return src.layer_range
 
 
 # ---- step 3: output tensors ----------------------------------------------------------
@@ -151,11 +163,11 @@ def _plan_tensors(spec: MethodSpec, slices: list[SliceView], sources: Mapping[st
     layers = _LayerIndex(sources)
     for slc in slices:
         base_src = next((s for s in slc.sources if s.model == slc.base_model), None)
-        length = slc.sources[0].layer_range[1] - slc.sources[0].layer_range[0]
+        length = _span(slc.sources[0])[1] - _span(slc.sources[0])[0]
         for j in range(length):
             t = j / (length - 1) if length > 1 else 1.0
-            ref_layer = (base_src or slc.sources[0]).layer_range[0] + j
-            at = [(s.model, s.layer_range[0] + j) for s in slc.sources]
+            ref_layer = _span(base_src or slc.sources[0])[0] + j
+            at = [(s.model, _span(s)[0] + j) for s in slc.sources]
             base = (slc.base_model, ref_layer) if spec.uses_base and slc.base_model else None
             for tensor in _union([layers.templates(m, i) for m, i in ([base] if base else []) + at]):
                 inputs = tuple((s, tensor.with_index(i)) for s, (_, i) in zip(slc.sources, at))
@@ -202,7 +214,8 @@ def _union(lists: list[list[Any]]) -> list[Any]:
 # ---- step 4: jobs -------------------------------------------------------------------
 
 def _make_job(config: MergeConfig, slot: _Slot, sources: Mapping[str, ModelSource], arch: Architecture,
-              input_dtype: torch.dtype | None, out_dtype: torch.dtype, random_seed: int | None) -> TensorJob:
+              input_dtype: torch.dtype | None, out_dtype: torch.dtype, random_seed: int | None,
+              vocab: VocabAlignment | None) -> TensorJob:
     spec = config.method
     merged = [(s, n) for s, n in slot.inputs if not (spec.uses_base and s.model == slot.slice.base_model)]
     reads = _tensors_to_read(slot, sources, arch)
@@ -214,11 +227,14 @@ def _make_job(config: MergeConfig, slot: _Slot, sources: Mapping[str, ModelSourc
     per_model = tuple({p.name: resolve_param(p, spec.name, name, slot.t, config.parameter_levels(slot.slice, src),
                                              src.model, slot.output_name)
                        for p in spec.per_model_params} for src, name in merged)
-    shape = _common_shape(slot.output_name, ([base] if base else []) + list(inputs), sources)
+    aligned = vocab if vocab is not None and slot.output_name in (arch.embedding_name, arch.head_name) else None
+    shape = _common_shape(slot.output_name, ([base] if base else []) + list(inputs), sources, aligned is not None)
+    if aligned is not None:
+        shape = (aligned.size, *shape[1:])
     job_out_dtype, job_input_dtype = _job_dtypes(slot.output_name, spec, ([base] if base else []) + list(inputs),
                                                  per_model, sources, input_dtype, out_dtype)
     return TensorJob(slot.output_name, spec, inputs, base, global_params, per_model, shape, job_out_dtype,
-                     job_input_dtype, _seed(random_seed, slot.output_name) if spec.randomized else None)
+                     job_input_dtype, _seed(random_seed, slot.output_name) if spec.randomized else None, aligned)
 
 
 def _tensors_to_read(slot: _Slot, sources: Mapping[str, ModelSource],
@@ -247,11 +263,13 @@ def _tensors_to_read(slot: _Slot, sources: Mapping[str, ModelSource],
     return reads
 
 
-def _common_shape(output_name: str, refs: list[TensorRef], sources: Mapping[str, ModelSource]) -> tuple[int, ...]:
+def _common_shape(output_name: str, refs: list[TensorRef], sources: Mapping[str, ModelSource],
+                  rows_aligned: bool = False) -> tuple[int, ...]:
+    """The inputs' shape; with `rows_aligned` (vocabulary rows mapped on read) the row counts may differ."""
     shape = sources[refs[0].model].meta(refs[0].name)[0]
     for r in refs[1:]:
         other = sources[r.model].meta(r.name)[0]
-        if other != shape:
+        if (other[1:] != shape[1:]) if rows_aligned else (other != shape):
             raise PlanError(f"tensor {output_name!r}: shape mismatch, {refs[0].model}:{refs[0].name} is "
                             f"{list(shape)} but {r.model}:{r.name} is {list(other)}; these models cannot be "
                             "merged tensor by tensor (different sizes or vocabularies)")

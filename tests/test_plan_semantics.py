@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -286,7 +286,8 @@ def test_int8_tensors_are_an_error_for_arithmetic_methods(quantized, tmp_path):
 def test_output_dtype_is_one_dtype(zoo, tmp_path):
     mixed = edited(zoo["a"], tmp_path / "mixed", lambda w: w.__setitem__(NORM, w[NORM].bfloat16()))
     cfg = {"merge_method": "linear", "models": [{"model": str(mixed)}, {"model": str(zoo["b"])}]}
-    with pytest.raises(PlanError, match=r"several dtypes \(float32 \(\d+ tensors\), bfloat16 \(1 tensors\)\).*out_dtype"):
+    with pytest.raises(PlanError, match=r"several dtypes \(float32 \(\d+ tensors\), bfloat16 \(1 tensors\)\)"
+                                        ".*out_dtype"):
         plan_merge(parse_recipe(cfg), QUIET)
     out = weights(run_merge(parse_recipe({**cfg, "out_dtype": "float16"}), tmp_path / "out", QUIET))
     assert {t.dtype for t in out.values()} == {torch.float16}
@@ -309,7 +310,7 @@ def test_print_plan_lists_every_tensor_with_its_inputs(zoo, tmp_path, capsys):
                                "model.layers.2.mlp.up_proj.weight)") for line in lines)
     assert any(line.startswith(f"model.layers.2.self_attn.q_proj.weight [32, 32] bfloat16 <- passthrough({b_path}:"
                                "model.layers.0.self_attn.q_proj.weight)") for line in lines)
-    assert any(line.startswith(f"lm_head.weight [") and f"({b_path}:lm_head.weight)" in line for line in lines)
+    assert any(line.startswith("lm_head.weight [") and f"({b_path}:lm_head.weight)" in line for line in lines)
     assert not (tmp_path / "out").exists()
 
 
