@@ -219,6 +219,17 @@ def test_tensor_missing_from_the_reference_is_an_error_before_any_read(zoo, tmp_
     assert reads == [] and not (tmp_path / "out").exists()
 
 
+def test_missing_tensor_via_the_cli_is_one_error_line_and_exit_2(zoo, tmp_path, capsys):
+    missing = layer(2, "self_attn.v_proj.weight")
+    a = edited(zoo["a"], tmp_path / "a_missing", lambda w: w.pop(missing))
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(json.dumps({"merge_method": "linear", "models": [{"model": str(zoo["b"])}, {"model": str(a)}]}))
+    assert cli_main([str(recipe), str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mergekit-yaml: error: model ") and missing in err[0]
+    assert not (tmp_path / "out").exists()
+
+
 def test_tensor_only_another_model_has_is_an_error_naming_both(zoo, tmp_path):
     extra = layer(0, "mlp.extra_scale.weight")
     b = edited(zoo["b"], tmp_path / "b_extra", lambda w: w.__setitem__(extra, torch.ones(4)))
