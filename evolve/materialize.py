@@ -25,6 +25,7 @@ from merge_engine.io.loader import ModelSource
 from merge_engine.merge import open_sources, plan_merge, run_merge, write_plan
 from merge_engine.options import MergeOptions
 from merge_engine.plan import MergePlan
+from merge_engine.tokenizer import OutputTokenizer, plan_output_tokenizer
 
 
 class ModelSink:
@@ -70,11 +71,15 @@ class InMemoryMaterializer:
         self.options = MergeOptions(device=device, random_seed=random_seed, allow_crimes=allow_crimes,
                                     progress=False)
         self._sources: dict[str, ModelSource] = {}
+        self._tokenizers: dict[str, OutputTokenizer] = {}  # vocabulary alignments, planned once per model set
         self._sink = ModelSink(self.model)
 
     def materialize(self, config: MergeConfig) -> tuple[Any, Any]:
         self._sources = open_sources(config.referenced_models(), self.options, cache=True, opened=self._sources)
-        plan, _ = plan_merge(config, self.options, self._sources)
+        key = repr((config.referenced_models(), config.base_model, config.tokenizer_source, config.tokenizer))
+        if key not in self._tokenizers:
+            self._tokenizers[key] = plan_output_tokenizer(config, self._sources, self.options.trust_remote_code)
+        plan, _ = plan_merge(config, self.options, self._sources, self._tokenizers[key])
         write_plan(plan, self._sources, self._sink.open, self.options)
         return self.model, self.tokenizer
 

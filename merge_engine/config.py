@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -95,9 +95,38 @@ class SliceView:
     path: str | None  # slices[0]; None for a `models:` recipe
 
 
+class ZeroTokenSource(_Frozen):
+    """`tokenizer.tokens.<token>.source: {kind: zero}`: an all-zero row."""
+
+    kind: Literal["zero"]
+
+
+class ModelTokenSource(_Frozen):
+    """`{kind: model_token, model: ..., token: ... | token_id: ...}`: the row of a token of a model."""
+
+    kind: Literal["model_token"]
+    model: str
+    token_id: int | None = None
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one_token(self) -> ModelTokenSource:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give exactly one of `token` or `token_id`")
+        return self
+
+
+class TokenEmbeddingConfig(_Frozen):
+    """Where the embedding / lm_head row of one output token comes from (merge_engine/tokenizer.py)."""
+
+    source: ZeroTokenSource | ModelTokenSource | str | None = None
+    force: bool = False
+
+
 class TokenizerConfig(_Frozen):
-    source: str = "base"
-    pad_to_multiple_of: int | None = None
+    source: str = "union"  # mergekit's default for a `tokenizer:` block
+    tokens: dict[str, TokenEmbeddingConfig] | None = None
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)
 
 
 class MergeConfig(_Frozen):

@@ -38,6 +38,10 @@ def execute_job(job: TensorJob, sources: Mapping[str, ModelSource], device: torc
 
     tensors = [read(r) for r in job.inputs]
     base = read(job.base) if job.base else None
+    if job.vocab is not None:  # embedding / lm_head rows -> the output vocabulary (merge_engine/tokenizer.py)
+        models = [r.model for r in job.inputs] + ([job.base.model] if job.base else [])
+        aligned = job.vocab.align(models, tensors + ([base] if base is not None else []))
+        tensors, base = aligned[: len(job.inputs)], (aligned[-1] if base is not None else None)
     kwargs = {_kwarg(k): v for k, v in job.global_params.items()}
     for p in spec.per_model_params:
         kwargs[_kwarg(p.name)] = [m[p.name] for m in job.per_model_params]

@@ -25,6 +25,7 @@ from .io.output import atomic_directory, check_not_an_input
 from .io.writer import ShardedSafetensorsWriter, TensorLayout, TensorSink
 from .options import MergeOptions
 from .plan import MergePlan, build_plan
+from .tokenizer import OutputTokenizer, plan_output_tokenizer, write_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +41,15 @@ def open_sources(models: Iterable[str], options: MergeOptions, cache: bool = Fal
 
 
 def plan_merge(config: MergeConfig, options: MergeOptions | None = None,
-               sources: Mapping[str, ModelSource] | None = None) -> tuple[MergePlan, Mapping[str, ModelSource]]:
-    """The recipe's plan against its models (opened here unless given)."""
+               sources: Mapping[str, ModelSource] | None = None,
+               tokenizer: OutputTokenizer | None = None) -> tuple[MergePlan, Mapping[str, ModelSource]]:
+    """The recipe's plan against its models (opened here unless given), with the output
+    vocabulary's alignment (planned here unless given)."""
     options = options or MergeOptions()
     if sources is None:
         sources = open_sources(config.referenced_models(), options)
-    return build_plan(config, sources, options.random_seed, options.allow_crimes), sources
+    tokenizer = tokenizer or plan_output_tokenizer(config, sources, options.trust_remote_code)
+    return build_plan(config, sources, options.random_seed, options.allow_crimes, tokenizer.alignment), sources
 
 
 def write_plan(plan: MergePlan, sources: Mapping[str, ModelSource], open_sink: SinkOpener,
@@ -78,16 +82,17 @@ def run_merge(config: MergeConfig, out_path: str | Path, options: MergeOptions |
     out_path = Path(out_path)
     sources = open_sources(config.referenced_models(), options)
     check_not_an_input(out_path, [s.path for s in sources.values()])
-    plan, _ = plan_merge(config, options, sources)  # fails before anything is created
-    tok_source = artifacts.tokenizer_source(config, plan.reference_model) if options.copy_tokenizer else None
+    tokenizer = plan_output_tokenizer(config, sources, options.trust_remote_code)
+    plan, _ = plan_merge(config, options, sources, tokenizer)  # fails before anything is created
     with atomic_directory(out_path) as tmp:
         write_plan(plan, sources, safetensors_sink(tmp, options.out_shard_size), options)
         reference = sources[plan.reference_model]
         artifacts.write_config(tmp, reference.config, plan.architecture.num_layers_key, plan.output_layer_sources,
-                               dtype_name(plan.out_dtype))
+                               dtype_name(plan.out_dtype),
+                               tokenizer.alignment.size if tokenizer.alignment is not None else None)
         artifacts.copy_generation_config(tmp, reference)
-        if tok_source is not None:
-            artifacts.write_tokenizer(tmp, sources[tok_source], config.chat_template, options.trust_remote_code)
+        if options.copy_tokenizer or tokenizer.copy_from is None:  # a built vocabulary is always written
+            write_tokenizer(tmp, tokenizer, config.chat_template)
         artifacts.write_card_and_recipe(tmp, config, options.write_model_card)
     log.info("wrote %d tensors, %d layers to %s", len(plan.jobs), plan.num_output_layers, out_path)
     return out_path

@@ -272,7 +272,7 @@ def _common_shape(output_name: str, refs: list[TensorRef], sources: Mapping[str,
         if (other[1:] != shape[1:]) if rows_aligned else (other != shape):
             raise PlanError(f"tensor {output_name!r}: shape mismatch, {refs[0].model}:{refs[0].name} is "
                             f"{list(shape)} but {r.model}:{r.name} is {list(other)}; these models cannot be "
-                            "merged tensor by tensor (different sizes or vocabularies)")
+                            "merged tensor by tensor (different sizes, or vocabularies: set tokenizer_source)")
     return shape
 
 

@@ -17,7 +17,7 @@ T = torch.tensor
 
 def run(name, tensors, base=None, generator=None, **params):
     spec = get_method(name)
-    return spec.fn([T(x, dtype=torch.float32) for x in tensors],
+    return spec([T(x, dtype=torch.float32) for x in tensors],
                    None if base is None else T(base, dtype=torch.float32),
                    generator=generator, **{_kwarg(k): v for k, v in params.items()})
 
@@ -53,7 +53,7 @@ def test_ties_trims_by_magnitude():
 
 def test_breadcrumbs_drops_outliers_and_small():
     delta = T([float(i) for i in range(1, 11)])
-    kept = sparsify.magnitude_outliers(delta, density=0.5, gamma=0.1)
+    kept = sparsify.magnitude_outliers(delta, density=0.5, gamma=0.1, rescale=False)
     assert close(kept, [0, 0, 0, 0, 5, 6, 7, 8, 9, 0])
 
 
@@ -114,20 +114,20 @@ def rand(*shape, seed=0):
 
 def test_one_model_linear_is_that_model():
     x = rand(8, 4)
-    assert torch.equal(get_method("linear").fn([x], None, weight=[0.7], normalize=True), x * 0.7 / 0.7)
+    assert torch.equal(get_method("linear")([x], None, weight=[0.7], normalize=True), x * 0.7 / 0.7)
 
 
 def test_ties_density_one_single_model_equals_task_arithmetic():
     base, x = rand(16, 8, seed=1), rand(16, 8, seed=2)
-    ties = get_method("ties").fn([x], base, weight=[0.6], density=[1.0], normalize=False)
-    ta = get_method("task_arithmetic").fn([x], base, weight=[0.6])
+    ties = get_method("ties")([x], base, weight=[0.6], density=[1.0], normalize=False)
+    ta = get_method("task_arithmetic")([x], base, weight=[0.6])
     assert torch.allclose(ties, ta)
 
 
 def test_dare_linear_density_one_equals_task_arithmetic():
     base, a, b = rand(32, seed=1), rand(32, seed=2), rand(32, seed=3)
-    dare = get_method("dare_linear").fn([a, b], base, weight=[0.3, 0.5], density=[1.0, 1.0])
-    ta = get_method("task_arithmetic").fn([a, b], base, weight=[0.3, 0.5])
+    dare = get_method("dare_linear")([a, b], base, weight=[0.3, 0.5], density=[1.0, 1.0])
+    ta = get_method("task_arithmetic")([a, b], base, weight=[0.3, 0.5])
     assert torch.allclose(dare, ta)
 
 
@@ -157,7 +157,7 @@ def test_della_keeps_large_entries_more_often_and_preserves_expectation():
 
 def test_ties_density_zero_returns_base():
     base, x = rand(10, seed=1), rand(10, seed=2)
-    out = get_method("ties").fn([x], base, weight=[1.0], density=[0.0])
+    out = get_method("ties")([x], base, weight=[1.0], density=[0.0])
     assert torch.equal(out, base)
 
 
@@ -192,7 +192,7 @@ def test_contract_identical_models_give_that_model(name, shape):
                 "breadcrumbs_ties"):
         kwargs["weight"] = [1.0 / n] * n  # unnormalised methods: weights summing to 1
     g = torch.Generator().manual_seed(0)
-    out = spec.fn([x.clone() for _ in range(n)], base, generator=g, **kwargs)
+    out = spec([x.clone() for _ in range(n)], base, generator=g, **kwargs)
     assert out.shape == x.shape
     assert torch.allclose(out, x, atol=1e-5), name
 
@@ -206,7 +206,7 @@ def test_contract_zero_task_vectors_give_base(name):
     for density in (0.0, 1.0):
         if "density" in kwargs:
             kwargs["density"] = [density] * n
-        out = spec.fn([base.clone() for _ in range(n)], base, generator=torch.Generator().manual_seed(0), **kwargs)
+        out = spec([base.clone() for _ in range(n)], base, generator=torch.Generator().manual_seed(0), **kwargs)
         assert torch.allclose(out, base, atol=1e-6), (name, density)
 
 

@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-ConsensusMethod = Literal["sum", "count"]
 
+def sign_agreement_mask(deltas: torch.Tensor, int8: bool = False) -> torch.Tensor:
+    """Elect a sign per entry by summed mass (TIES) and mark which models agree with it.
 
-def sign_agreement_mask(
-    deltas: torch.Tensor, method: ConsensusMethod = "sum", int8: bool = False
-) -> torch.Tensor:
-    """Elect a sign per entry and mark which models agree with it.
-
-    deltas: [n_models, *shape] (already weighted). Returns a mask of the same shape,
-    True (or 1 as int8) where a model's entry is non-zero and has the elected sign.
+    deltas: [n_models, *shape] (already weighted). Returns a bool mask of the same
+    shape, True where a model's entry is non-zero and has the elected sign (a sum of
+    exactly 0 elects +). ``int8`` keeps the sign scratch as int8 instead of deltas'
+    dtype (memory only, as mergekit's ``int8_mask``).
     """
-    mask_dtype = torch.int8 if int8 else deltas.dtype
-    signs = deltas.sign().to(mask_dtype)
-    if method == "sum":
-        elected = (deltas.sum(dim=0) >= 0).to(mask_dtype) * 2 - 1
-    elif method == "count":
-        elected = (signs.sum(dim=0) >= 0).to(mask_dtype) * 2 - 1
-    else:
-        raise ValueError(f"unknown consensus method {method!r}: expected 'sum' or 'count'")
-    return signs == elected
+    scratch = torch.int8 if int8 else deltas.dtype
+    elected = (deltas.sum(dim=0) >= 0).to(scratch) * 2 - 1  # elect sign: [*shape]
+    return deltas.sign().to(scratch) == elected  # disjoint: [n, *shape]

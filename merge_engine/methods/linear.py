@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
-from .spec import NORMALIZE_TRUE, WEIGHT, Floats, MethodSpec, ParamSpec, Tensors
+from .spec import NORMALIZE_TRUE, WEIGHT, Floats, MethodSpec, ParamSpec, Tensors, require_base
 
 
 def weighted_sum(tensors: Iterable[torch.Tensor], weights: Floats) -> torch.Tensor:
@@ -21,8 +21,8 @@ def weighted_sum(tensors: Iterable[torch.Tensor], weights: Floats) -> torch.Tens
 
 
 def linear(
-    tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, normalize: bool = True,
-    generator: torch.Generator | None = None
+    tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, normalize: bool,
+    generator: torch.Generator | None
 ) -> torch.Tensor:
     """sum_i weight_i * x_i, divided by sum_i weight_i when normalize."""
     merged = weighted_sum(tensors, weight)
@@ -35,47 +35,47 @@ def linear(
 
 
 def passthrough(
-    tensors: Tensors, base: torch.Tensor | None, *, scale: Floats, generator: torch.Generator | None = None
+    tensors: Tensors, base: torch.Tensor | None, *, scale: Floats, generator: torch.Generator | None
 ) -> torch.Tensor:
     """Copy the single input tensor, optionally scaled (used by frankenmerges)."""
     return tensors[0] * scale[0] if scale[0] != 1.0 else tensors[0]
 
 
 def nearswap(
-    tensors: Tensors, base: torch.Tensor | None, *, t: float, generator: torch.Generator | None = None
+    tensors: Tensors, base: torch.Tensor | None, *, t: float, generator: torch.Generator | None
 ) -> torch.Tensor:
     """Take the other model's value where it is close to the base (|diff| < t):
-    w = clamp(t / |base - other|, 0, 1); result = w * other + (1 - w) * base."""
-    other = tensors[0]
-    w = t / (base - other).abs()
-    w = torch.nan_to_num(w, nan=1.0, posinf=1.0, neginf=1.0).clamp(0.0, 1.0)
+    w = clamp(t / max(|base - other|, 1e-6), 0, 1); result = w * other + (1 - w) * base."""
+    other, base = tensors[0], require_base(base, "nearswap")
+    w = (t / (base - other).abs().clamp(min=1e-6)).clamp(0.0, 1.0)
     return w * other + (1.0 - w) * base
 
 
 def model_stock(
-    tensors: Tensors, base: torch.Tensor | None, *, filter_wise: bool = False,
-    generator: torch.Generator | None = None
+    tensors: Tensors, base: torch.Tensor | None, *, filter_wise: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
     """Model Stock: interpolate between the base and the average of the fine-tunes with
-    t = N cos / (1 + (N - 1) cos), cos the mean pairwise cosine of task vectors."""
-    n = len(tensors)
-    deltas = torch.stack([t - base for t in tensors])  # [n, *shape]
-    if filter_wise and base.dim() >= 2:
-        flat = deltas.reshape(n, base.shape[0], -1)  # [n, rows, cols]
+    t = N cos / (1 + (N - 1) cos), cos the mean pairwise cosine of task vectors (over
+    the whole tensor, or per vector along the last dim when filter_wise). Where the
+    denominator vanishes (|.| < 1e-6) the base is kept."""
+    n, base = len(tensors), require_base(base, "model_stock")
+    if filter_wise:
+        flat = [(t - base).reshape(1, -1) if base.dim() < 2 else t - base for t in tensors]  # [..., last]
     else:
-        flat = deltas.reshape(n, 1, -1)  # [n, 1, numel]
-    unit = flat / flat.norm(dim=-1, keepdim=True).clamp(min=1e-8)
-    cos_sum = torch.zeros(flat.shape[1], dtype=flat.dtype, device=flat.device)
-    pairs = 0
+        flat = [(t - base).reshape(-1) for t in tensors]  # [numel]
+    pair_cos = []
     for i in range(n):
         for j in range(i + 1, n):
-            cos_sum += (unit[i] * unit[j]).sum(dim=-1)
-            pairs += 1
-    cos = (cos_sum / pairs).clamp(-1.0, 1.0)  # [rows] or [1]
-    t = (n * cos) / (1.0 + (n - 1) * cos).clamp(min=1e-8)
-    t = t.view(-1, *([1] * (base.dim() - 1))) if filter_wise and base.dim() >= 2 else t.reshape(())
-    average = torch.stack(list(tensors)).mean(dim=0)
-    return t * average + (1.0 - t) * base
+            norms = flat[i].norm(dim=-1) * flat[j].norm(dim=-1)
+            pair_cos.append(((flat[i] * flat[j]).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1.0, 1.0))
+    cos = torch.stack(pair_cos).mean(dim=0).unsqueeze(-1)  # [..., 1]
+    denominator = 1.0 + (n - 1) * cos
+    singular = denominator.abs() < 1e-6
+    ratio = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, 1.0, denominator))
+    if not filter_wise or base.dim() < 2:
+        ratio = ratio.reshape(())
+    average = weighted_sum(tensors, [1.0] * n) / n
+    return ratio * average + (1.0 - ratio) * base
 
 
 SPECS = (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .consensus import sign_agreement_mask
-from .spec import INT8_MASK, MethodSpec, ParamSpec, Tensors
+from .spec import INT8_MASK, MethodSpec, ParamSpec, Tensors, require_base
 
 
 def _variance_mask(deltas: torch.Tensor, select_topk: float) -> torch.Tensor:
@@ -19,21 +19,20 @@ def _variance_mask(deltas: torch.Tensor, select_topk: float) -> torch.Tensor:
 
 
 def sce(
-    tensors: Tensors, base: torch.Tensor | None, *, select_topk: float = 1.0, int8_mask: bool = False,
-    generator: torch.Generator | None = None
+    tensors: Tensors, base: torch.Tensor | None, *, select_topk: float, int8_mask: bool,
+    generator: torch.Generator | None
 ) -> torch.Tensor:
+    base = require_base(base, "sce")
     deltas = torch.stack([t - base for t in tensors])  # [n, *shape]
     if select_topk < 1.0:
         deltas = deltas * _variance_mask(deltas, select_topk)  # select
     energy = deltas.pow(2).reshape(len(tensors), -1).mean(dim=1)  # calculate: [n]
-    total = energy.sum()
-    weights = energy / total if total.abs() > 1e-12 else torch.full_like(energy, 1.0 / len(tensors))
+    total = energy.sum().item()
+    weights = energy / total if abs(total) >= 1e-6 else torch.full_like(energy, 1.0 / len(tensors))
     weights = weights.view(-1, *([1] * (deltas.dim() - 1)))
-    agree = sign_agreement_mask(deltas, "sum", int8=int8_mask).to(deltas.dtype)  # erase
+    agree = sign_agreement_mask(deltas, int8=int8_mask).to(deltas.dtype)  # erase
     kept_weights = weights * agree
-    divisor = kept_weights.sum(dim=0)
-    divisor[divisor.abs() < 1e-12] = 1.0
-    return base + (deltas * kept_weights).sum(dim=0) / divisor  # merge
+    return base + (deltas * kept_weights).sum(dim=0) / kept_weights.sum(dim=0).clamp(min=1e-6)  # merge
 
 
 SPECS = (

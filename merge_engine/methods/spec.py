@@ -7,8 +7,10 @@ parameters.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Literal, Sequence
+import keyword
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
@@ -36,16 +38,17 @@ class ParamSpec:
 class MethodSpec:
     """A merge method: its pure tensor function and the parameters it takes.
 
-    ``fn(tensors, base, params, per_model, generator)`` receives
-    ``tensors``: list of same-shape tensors, one per input model (the base model
-    excluded when ``uses_base``); ``base``: the base tensor or None;
-    ``params``: resolved global parameters; ``per_model``: one dict of resolved
-    per-model parameters for each tensor; ``generator``: a seeded torch.Generator
-    for methods that sample.
+    ``fn(tensors, base, *, generator, **params)`` receives ``tensors``: list of
+    same-shape tensors, one per input model (the base model excluded when
+    ``uses_base``); ``base``: the base tensor or None; ``generator``: a seeded
+    torch.Generator for methods that sample (else None); and every parameter of
+    the spec as a keyword (``kwarg_name``): global ones as values, per-model ones
+    as one value per tensor. Defaults live here, in the spec, not in ``fn``'s
+    signature: call the spec itself to have them filled in.
     """
 
     name: str
-    fn: Callable[..., "object"]
+    fn: Callable[..., torch.Tensor]
     params: tuple[ParamSpec, ...]
     paper: str
     description: str
@@ -54,8 +57,28 @@ class MethodSpec:
     min_models: int = 1  # non-base models
     max_models: int | None = None
     randomized: bool = False
-    aliases: tuple[str, ...] = ()
-    extra: dict[str, object] = field(default_factory=dict)
+
+    def __call__(self, tensors: Tensors, base: torch.Tensor | None, *,
+                 generator: torch.Generator | None = None, **params: Any) -> torch.Tensor:
+        """Run the method with the spec's defaults for the parameters not given
+        (per-model defaults repeated for each tensor). Parameter names as in
+        recipes or as keywords (``lambda`` or ``lambda_``)."""
+        by_kwarg = {kwarg_name(p.name): p.name for p in self.params}
+        given = {by_kwarg.get(k, k): v for k, v in params.items()}
+        unknown = sorted(set(given) - set(by_kwarg.values()))
+        if unknown:
+            raise TypeError(f"{self.name} has no parameter(s) {unknown} "
+                            f"(it takes: {', '.join(by_kwarg.values())})")
+        kwargs: dict[str, Any] = {}
+        for p in self.params:
+            if p.name in given:
+                value = given[p.name]
+            elif p.required:
+                raise TypeError(f"{self.name}: parameter {p.name!r} is required")
+            else:
+                value = [p.default] * len(tensors) if p.scope == "per_model" else p.default
+            kwargs[kwarg_name(p.name)] = value
+        return self.fn(tensors, base, generator=generator, **kwargs)
 
     def param(self, name: str) -> ParamSpec | None:
         for p in self.params:
@@ -72,6 +95,18 @@ class MethodSpec:
         return tuple(p for p in self.params if p.scope == "global")
 
 
+def require_base(base: torch.Tensor | None, method: str) -> torch.Tensor:
+    """The base tensor of a method that cannot work without one."""
+    if base is None:
+        raise ValueError(f"{method} needs a base model tensor (set base_model)")
+    return base
+
+
+def kwarg_name(name: str) -> str:
+    """The keyword a method function takes a recipe parameter by (``lambda`` -> ``lambda_``)."""
+    return f"{name}_" if keyword.iskeyword(name) else name
+
+
 # Shared parameter definitions: methods compose these instead of re-declaring.
 WEIGHT = ParamSpec("weight", "per_model", default=1.0, search=(0.0, 1.0),
                    help="scale of this model's contribution")
@@ -86,12 +121,14 @@ NORMALIZE_FALSE = ParamSpec("normalize", "global", "bool", default=False,
 LAMBDA = ParamSpec("lambda", "global", default=1.0,
                    help="scale of the merged task vector")
 INT8_MASK = ParamSpec("int8_mask", "global", "bool", default=False,
-                      help="store sign masks as int8 (memory only; results are identical)")
-RESCALE_TRUE = ParamSpec("rescale", "global", "bool", default=True,
-                         help="divide kept entries by their keep probability")
+                      help="sign-election scratch as int8 (memory only; no effect without sign consensus)")
+_RESCALE_HELP = ("rescale what sparsification keeps: by 1/keep probability when sampled (DARE, DELLA), "
+                 "to the task vector's L1 norm when trimmed by magnitude (TIES, breadcrumbs)")
+RESCALE_TRUE = ParamSpec("rescale", "global", "bool", default=True, help=_RESCALE_HELP)
+RESCALE_FALSE = ParamSpec("rescale", "global", "bool", default=False, help=_RESCALE_HELP)
 GAMMA = ParamSpec("gamma", "per_model", default=0.01, bounds=(0.0, 1.0),
                   help="fraction of largest-magnitude entries removed as outliers")
 EPSILON = ParamSpec("epsilon", "per_model", default=0.15, bounds=(0.0, 1.0),
                     help="spread of keep probabilities around density by magnitude rank")
-T = ParamSpec("t", "global", required=True, bounds=(0.0, 1.0), search=(0.0, 1.0),
-              help="interpolation factor: 0 is the base model, 1 the other")
+T = ParamSpec("t", "global", required=True, search=(0.0, 1.0),
+              help="interpolation factor: 0 is the base model, 1 the other (outside [0, 1] extrapolates)")

@@ -1,156 +1,191 @@
 """Spherical interpolation: slerp, nuslerp, multislerp, karcher.
 
-Tensors are treated as points on a hypersphere (flattened, or row by row);
+Tensors are treated as points on a hypersphere (flattened, or vector by vector);
 the merge interpolates directions along great circles and magnitudes linearly.
+Each function restates mergekit 0.1.5's arithmetic, thresholds and eps included
+(mergekit/merge_methods/{slerp,nuslerp,multislerp,karcher}.py).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .spec import T, WEIGHT, Floats, MethodSpec, ParamSpec, Tensors
+from .spec import WEIGHT, Floats, MethodSpec, ParamSpec, T, Tensors, require_base
 
-DOT_THRESHOLD = 0.9995
+SLERP_DOT_THRESHOLD = 0.9995  # slerp: |cos| above this interpolates linearly
+SLERP_EPS = 1e-8  # slerp: norms at or below this count as 1 (zero tensors stay zero)
+NUSLERP_NORM_EPS = 1e-7  # nuslerp: norms are clamped to at least this
+NUSLERP_EPS = 1e-8  # nuslerp: colinear (lerp) when 1 - cos^2 <= NUSLERP_EPS^2
+NUSLERP_T_EPS = 1e-6  # nuslerp: weights summing to less than this give t = 0.5
 
 
-def slerp_tensors(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-8) -> torch.Tensor:
-    """Great-circle interpolation between whole tensors a (t=0) and b (t=1),
-    falling back to lerp when they are nearly colinear."""
-    ua = a / a.norm().clamp(min=eps)
-    ub = b / b.norm().clamp(min=eps)
+def slerp_tensors(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """Great-circle interpolation between whole tensors a (t=0) and b (t=1); t outside
+    [0, 1] extrapolates. Nearly colinear or antipodal inputs interpolate linearly."""
+    norm_a, norm_b = a.norm(), b.norm()
+    ua = a / torch.where(norm_a > SLERP_EPS, norm_a, 1.0)
+    ub = b / torch.where(norm_b > SLERP_EPS, norm_b, 1.0)
     dot = (ua * ub).sum().clamp(-1.0, 1.0)
-    if dot.abs() > DOT_THRESHOLD:
+    if dot.abs() > SLERP_DOT_THRESHOLD:
         return (1.0 - t) * a + t * b
     theta = torch.arccos(dot)
     sin_theta = torch.sin(theta)
     return (torch.sin((1.0 - t) * theta) / sin_theta) * a + (torch.sin(t * theta) / sin_theta) * b
 
 
-def slerp_rows(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-8) -> torch.Tensor:
-    """slerp_tensors applied independently to each row of [rows, cols] tensors."""
-    ua = a / a.norm(dim=-1, keepdim=True).clamp(min=eps)
-    ub = b / b.norm(dim=-1, keepdim=True).clamp(min=eps)
-    dot = (ua * ub).sum(dim=-1, keepdim=True).clamp(-1.0, 1.0)
-    theta = torch.arccos(dot)
+def slerp_vectors(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """nuslerp's slerp of each vector along the last dim of a and b ([..., d])."""
+    ua = a / a.norm(dim=-1, keepdim=True).clamp(min=NUSLERP_NORM_EPS)
+    ub = b / b.norm(dim=-1, keepdim=True).clamp(min=NUSLERP_NORM_EPS)
+    cos = (ua * ub).sum(dim=-1, keepdim=True).clamp(-1.0, 1.0)  # [..., 1]
+    colinear = (1.0 - cos.square()) <= NUSLERP_EPS**2
+    theta = torch.arccos(torch.where(colinear, 0.0, cos))
     sin_theta = torch.sin(theta)
-    colinear = dot.abs() > DOT_THRESHOLD
-    s0 = torch.where(colinear, torch.full_like(dot, 1.0 - t), torch.sin((1.0 - t) * theta) / sin_theta)
-    s1 = torch.where(colinear, torch.full_like(dot, t), torch.sin(t * theta) / sin_theta)
-    return s0 * a + s1 * b
+    spherical = (torch.sin((1.0 - t) * theta) * a + torch.sin(t * theta) * b) / sin_theta
+    return torch.where(colinear, (1.0 - t) * a + t * b, spherical)
 
 
 def slerp(
-    tensors: Tensors, base: torch.Tensor | None, *, t: float, generator: torch.Generator | None = None
+    tensors: Tensors, base: torch.Tensor | None, *, t: float, generator: torch.Generator | None
 ) -> torch.Tensor:
     """Spherical interpolation from the base model (t=0) to the other model (t=1)."""
-    return slerp_tensors(base, tensors[0], t)
+    return slerp_tensors(require_base(base, "slerp"), tensors[0], t)
 
 
 def nuslerp(
-    tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, nuslerp_flatten: bool = True,
-    nuslerp_row_wise: bool = False, generator: torch.Generator | None = None
+    tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, nuslerp_flatten: bool,
+    nuslerp_row_wise: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """slerp between two models (or their task vectors when a base is given)
-    with t = weight_1 / (weight_0 + weight_1)."""
+    """slerp between two models (or their task vectors when a base is given) with
+    t = weight_1 / (weight_0 + weight_1), or 0.5 when the weights sum to ~0.
+
+    Unflattened, vectors lie along the last dim (the rows of a matrix); with
+    nuslerp_row_wise along dim 0 (the columns). That is mergekit's code, which is
+    the opposite of its documentation; recipes tuned on mergekit mean the same here.
+    """
     total = weight[0] + weight[1]
-    if abs(total) < 1e-8:
-        raise ValueError("nuslerp: the two weights sum to zero")
-    t = weight[1] / total
+    t = 0.5 if abs(total) < NUSLERP_T_EPS else weight[1] / total
     a, b = tensors
     if base is not None:
         a, b = a - base, b - base
-    if nuslerp_flatten or a.dim() < 2:
-        merged = slerp_tensors(a, b, t)
+    if nuslerp_flatten:
+        merged = slerp_vectors(a.reshape(-1), b.reshape(-1), t).reshape(a.shape)
     elif nuslerp_row_wise:
-        merged = slerp_rows(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), t).reshape(a.shape)
-    else:  # column-wise
-        merged = slerp_rows(a.transpose(0, -1), b.transpose(0, -1), t).transpose(0, -1)
+        merged = slerp_vectors(a.transpose(0, -1), b.transpose(0, -1), t).transpose(0, -1)
+    else:
+        merged = slerp_vectors(a, b, t)
     return merged if base is None else base + merged
 
 
-def _log_map(units: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """Tangent vectors at `mean` pointing to each unit vector. units: [n, d], mean: [d]."""
-    dots = (units * mean).sum(dim=-1, keepdim=True).clamp(-1.0, 1.0)
-    theta = torch.arccos(dots)
-    direction = units - dots * mean
-    scale = torch.where(theta > 1e-7, theta / torch.sin(theta).clamp(min=1e-12), torch.ones_like(theta))
-    return direction * scale
-
-
-def _exp_map(mean: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
-    norm = tangent.norm()
-    if norm < 1e-12:
-        return mean
-    moved = torch.cos(norm) * mean + torch.sin(norm) * tangent / norm
-    return moved / moved.norm().clamp(min=1e-12)
-
-
-def _spherical_mean(tensors: Tensors, weight: Floats, base: torch.Tensor | None, normalize_weights: bool,
-                    max_iter: int, tol: float, eps: float) -> torch.Tensor:
-    """Weighted Frechet (Karcher) mean of directions, scaled by the weighted mean norm.
-    max_iter=1 is one tangent-space step from the normalised Euclidean mean (multislerp)."""
-    stacked = torch.stack(list(tensors))
+def multislerp(
+    tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, normalize_weights: bool, eps: float,
+    generator: torch.Generator | None
+) -> torch.Tensor:
+    """Barycentric interpolation on the hypersphere (of task vectors with a base):
+    project the unit vectors onto the tangent space at their weighted mean direction
+    m (u - (u.m) m), average there, map back with the exponential map, and scale by
+    the weighted mean norm. Two inputs whose directions cancel, or inputs that are all
+    zero (task vectors of unchanged tensors), are combined linearly."""
+    if len(tensors) == 1:
+        return tensors[0]
+    stacked = torch.stack(list(tensors))  # [n, *shape]
     if base is not None:
         stacked = stacked - base
-    shape = stacked.shape[1:]
     flat = stacked.reshape(len(tensors), -1)  # [n, d]
     w = torch.tensor(list(weight), dtype=flat.dtype, device=flat.device)
     if normalize_weights:
         w = w / w.sum()
     norms = flat.norm(dim=-1, keepdim=True)  # [n, 1]
-    units = flat / norms.clamp(min=eps)
-    target_norm = (norms.squeeze(-1) * w).sum()
-    mean = (units * w[:, None]).sum(dim=0)
-    if mean.norm() < eps:  # directions cancel: no defined mean direction
-        merged = (flat * w[:, None]).sum(dim=0)
-    else:
-        mean = mean / mean.norm()
-        for _ in range(max_iter):
-            step = (_log_map(units, mean) * w[:, None]).sum(dim=0)
-            mean = _exp_map(mean, step)
-            if step.norm() < tol:
-                break
-        merged = mean * target_norm
-    merged = merged.reshape(shape)
-    return merged if base is None else base + merged
-
-
-def multislerp(
-    tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, normalize_weights: bool = True,
-    eps: float = 1e-8, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    return _spherical_mean(tensors, weight, base, normalize_weights, max_iter=1, tol=0.0, eps=eps)
+    units = flat / (norms + eps)
+    mean = (units * w[:, None]).sum(dim=0)  # [d]
+    mean_norm = mean.norm()
+    if mean_norm < eps:  # directions cancel: no mean direction
+        if len(tensors) != 2 and bool((norms > eps).any()):
+            raise ValueError("multislerp: the weighted mean direction is zero (antipodal inputs whose weights "
+                             "balance out); change the weights")
+        merged = (flat * w[:, None]).sum(dim=0).reshape(stacked.shape[1:])  # fall back to lerp
+        return merged if base is None else merged + base
+    mean = mean / mean_norm
+    dots = (units * mean).sum(dim=-1, keepdim=True)  # [n, 1]
+    tangent = ((units - dots * mean) * w[:, None]).sum(dim=0)  # project, average: [d]
+    tangent_norm = tangent.norm() + eps
+    direction = mean * torch.cos(tangent_norm) + tangent * (torch.sin(tangent_norm) / tangent_norm)
+    merged = (direction * (norms.squeeze(-1) * w).sum()).reshape(stacked.shape[1:])
+    return merged if base is None else merged + base
 
 
 def karcher(
-    tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, max_iter: int = 10, tol: float = 1e-5,
-    generator: torch.Generator | None = None
+    tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, max_iter: int, tol: float,
+    generator: torch.Generator | None
 ) -> torch.Tensor:
-    return _spherical_mean(tensors, weight, None, True, max_iter=int(max_iter), tol=tol, eps=1e-8)
+    """Weighted Karcher (Riemannian) mean of the directions of the models, the base
+    model included with weight 1, scaled by the weighted mean norm. Directions of
+    norm <= tol take no part in the mean (but count in the norm)."""
+    if base is not None:
+        tensors, weight = [*tensors, base], [*weight, 1.0]
+    if len(tensors) == 1:
+        return tensors[0]
+    total = float(sum(weight))
+    if total == 0.0:
+        raise ValueError("karcher: the weights sum to zero; give the models weights with a non-zero sum")
+    alphas = [float(w) / total for w in weight]
+    norms = [x.norm() for x in tensors]
+    valid = [i for i, n in enumerate(norms) if n.item() > tol]
+    if not valid:
+        return torch.zeros_like(tensors[0])
+    valid_total = sum(alphas[i] for i in valid)
+    if valid_total == 0.0:
+        raise ValueError("karcher: the models with non-zero tensors have weights summing to zero")
+    units = [(tensors[i] / norms[i]).reshape(-1) for i in valid]  # [d] each
+    coeffs = [alphas[i] / valid_total for i in valid]
+    mean = sum(a * u for a, u in zip(coeffs, units))
+    mean_norm = mean.norm()
+    mean = units[0].clone() if mean_norm.item() < tol else mean / mean_norm
+    for _ in range(int(max_iter)):
+        tangent = torch.zeros_like(mean)  # weighted log map of the units at mean
+        for a, u in zip(coeffs, units):
+            dot = torch.dot(mean, u).clamp(-1.0, 1.0)
+            theta = torch.arccos(dot)
+            if theta.item() < tol:
+                continue
+            tangent += a * (theta / torch.sin(theta)) * (u - dot * mean)
+        tangent_norm = tangent.norm()
+        if tangent_norm.item() < tol:
+            break
+        mean = torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)  # exp map
+        unit_norm = mean.norm()
+        if unit_norm.item() > tol:
+            mean = mean / unit_norm
+    scale = sum(a * n for a, n in zip(alphas, norms))
+    return (scale * mean).reshape(tensors[0].shape)
 
+
+_RELATIVE_WEIGHT = ParamSpec("weight", "per_model", required=True, search=(0.0, 1.0),
+                             help="this model's weight (relative to the others')")
 
 SPECS = (
     MethodSpec("slerp", slerp, (T,), "Shoemake 1985, Animating rotation with quaternion curves",
                "spherical interpolation between the base model and one other", requires_base=True,
                min_models=1, max_models=1),
     MethodSpec("nuslerp", nuslerp,
-               (WEIGHT,
+               (_RELATIVE_WEIGHT,
                 ParamSpec("nuslerp_flatten", "global", "bool", default=True, help="slerp whole tensors"),
                 ParamSpec("nuslerp_row_wise", "global", "bool", default=False,
-                          help="slerp row vectors instead of columns (when not flattened)")),
+                          help="when not flattened, slerp column vectors (dim 0) instead of rows, "
+                               "as mergekit's code does")),
                "mergekit nuslerp (generalises Shoemake 1985 slerp)",
                "slerp of two models or their task vectors, t from relative weights",
                min_models=2, max_models=2),
     MethodSpec("multislerp", multislerp,
-               (WEIGHT,
+               (_RELATIVE_WEIGHT,
                 ParamSpec("normalize_weights", "global", "bool", default=True, help="weights sum to one"),
                 ParamSpec("eps", "global", default=1e-8, bounds=(0.0, 1.0), help="numerical floor")),
-               "Buss & Fillmore 2001, Spherical averages and applications",
+               "Goddard, Multi-SLERP (goddard.blog/posts/multislerp-wow-what-a-cool-idea); Buss & Fillmore 2001",
                "barycentric spherical interpolation of any number of models (task vectors with a base)"),
     MethodSpec("karcher", karcher,
                (WEIGHT,
-                ParamSpec("max_iter", "global", "int", default=10, bounds=(1, 1000), help="Riemannian iterations"),
+                ParamSpec("max_iter", "global", "int", default=10, bounds=(0, 1000), help="Riemannian iterations"),
                 ParamSpec("tol", "global", default=1e-5, bounds=(0.0, 1.0), help="stop when the step is smaller")),
                "Karcher 1977, Riemannian center of mass and mollifier smoothing",
-               "Riemannian (Karcher) mean of the models on the hypersphere", uses_base=False),
+               "Riemannian (Karcher) mean of the models on the hypersphere, the base model included"),
 )

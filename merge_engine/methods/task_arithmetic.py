@@ -8,17 +8,34 @@ Each method is a composition of three steps on task vectors (delta_i = x_i - bas
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 
 from . import sparsify
 from .consensus import sign_agreement_mask
-from .linear import weighted_sum
 from .spec import (
-    DENSITY, EPSILON, GAMMA, INT8_MASK, LAMBDA, NORMALIZE_FALSE, NORMALIZE_TRUE,
-    RESCALE_TRUE, WEIGHT_REQUIRED, Floats, MethodSpec, ParamSpec, Tensors,
+    DENSITY,
+    EPSILON,
+    GAMMA,
+    INT8_MASK,
+    LAMBDA,
+    NORMALIZE_FALSE,
+    NORMALIZE_TRUE,
+    RESCALE_FALSE,
+    RESCALE_TRUE,
+    WEIGHT_REQUIRED,
+    Floats,
+    MethodSpec,
+    ParamSpec,
+    Tensors,
+    require_base,
 )
+
+# DELLA keep probabilities density +/- epsilon must stay inside (0, 1): with the default
+# epsilon 0.15, evolve searches density where that holds.
+DELLA_DENSITY = replace(DENSITY, search=(0.2, 0.8))
 
 Sparsifier = Callable[[torch.Tensor, int], torch.Tensor]  # (delta, model index) -> delta
 
@@ -35,19 +52,22 @@ def combine_task_vectors(
 ) -> torch.Tensor:
     """Steps 1-3 above. tensors: n x [*shape]; base: [*shape]."""
     if sparsifier is None and not consensus:  # plain task arithmetic: accumulate, no [n, *shape] stack
-        mixed = weighted_sum((t - base for t in tensors), weights)
-        total = float(sum(weights))
-        if normalize and abs(total) >= 1e-8:
-            mixed = mixed / total
+        # sum_i (w_i * delta_i), added in order: the rounding of a sum over a stack
+        mixed = (tensors[0] - base).mul_(float(weights[0]))
+        for x, weight in zip(tensors[1:], weights[1:]):
+            mixed.add_((x - base).mul_(float(weight)))
+        total = torch.tensor(list(weights), dtype=base.dtype).sum()
+        if normalize and total.abs() >= 1e-8:
+            mixed = mixed / total.to(mixed.device)
         return base + lambda_ * mixed
     deltas = torch.stack([t - base for t in tensors])  # [n, *shape]
     if sparsifier is not None:
         deltas = torch.stack([sparsifier(d, i) for i, d in enumerate(deltas)])
-    w = torch.tensor(list(weights), dtype=deltas.dtype, device=deltas.device)
-    w = w.view(-1, *([1] * (deltas.dim() - 1)))  # [n, 1, ...]
+    w = torch.tensor(list(weights), dtype=deltas.dtype, device=deltas.device).view(
+        -1, *([1] * (deltas.dim() - 1)))  # [n, 1, ...]
     weighted = deltas * w
     if consensus:
-        mask = sign_agreement_mask(weighted, "sum", int8=int8_mask).to(deltas.dtype)
+        mask = sign_agreement_mask(weighted, int8=int8_mask).to(deltas.dtype)
         mixed = (weighted * mask).sum(dim=0)
         divisor = (w * mask).sum(dim=0)
         divisor[divisor == 0] = 1.0
@@ -61,72 +81,71 @@ def combine_task_vectors(
 
 
 def task_arithmetic(
-    tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, normalize: bool = False,
-    lambda_: float = 1.0, int8_mask: bool = False, generator: torch.Generator | None = None
+    tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, normalize: bool, lambda_: float,
+    rescale: bool, int8_mask: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
-    return combine_task_vectors(tensors, base, weight, None, False, normalize, lambda_)
+    """rescale and int8_mask are accepted as mergekit does; without sparsification
+    or sign consensus they change nothing."""
+    return combine_task_vectors(tensors, require_base(base, "task_arithmetic"), weight, None, False, normalize, lambda_)
 
 
 def ties(
-    tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, density: Floats, normalize: bool = True,
-    lambda_: float = 1.0, int8_mask: bool = False, generator: torch.Generator | None = None
+    tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, density: Floats, normalize: bool,
+    lambda_: float, rescale: bool, int8_mask: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
-    trim = lambda d, i: sparsify.magnitude(d, density[i])  # noqa: E731
-    return combine_task_vectors(tensors, base, weight, trim, True, normalize, lambda_, int8_mask)
+    trim = lambda d, i: sparsify.magnitude(d, density[i], rescale)  # noqa: E731
+    return combine_task_vectors(tensors, require_base(base, "ties"), weight, trim, True, normalize, lambda_, int8_mask)
 
 
 def dare_ties(
-    tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, density: Floats, normalize: bool = False,
-    lambda_: float = 1.0, rescale: bool = True, int8_mask: bool = False,
-    generator: torch.Generator | None = None
+    tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, density: Floats, normalize: bool,
+    lambda_: float, rescale: bool, int8_mask: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
     drop = lambda d, i: sparsify.random_drop(d, density[i], rescale, generator)  # noqa: E731
-    return combine_task_vectors(tensors, base, weight, drop, True, normalize, lambda_, int8_mask)
+    return combine_task_vectors(tensors, require_base(base, "dare_ties"), weight, drop, True, normalize, lambda_, int8_mask)
 
 
 def dare_linear(
-    tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, density: Floats, normalize: bool = False,
-    lambda_: float = 1.0, rescale: bool = True, int8_mask: bool = False,
-    generator: torch.Generator | None = None
+    tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, density: Floats, normalize: bool,
+    lambda_: float, rescale: bool, int8_mask: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
+    """int8_mask is accepted as mergekit does; without sign consensus it changes nothing."""
     drop = lambda d, i: sparsify.random_drop(d, density[i], rescale, generator)  # noqa: E731
-    return combine_task_vectors(tensors, base, weight, drop, False, normalize, lambda_)
+    return combine_task_vectors(tensors, require_base(base, "dare_linear"), weight, drop, False, normalize, lambda_)
 
 
 def breadcrumbs(
     tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, density: Floats, gamma: Floats,
-    normalize: bool = False, lambda_: float = 1.0, int8_mask: bool = False,
-    generator: torch.Generator | None = None
+    normalize: bool, lambda_: float, rescale: bool, int8_mask: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
-    crumbs = lambda d, i: sparsify.magnitude_outliers(d, density[i], gamma[i])  # noqa: E731
-    return combine_task_vectors(tensors, base, weight, crumbs, False, normalize, lambda_)
+    """int8_mask is accepted as mergekit does; without sign consensus it changes nothing."""
+    crumbs = lambda d, i: sparsify.magnitude_outliers(d, density[i], gamma[i], rescale)  # noqa: E731
+    return combine_task_vectors(tensors, require_base(base, "breadcrumbs"), weight, crumbs, False, normalize, lambda_)
 
 
 def breadcrumbs_ties(
     tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, density: Floats, gamma: Floats,
-    normalize: bool = False, lambda_: float = 1.0, int8_mask: bool = False,
-    generator: torch.Generator | None = None
+    normalize: bool, lambda_: float, rescale: bool, int8_mask: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
-    crumbs = lambda d, i: sparsify.magnitude_outliers(d, density[i], gamma[i])  # noqa: E731
-    return combine_task_vectors(tensors, base, weight, crumbs, True, normalize, lambda_, int8_mask)
+    crumbs = lambda d, i: sparsify.magnitude_outliers(d, density[i], gamma[i], rescale)  # noqa: E731
+    return combine_task_vectors(tensors, require_base(base, "breadcrumbs_ties"), weight, crumbs, True, normalize, lambda_, int8_mask)
 
 
 def della(
     tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, density: Floats, epsilon: Floats,
-    normalize: bool = True, lambda_: float = 1.0, rescale: bool = True, int8_mask: bool = False,
-    generator: torch.Generator | None = None
+    normalize: bool, lambda_: float, rescale: bool, int8_mask: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
     prune = lambda d, i: sparsify.rank_magnitude_sampling(d, density[i], epsilon[i], rescale, generator)  # noqa: E731
-    return combine_task_vectors(tensors, base, weight, prune, True, normalize, lambda_, int8_mask)
+    return combine_task_vectors(tensors, require_base(base, "della"), weight, prune, True, normalize, lambda_, int8_mask)
 
 
 def della_linear(
     tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, density: Floats, epsilon: Floats,
-    normalize: bool = False, lambda_: float = 1.0, rescale: bool = True, int8_mask: bool = False,
-    generator: torch.Generator | None = None
+    normalize: bool, lambda_: float, rescale: bool, int8_mask: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
+    """int8_mask is accepted as mergekit does; without sign consensus it changes nothing."""
     prune = lambda d, i: sparsify.rank_magnitude_sampling(d, density[i], epsilon[i], rescale, generator)  # noqa: E731
-    return combine_task_vectors(tensors, base, weight, prune, False, normalize, lambda_)
+    return combine_task_vectors(tensors, require_base(base, "della_linear"), weight, prune, False, normalize, lambda_)
 
 
 def _spec(name: str, fn, params: tuple[ParamSpec, ...], paper: str, description: str, randomized=False):
@@ -135,10 +154,11 @@ def _spec(name: str, fn, params: tuple[ParamSpec, ...], paper: str, description:
 
 
 SPECS = (
-    _spec("task_arithmetic", task_arithmetic, (WEIGHT_REQUIRED, NORMALIZE_FALSE, LAMBDA, INT8_MASK),
+    _spec("task_arithmetic", task_arithmetic,
+          (WEIGHT_REQUIRED, NORMALIZE_FALSE, LAMBDA, RESCALE_FALSE, INT8_MASK),
           "Ilharco et al. 2023, Editing Models with Task Arithmetic (arXiv:2212.04089)",
           "base + lambda * sum_i weight_i * (model_i - base)"),
-    _spec("ties", ties, (WEIGHT_REQUIRED, DENSITY, NORMALIZE_TRUE, LAMBDA, INT8_MASK),
+    _spec("ties", ties, (WEIGHT_REQUIRED, DENSITY, NORMALIZE_TRUE, LAMBDA, RESCALE_FALSE, INT8_MASK),
           "Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)",
           "trim task vectors by magnitude, elect sign, disjoint weighted mean"),
     _spec("dare_ties", dare_ties, (WEIGHT_REQUIRED, DENSITY, NORMALIZE_FALSE, LAMBDA, RESCALE_TRUE, INT8_MASK),
@@ -147,18 +167,19 @@ SPECS = (
     _spec("dare_linear", dare_linear, (WEIGHT_REQUIRED, DENSITY, NORMALIZE_FALSE, LAMBDA, RESCALE_TRUE, INT8_MASK),
           "Yu et al. 2023, Language Models are Super Mario (DARE) (arXiv:2311.03099)",
           "random drop with rescale, then weighted sum of task vectors", randomized=True),
-    _spec("breadcrumbs", breadcrumbs, (WEIGHT_REQUIRED, DENSITY, GAMMA, NORMALIZE_FALSE, LAMBDA, INT8_MASK),
+    _spec("breadcrumbs", breadcrumbs,
+          (WEIGHT_REQUIRED, DENSITY, GAMMA, NORMALIZE_FALSE, LAMBDA, RESCALE_FALSE, INT8_MASK),
           "Davari & Belilovsky 2023, Model Breadcrumbs (arXiv:2312.06795)",
           "drop largest (gamma) and smallest entries, weighted sum of task vectors"),
     _spec("breadcrumbs_ties", breadcrumbs_ties,
-          (WEIGHT_REQUIRED, DENSITY, GAMMA, NORMALIZE_FALSE, LAMBDA, INT8_MASK),
+          (WEIGHT_REQUIRED, DENSITY, GAMMA, NORMALIZE_FALSE, LAMBDA, RESCALE_FALSE, INT8_MASK),
           "Davari & Belilovsky 2023, Model Breadcrumbs (arXiv:2312.06795)",
           "breadcrumbs sparsification, then TIES sign consensus"),
-    _spec("della", della, (WEIGHT_REQUIRED, DENSITY, EPSILON, NORMALIZE_TRUE, LAMBDA, RESCALE_TRUE, INT8_MASK),
+    _spec("della", della, (WEIGHT_REQUIRED, DELLA_DENSITY, EPSILON, NORMALIZE_TRUE, LAMBDA, RESCALE_TRUE, INT8_MASK),
           "Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)",
           "magnitude-rank sampled drop (MagPrune), TIES sign consensus", randomized=True),
     _spec("della_linear", della_linear,
-          (WEIGHT_REQUIRED, DENSITY, EPSILON, NORMALIZE_FALSE, LAMBDA, RESCALE_TRUE, INT8_MASK),
+          (WEIGHT_REQUIRED, DELLA_DENSITY, EPSILON, NORMALIZE_FALSE, LAMBDA, RESCALE_TRUE, INT8_MASK),
           "Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)",
           "magnitude-rank sampled drop (MagPrune), weighted sum", randomized=True),
 )

@@ -1,0 +1,237 @@
+"""Tokenizer handling as mergekit 0.1.5: byte-for-byte copies, chat templates, vocabulary
+alignment (tokenizer_source base / union / a model, tokenizer.tokens) and pad_to_multiple_of.
+
+The models are tiny Qwen2s with real byte-level BPE tokenizers trained here (Qwen2Tokenizer,
+with vocab.json and merges.txt as real Qwen2 repos ship them); "other" has a tokenizer trained
+on other text, so its vocabulary and ids differ from the base's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2TokenizerFast
+
+from merge_engine import MergeOptions, run_merge
+from merge_engine.config import parse_recipe
+from merge_engine.io.artifacts import CHAT_TEMPLATES
+from merge_engine.plan import PlanError
+
+QUIET = MergeOptions(progress=False)
+TEXT_A = ["Merging language models is an evolutionary search over recipes.",
+          "Hello world, hello merge! Tokenizers split text into pieces.", "The quick brown fox jumps."]
+TEXT_B = ["Zebras quietly paint yellow boxes with vivid jam.", "Hello world, this tokenizer was trained elsewhere."]
+SENTENCE = "Hello world, merging models is a search!"
+EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+def _bpe(texts: list[str], vocab_size: int) -> Qwen2TokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts * 4, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return Qwen2TokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                              unk_token=None, bos_token=None)
+
+
+def _save(path: Path, tok: Qwen2TokenizerFast, seed: int, like: Path | None = None) -> Path:
+    """A tiny Qwen2 whose vocabulary is `tok`'s; with `like`, its weights plus noise (rows of new tokens random)."""
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                         tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(config)
+    if like is not None:
+        state = load_file(str(like / "model.safetensors"))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                src = state[name]
+                rows = min(src.shape[0], p.shape[0]) if name in (EMBED, HEAD) else src.shape[0]
+                p[:rows] = src[:rows] + torch.randn_like(src[:rows]) * 0.02
+    model.save_pretrained(str(path), safe_serialization=True)
+    tok.save_pretrained(str(path))
+    tok.backend_tokenizer.model.save(str(path))  # vocab.json + merges.txt
+    return path
+
+
+@pytest.fixture(scope="module")
+def tz(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tokzoo")
+    base_tok = _bpe(TEXT_A, 300)
+    z = {"base": _save(root / "base", base_tok, 0)}
+    z["ft"] = _save(root / "ft", base_tok, 1, like=z["base"])
+    z["other"] = _save(root / "other", _bpe(TEXT_B, 280), 2)
+    added_tok = _bpe(TEXT_A, 300)
+    added_tok.add_tokens(["<tool>", "<calc>"])
+    z["added"] = _save(root / "added", added_tok, 3, like=z["base"])
+    return z
+
+
+def _merge(tmp_path: Path, name: str, **recipe) -> Path:
+    return run_merge(parse_recipe(recipe), tmp_path / name, QUIET)
+
+
+def _linear(*paths: Path, **extra) -> dict:
+    return {"merge_method": "linear", "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in paths],
+            **extra}
+
+
+def _w(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+def _vocab(path: Path) -> dict[str, int]:
+    return AutoTokenizer.from_pretrained(str(path)).get_vocab()
+
+
+def test_tokenizer_files_are_copied_byte_for_byte(tz, tmp_path):
+    out = _merge(tmp_path, "out", **_linear(tz["base"], tz["ft"]))
+    files = ["tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"]
+    for f in files:
+        assert (out / f).read_bytes() == (tz["base"] / f).read_bytes(), f
+    ids = AutoTokenizer.from_pretrained(str(tz["base"]))(SENTENCE)["input_ids"]
+    assert len(ids) > 5  # a BPE split, not one id per word
+    assert AutoTokenizer.from_pretrained(str(out))(SENTENCE)["input_ids"] == ids
+
+
+def test_a_chat_template_replaces_only_the_template(tz, tmp_path):
+    out = _merge(tmp_path, "out", **_linear(tz["base"], tz["ft"]), chat_template="chatml")
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
+        assert (out / f).read_bytes() == (tz["base"] / f).read_bytes(), f
+    assert (out / "chat_template.jinja").read_text() == CHAT_TEMPLATES["chatml"]
+    assert AutoTokenizer.from_pretrained(str(out)).chat_template == CHAT_TEMPLATES["chatml"]
+
+    # a tokenizer that keeps its template in tokenizer_config.json: only that field changes
+    legacy = tmp_path / "legacy"
+    shutil.copytree(tz["base"], legacy)
+    cfg = json.loads((legacy / "tokenizer_config.json").read_text())
+    (legacy / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": "{{ 'old' }}"}, indent=2))
+    out2 = _merge(tmp_path, "out2", **_linear(legacy, tz["ft"]), chat_template="alpaca")
+    written = json.loads((out2 / "tokenizer_config.json").read_text())
+    assert written.pop("chat_template") == CHAT_TEMPLATES["alpaca"]
+    assert written == cfg and not (out2 / "chat_template.jinja").exists()
+    assert (out2 / "tokenizer.json").read_bytes() == (tz["base"] / "tokenizer.json").read_bytes()
+
+
+def test_chat_template_auto_takes_the_most_common_template_of_the_models(tz, tmp_path):
+    with_template = tmp_path / "ft_chat"
+    shutil.copytree(tz["ft"], with_template)
+    (with_template / "chat_template.jinja").write_text("{{ messages[0]['content'] }} ft's template\n")
+    out = _merge(tmp_path, "out", **_linear(tz["base"], with_template), chat_template="auto")
+    assert AutoTokenizer.from_pretrained(str(out)).chat_template == "{{ messages[0]['content'] }} ft's template"
+
+
+def test_union_maps_each_models_rows_token_by_token(tz, tmp_path):
+    base, other = tz["base"], tz["other"]
+    out = _merge(tmp_path, "out", **_linear(base, other), tokenizer_source="union")
+    va, vb, vo = _vocab(base), _vocab(other), _vocab(out)
+    assert set(vo) == set(va) | set(vb) and len(vo) > len(va)
+    assert all(vo[t] == i for t, i in va.items())  # the base's ids are kept, new tokens appended
+    shared = [t for t in vb if t in va and va[t] != vb[t]]
+    only_a = [t for t in va if t not in vb]
+    only_b = [t for t in vb if t not in va]
+    assert shared and only_a and only_b
+    wa, wb, wo = _w(base), _w(other), _w(out)
+    assert wo[EMBED].shape[0] == len(vo) and json.loads((out / "config.json").read_text())["vocab_size"] == len(vo)
+    for name in (EMBED, HEAD):
+        for t in shared[:5]:  # both models have it: the mean of their rows (linear, weights 1 and 1)
+            torch.testing.assert_close(wo[name][vo[t]], (wa[name][va[t]] + wb[name][vb[t]]) / 2)
+        for t in only_a[:5]:  # one model has it: that model's row stands in for the other
+            torch.testing.assert_close(wo[name][vo[t]], wa[name][va[t]])
+        for t in only_b[:5]:
+            torch.testing.assert_close(wo[name][vo[t]], wb[name][vb[t]])
+    # the saved (re-serialized) BPE tokenizer still splits text as the base's does
+    assert AutoTokenizer.from_pretrained(str(out))(SENTENCE)["input_ids"] == \
+        AutoTokenizer.from_pretrained(str(base))(SENTENCE)["input_ids"]
+
+
+def test_base_or_model_source_with_added_tokens(tz, tmp_path):
+    base, added = tz["base"], tz["added"]
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(base),
+              "models": [{"model": str(added), "parameters": {"weight": 1.0}}]}
+    out = _merge(tmp_path, "out", **recipe, tokenizer_source="base")
+    wo, wx = _w(out), _w(added)
+    assert wo[EMBED].shape == (300, 16)  # the base vocabulary: added's extra rows are dropped
+    torch.testing.assert_close(wo[EMBED], wx[EMBED][:300])  # base + 1 * (added - base), row by row
+    assert (out / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
+
+    out2 = _merge(tmp_path, "out2", **recipe, tokenizer_source=str(added))
+    wo2 = _w(out2)
+    assert wo2[EMBED].shape == (302, 16)
+    vx = _vocab(added)
+    # the base lacks <tool>: its stand-in row is added's, so the task vector there is zero
+    torch.testing.assert_close(wo2[HEAD][vx["<tool>"]], wx[HEAD][vx["<tool>"]])
+    assert (out2 / "tokenizer.json").read_bytes() == (added / "tokenizer.json").read_bytes()
+    assert json.loads((out2 / "config.json").read_text())["vocab_size"] == 302
+
+
+@pytest.mark.parametrize("tokenizer", [{"source": "base", "pad_to_multiple_of": 64}, {"pad_to_multiple_of": 64}])
+def test_pad_to_multiple_of(tz, tmp_path, tokenizer):
+    out = _merge(tmp_path, "out", **_linear(tz["base"], tz["ft"]), tokenizer=tokenizer)
+    wo, wa, wf = _w(out), _w(tz["base"]), _w(tz["ft"])
+    for name in (EMBED, HEAD):
+        assert wo[name].shape == (320, 16)  # 300 tokens -> 5 x 64 rows
+        merged = (wa[name] + wf[name]) / 2
+        torch.testing.assert_close(wo[name][:300], merged)
+        torch.testing.assert_close(wo[name][300:], merged.mean(dim=0).expand(20, -1))  # padding: the mean row
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 320
+    assert (out / "tokenizer.json").read_bytes() == (tz["base"] / "tokenizer.json").read_bytes()
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    assert model.get_input_embeddings().weight.shape[0] == 320
+
+
+def test_tokens_set_rows_per_token(tz, tmp_path):
+    base, other = tz["base"], tz["other"]
+    va, vb = _vocab(base), _vocab(other)
+    shared = next(t for t in vb if t in va and va[t] != vb[t])
+    out = _merge(tmp_path, "out", **_linear(base, other), tokenizer={"source": "union", "tokens": {
+        "<brand_new>": {"source": {"kind": "zero"}},
+        shared: {"source": str(other), "force": True},
+        "<|im_end|>": {"source": {"kind": "model_token", "model": str(base), "token": "<|im_start|>"},
+                       "force": True}}})
+    vo, wo, wa, wb = _vocab(out), _w(out), _w(base), _w(other)
+    assert "<brand_new>" in vo
+    assert torch.count_nonzero(wo[EMBED][vo["<brand_new>"]]) == 0
+    torch.testing.assert_close(wo[EMBED][vo[shared]], wb[EMBED][vb[shared]])  # forced: other's row in every model
+    torch.testing.assert_close(wo[HEAD][vo["<|im_end|>"]], wa[HEAD][va["<|im_start|>"]])
+
+
+def test_different_vocabularies_without_a_tokenizer_source_name_the_fix(tz, tmp_path):
+    with pytest.raises(PlanError, match="tokenizer_source"):
+        _merge(tmp_path, "out", **_linear(tz["base"], tz["other"]))
+    assert not (tmp_path / "out").exists()
+
+
+def test_union_with_a_base_model_uses_the_bases_row_for_missing_tokens(tz, tmp_path):
+    base, ft, other = tz["base"], tz["ft"], tz["other"]
+    out = _merge(tmp_path, "out", merge_method="task_arithmetic", base_model=str(base), tokenizer_source="union",
+                 models=[{"model": str(ft), "parameters": {"weight": 1.0}},
+                         {"model": str(other), "parameters": {"weight": 1.0}}])
+    va, vb, vo = _vocab(base), _vocab(other), _vocab(out)
+    wa, wf, wb, wo = _w(base), _w(ft), _w(other), _w(out)
+    only_a = [t for t in va if t not in vb][:5]
+    only_b = [t for t in vb if t not in va][:5]
+    shared = [t for t in vb if t in va][:5]
+    for t in only_a:  # other lacks it: its stand-in is the base's row, so its task vector there is zero
+        torch.testing.assert_close(wo[EMBED][vo[t]], wf[EMBED][va[t]])
+    for t in only_b:  # base and ft lack it: other's row stands in for both, so base + (other - base) = other
+        torch.testing.assert_close(wo[EMBED][vo[t]], wb[EMBED][vb[t]])
+    for t in shared:
+        torch.testing.assert_close(wo[EMBED][vo[t]], wf[EMBED][va[t]] + wb[EMBED][vb[t]] - wa[EMBED][va[t]])
+
+
+def test_a_token_source_that_does_not_exist_is_refused_before_writing(tz, tmp_path):
+    from merge_engine.tokenizer import TokenizerError
+
+    with pytest.raises(TokenizerError, match=r"tokenizer.tokens.<x>.source.token: '<nope>' is not in the vocabulary"):
+        _merge(tmp_path, "out", **_linear(tz["base"], tz["ft"]), tokenizer={"source": "union", "tokens": {
+            "<x>": {"source": {"kind": "model_token", "model": str(tz["base"]), "token": "<nope>"}}}})
+    assert not (tmp_path / "out").exists()
