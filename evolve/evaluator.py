@@ -18,7 +18,7 @@ import torch
 
 from merge_engine.config import MergeConfig, parse_recipe
 
-from .candidate import InMemoryMaterializer, OnDiskMaterializer
+from .materialize import InMemoryMaterializer, OnDiskMaterializer
 from .config import TaskDefinition
 from .scoring import LmEvalScorer, Score, combine
 

@@ -15,10 +15,9 @@ from typing import Any
 import yaml
 
 from merge_engine.config import MergeConfig, parse_recipe
+from merge_engine.dtypes import RECIPE_DTYPES
 from merge_engine.io.references import open_model
 from merge_engine.reference import ModelPath, ModelReference, parse_reference
-
-FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 def absolute_reference(ref: str) -> str:
@@ -54,7 +53,7 @@ def _map_models(data: dict[str, Any], known: set[str]) -> dict[str, Any]:
 
 def _float_dtypes(ref: str) -> set[str]:
     source = open_model(ref)
-    return {source.meta(n)[1] for n in source.tensor_names()} & set(FLOAT_DTYPES)
+    return {source.meta(n)[1] for n in source.tensor_names()} & set(RECIPE_DTYPES)
 
 
 def export_recipe(recipe: MergeConfig, random_seed: int | None) -> MergeConfig:

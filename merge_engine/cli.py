@@ -8,7 +8,8 @@ import sys
 
 import torch
 
-from .config import DTYPES, RecipeError, load_recipe
+from .config import RecipeError, load_recipe
+from .dtypes import RECIPE_DTYPES
 from .executor import MergeError
 from .io.loader import ModelLoadError
 from .merge import plan_merge, run_merge
@@ -74,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write each base+adapter reference, merged, to a model directory here (mergekit's "
                         "naming) and reuse it on later runs; without it adapters are applied tensor by tensor "
                         "while merging and no merged copy is written")
-    s.add_argument("--lora-merge-dtype", default=None, choices=sorted(DTYPES),
+    s.add_argument("--lora-merge-dtype", default=None, choices=sorted(RECIPE_DTYPES),
                    help="dtype a LoRA's base tensors are read as before the adapter update (default: as stored)")
     d = p.add_argument_group("dangerous options")
     _flag(d, "allow-crimes", "allow merging models of different architectures (model_type)")

@@ -6,18 +6,18 @@ is reported together, each naming its YAML path (``models[1].parameters.weight``
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .dtypes import parse_recipe_dtype
+from .errors import RecipeError
 from .methods import REGISTRY, MethodSpec, get_method
 from .reference import normalize_reference
-
-DTYPES = ("float32", "float16", "bfloat16", "float64")
-DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16",
-                 "float": "float32", "fp64": "float64", "double": "float64"}
 
 Scalar = Union[bool, int, float, str]
 
@@ -27,13 +27,20 @@ class _Frozen(BaseModel):
 
 
 class ConditionalValue(_Frozen):
-    """One entry of a filter list: applies to tensors whose name contains ``filter``."""
+    """One entry of a filter list: applies to tensors whose name contains ``filter``
+    (no filter, or ``"*"``, matches every tensor)."""
 
     filter: str | None = None
-    value: Union[Scalar, list[float]]
+    value: Scalar | list[float]
 
 
-ParameterValue = Union[Scalar, list[ConditionalValue], list[float]]
+def _single_conditional_as_list(value: Any) -> Any:
+    """mergekit accepts one ``{filter: ..., value: ...}`` mapping where a filter list may go."""
+    return [value] if isinstance(value, dict) else value
+
+
+ParameterValue = Annotated[Scalar | list[ConditionalValue] | list[float],
+                           BeforeValidator(_single_conditional_as_list)]
 Parameters = dict[str, ParameterValue]
 
 
@@ -65,12 +72,32 @@ class OutputSlice(_Frozen):
     parameters: Parameters | None = None
 
     @model_validator(mode="after")
-    def _same_length(self) -> "OutputSlice":
+    def _same_length(self) -> OutputSlice:
         lengths = {s.layer_range[1] - s.layer_range[0] for s in self.sources}
         if len(lengths) > 1:
             ranges = ", ".join(f"{s.model} {list(s.layer_range)}" for s in self.sources)
             raise ValueError(f"all sources of a slice must span the same number of layers: {ranges}")
         return self
+
+
+@dataclass(frozen=True)
+class SourceView:
+    """One input of an output slice, as the planner sees it (a `models:` entry or a slice source)."""
+
+    model: str
+    layer_range: tuple[int, int] | None  # None: every layer of the model (a `models:` entry)
+    parameters: Parameters | None
+    path: str  # its YAML path: models[1] or slices[0].sources[1]
+
+
+@dataclass(frozen=True)
+class SliceView:
+    """One output slice: `models:` recipes are a single slice over every layer of each model."""
+
+    sources: tuple[SourceView, ...]
+    base_model: str | None  # the slice's own base_model, else the recipe's
+    parameters: Parameters | None
+    path: str | None  # slices[0]; None for a `models:` recipe
 
 
 class ZeroTokenSource(_Frozen):
@@ -128,23 +155,19 @@ class MergeConfig(_Frozen):
     @field_validator("dtype", "out_dtype")
     @classmethod
     def _known_dtype(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        v = DTYPE_ALIASES.get(v, v)
-        if v not in DTYPES:
-            raise ValueError(f"unknown dtype {v!r}: expected one of {', '.join(DTYPES)}")
-        return v
+        return None if v is None else parse_recipe_dtype(v)
 
     @model_validator(mode="after")
-    def _check_method_and_parameters(self) -> "MergeConfig":
+    def _check_method_and_parameters(self) -> MergeConfig:
         problems = validate_against_method(self)
         if problems:
             raise ValueError("\n".join(problems))
         return self
 
     # ---- views used by the planner -------------------------------------------------
-    @property
+    @cached_property
     def method(self) -> MethodSpec:
+        """The merge method's spec, looked up once."""
         return get_method(self.merge_method)
 
     @property
@@ -166,15 +189,25 @@ class MergeConfig(_Frozen):
                 names.append(s.base_model)
         return list(dict.fromkeys(names))
 
-    def as_slices(self) -> list[OutputSlice]:
-        """`models:` recipes are one slice spanning every layer; the layer count is
-        filled in by the planner (layer_range None is represented by (0, 0))."""
-        if self.slices is not None:
-            return list(self.slices)
-        return [OutputSlice.model_construct(
-            sources=[SliceSource.model_construct(model=m.model, layer_range=(0, 0), parameters=m.parameters)
-                     for m in self.models or []],
-            base_model=None, parameters=None)]
+    @cached_property
+    def output_slices(self) -> tuple[SliceView, ...]:
+        """The recipe as output slices: the one place `models:` becomes a slice."""
+        if self.slices is None:
+            return (SliceView(tuple(SourceView(m.model, None, m.parameters, f"models[{i}]")
+                                    for i, m in enumerate(self.models or [])),
+                              self.base_model, None, None),)
+        return tuple(SliceView(tuple(SourceView(src.model, src.layer_range, src.parameters,
+                                                f"slices[{i}].sources[{j}]") for j, src in enumerate(s.sources)),
+                               s.base_model or self.base_model, s.parameters, f"slices[{i}]")
+                     for i, s in enumerate(self.slices))
+
+    def parameter_levels(self, slc: SliceView, source: SourceView | None) -> list[tuple[str, Parameters]]:
+        """Where a parameter is looked up, highest precedence first, as (YAML path, block):
+        the slice source (or `models:` entry), the slice, the top-level `parameters:`.
+        `source` None: the levels of a global parameter."""
+        levels = [(f"{source.path}.parameters", source.parameters)] if source is not None else []
+        levels += [(f"{slc.path}.parameters", slc.parameters), ("parameters", self.parameters)]
+        return [(path, block) for path, block in levels if block]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
@@ -185,15 +218,10 @@ def _param_levels(cfg: MergeConfig) -> list[tuple[str, Parameters, str | None]]:
     levels: list[tuple[str, Parameters, str | None]] = []
     if cfg.parameters:
         levels.append(("parameters", cfg.parameters, None))
-    for i, m in enumerate(cfg.models or []):
-        if m.parameters:
-            levels.append((f"models[{i}].parameters", m.parameters, m.model))
-    for i, s in enumerate(cfg.slices or []):
-        if s.parameters:
-            levels.append((f"slices[{i}].parameters", s.parameters, None))
-        for j, src in enumerate(s.sources):
-            if src.parameters:
-                levels.append((f"slices[{i}].sources[{j}].parameters", src.parameters, src.model))
+    for slc in cfg.output_slices:
+        if slc.parameters:
+            levels.append((f"{slc.path}.parameters", slc.parameters, None))
+        levels += [(f"{src.path}.parameters", src.parameters, src.model) for src in slc.sources if src.parameters]
     return levels
 
 
@@ -233,8 +261,13 @@ def validate_against_method(cfg: MergeConfig) -> list[str]:
     if (cfg.models is None) == (cfg.slices is None):
         problems.append("models/slices: give exactly one of `models:` or `slices:`")
         return problems
-    if spec.requires_base and not cfg.base_model:
-        problems.append(f"base_model: merge_method {spec.name!r} needs a base_model")
+    if spec.requires_base:
+        lacking = [slc for slc in cfg.output_slices if not slc.base_model]
+        if lacking and not any(s.base_model for s in cfg.slices or []):
+            problems.append(f"base_model: merge_method {spec.name!r} needs a base_model")
+        else:
+            problems += [f"{slc.path}.base_model: merge_method {spec.name!r} needs a base_model (set it here or "
+                         "at the top level)" for slc in lacking]
     for path, params, model in _param_levels(cfg):
         for name, value in params.items():
             p = spec.param(name)
@@ -246,19 +279,15 @@ def validate_against_method(cfg: MergeConfig) -> list[str]:
                 problems.append(f"{path}.{name}: {name!r} is a global parameter of {spec.name}; "
                                 "set it under the top-level or slice `parameters:`")
             problems += _check_value(f"{path}.{name}", p.kind, p.bounds, value)
-    # model counts and required per-model parameters
-    if cfg.models is not None:
-        entries = [(f"models[{i}]", m.model, m.parameters) for i, m in enumerate(cfg.models)]
-        problems += _check_models(spec, cfg, entries, "models")
-    for i, s in enumerate(cfg.slices or []):
-        entries = [(f"slices[{i}].sources[{j}]", src.model, src.parameters) for j, src in enumerate(s.sources)]
-        problems += _check_models(spec, cfg, entries, f"slices[{i}]", s.parameters)
+    for slc in cfg.output_slices:
+        problems += _check_models(spec, cfg, slc)
     return problems
 
 
-def _check_models(spec: MethodSpec, cfg: MergeConfig, entries, where: str, slice_params=None) -> list[str]:
-    base = cfg.base_model
-    merged = [e for e in entries if not (spec.uses_base and e[1] == base)]
+def _check_models(spec: MethodSpec, cfg: MergeConfig, slc: SliceView) -> list[str]:
+    """Model counts of one slice, and required parameters set at some level for each model."""
+    merged = [src for src in slc.sources if not (spec.uses_base and src.model == slc.base_model)]
+    where = slc.path or "models"
     problems: list[str] = []
     if len(merged) < spec.min_models:
         problems.append(f"{where}: {spec.name} needs at least {spec.min_models} model(s) besides the base, "
@@ -269,19 +298,14 @@ def _check_models(spec: MethodSpec, cfg: MergeConfig, entries, where: str, slice
     for p in spec.per_model_params:
         if not p.required:
             continue
-        for path, _model, params in merged:
-            found = any(p.name in (blk or {}) for blk in (params, slice_params, cfg.parameters))
-            if not found:
-                problems.append(f"{path}.parameters.{p.name}: required by {spec.name} "
+        for src in merged:
+            if not any(p.name in block for _, block in cfg.parameter_levels(slc, src)):
+                problems.append(f"{src.path}.parameters.{p.name}: required by {spec.name} "
                                 f"(set it here or under the global `parameters:`)")
     for p in spec.global_params:
-        if p.required and not any(p.name in (blk or {}) for blk in (slice_params, cfg.parameters)):
+        if p.required and not any(p.name in block for _, block in cfg.parameter_levels(slc, None)):
             problems.append(f"parameters.{p.name}: required by {spec.name}")
     return problems
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot be used; the message lists every problem with its YAML path."""
 
 
 def format_location(loc: tuple[Any, ...]) -> str:

@@ -2,9 +2,11 @@
 
 Three stages overlap, each on its own thread, with at most one job of slack between them:
   read     a prefetch thread reads the next job's input tensors (storage dtype, e.g. bf16);
-  compute  this thread casts the inputs to float32 on the compute device (half-precision
-           arithmetic on CPU is slow and lossy), runs the method, checks the result is
-           finite and casts it to the job's output dtype;
+  compute  this thread rounds the inputs to the recipe's `dtype` if it gives one (as
+           mergekit casts its inputs), casts them to float32 on the compute device
+           (half-precision arithmetic on CPU is slow and lossy), runs the method, checks
+           the result is finite, rounds it to `dtype` again (mergekit's methods return
+           their inputs' dtype) and casts it to the job's output dtype;
   write    a writer thread hands results to the sink in plan order (bounded queue).
 An error in any stage stops the others and is raised here, unchanged, from execute_plan.
 Only the current job's tensors, the next job's inputs and a few results waiting to be
@@ -22,16 +24,14 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .errors import MergeError
 from .io.loader import ModelSource
 from .io.writer import TensorSink
-from .methods import get_method
 from .plan import TensorJob
 
 WRITE_QUEUE = 2  # merged tensors waiting for the writer before compute waits for it
 
-
-class MergeError(ValueError):
-    """A tensor could not be merged (non-finite result, method failure)."""
+__all__ = ["MergeError", "execute_job", "execute_plan"]
 
 
 def _kwarg(name: str) -> str:
@@ -62,10 +62,12 @@ def merge_tensors(job: TensorJob, stored: list[torch.Tensor | None], sources: Ma
                   device: torch.device) -> torch.Tensor:
     """Run the job's method on its inputs as read (read_inputs); returns the result in the
     output dtype. `stored` is emptied: each stored tensor is freed once its float32 copy exists."""
-    spec = get_method(job.method)
+    spec = job.method
     converted = []
     while stored:
         t = stored.pop(0)
+        if t is not None and job.input_dtype is not None:
+            t = t.to(job.input_dtype)
         converted.append(_float32(t, device) if t is not None else None)
         del t
     base, tensors = converted[0], converted[1:]
@@ -84,7 +86,7 @@ def merge_tensors(job: TensorJob, stored: list[torch.Tensor | None], sources: Ma
     try:
         merged = spec.fn(tensors, base, generator=generator, **kwargs)
     except (ValueError, RuntimeError) as e:
-        raise MergeError(f"tensor {job.output_name!r}: {job.method} failed: {e}") from None
+        raise MergeError(f"tensor {job.output_name!r}: {spec.name} failed: {e}") from None
     del tensors, base
     if not _is_finite(merged):
         refs = ([job.base] if job.base else [None]) + list(job.inputs)
@@ -94,6 +96,8 @@ def merge_tensors(job: TensorJob, stored: list[torch.Tensor | None], sources: Ma
                f"the parameters {job.global_params} {list(job.per_model_params)} produce NaN/inf "
                "(e.g. weights that sum to zero with normalize)")
         raise MergeError(f"tensor {job.output_name!r}: merged result is not finite; {why}")
+    if job.input_dtype is not None:  # mergekit's methods return their inputs' dtype: round the result to it too
+        merged = merged.to(job.input_dtype)
     return merged.to(job.out_dtype)
 
 

@@ -1,60 +1,100 @@
-"""run_merge: recipe + options -> a Hugging Face model directory, written atomically."""
+"""The engine's entry points.
+
+One path from a recipe to merged tensors, whatever receives them:
+:func:`plan_merge` plans the recipe against the opened models (every check that
+needs no tensor data happens there, ``--allow-crimes`` included) and
+:func:`write_plan` opens a sink for that plan and streams every merged tensor into
+it. :func:`run_merge` uses them with a sharded safetensors writer and writes the
+rest of a model directory around it; evolve's in-memory materializer uses them with
+a sink that copies into a resident model.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 from .config import MergeConfig
+from .dtypes import dtype_name
 from .executor import execute_plan
 from .io import artifacts
 from .io.loader import ModelSource
 from .io.references import open_model
 from .io.output import atomic_directory, check_not_an_input
-from .io.writer import ShardedSafetensorsWriter, TensorLayout
+from .io.writer import ShardedSafetensorsWriter, TensorLayout, TensorSink
 from .options import MergeOptions
 from .plan import MergePlan, build_plan
 from .tokenizer import OutputTokenizer, plan_output_tokenizer, write_tokenizer
 
 log = logging.getLogger(__name__)
 
+SinkOpener = Callable[[MergePlan], contextlib.AbstractContextManager[TensorSink]]
 
-def open_sources(config: MergeConfig, options: MergeOptions, cache: bool = False) -> dict[str, ModelSource]:
-    return {m: open_model(m, allow_pickle=options.allow_pickle, cache=cache, cache_dir=options.transformers_cache,
-                          lora_dtype=options.lora_merge_dtype, lora_merge_cache=options.lora_merge_cache)
-            for m in config.referenced_models()}
+
+def open_sources(models: Iterable[str], options: MergeOptions, cache: bool = False,
+                 opened: Mapping[str, ModelSource] | None = None) -> dict[str, ModelSource]:
+    """A ModelSource for each model reference (directory, hub id, base+LoRA), reusing those in `opened`."""
+    opened = opened or {}
+    return {m: opened[m] if m in opened else open_model(
+                m, allow_pickle=options.allow_pickle, cache=cache, cache_dir=options.transformers_cache,
+                lora_dtype=options.lora_merge_dtype, lora_merge_cache=options.lora_merge_cache)
+            for m in models}
 
 
 def plan_merge(config: MergeConfig, options: MergeOptions | None = None,
-               sources: dict[str, ModelSource] | None = None,
-               tokenizer: OutputTokenizer | None = None) -> tuple[MergePlan, dict[str, ModelSource]]:
+               sources: Mapping[str, ModelSource] | None = None,
+               tokenizer: OutputTokenizer | None = None) -> tuple[MergePlan, Mapping[str, ModelSource]]:
+    """The recipe's plan against its models (opened here unless given), with the output
+    vocabulary's alignment (planned here unless given)."""
     options = options or MergeOptions()
-    sources = sources or open_sources(config, options)
+    if sources is None:
+        sources = open_sources(config.referenced_models(), options)
     tokenizer = tokenizer or plan_output_tokenizer(config, sources, options.trust_remote_code)
     seed = options.random_seed if options.random_seed is not None else config.random_seed
     return build_plan(config, sources, seed, options.allow_crimes, tokenizer.alignment), sources
+
+
+def write_plan(plan: MergePlan, sources: Mapping[str, ModelSource], open_sink: SinkOpener,
+               options: MergeOptions) -> None:
+    """Open a sink for the plan and write every merged tensor into it."""
+    with open_sink(plan) as sink:
+        execute_plan(plan.jobs, sources, sink, options.device, options.progress)
+
+
+def safetensors_sink(out_dir: Path, max_shard_bytes: int) -> SinkOpener:
+    """Opens a sharded safetensors writer into out_dir for a plan; its index is written
+    when every tensor has arrived."""
+    @contextlib.contextmanager
+    def open_writer(plan: MergePlan) -> Iterator[TensorSink]:
+        layouts = [TensorLayout(j.output_name, j.shape, j.out_dtype) for j in plan.jobs]
+        writer = ShardedSafetensorsWriter(out_dir, layouts, max_shard_bytes)
+        try:
+            yield writer
+        except BaseException:
+            writer.abort()
+            raise
+        writer.finish()
+
+    return open_writer
 
 
 def run_merge(config: MergeConfig, out_path: str | Path, options: MergeOptions | None = None) -> Path:
     """Merge and write the model to out_path. Nothing is left at out_path on failure."""
     options = options or MergeOptions()
     out_path = Path(out_path)
-    sources = open_sources(config, options)
+    sources = open_sources(config.referenced_models(), options)
     check_not_an_input(out_path, [s.path for s in sources.values()])
     tokenizer = plan_output_tokenizer(config, sources, options.trust_remote_code)
-    plan, _ = plan_merge(config, options, sources, tokenizer)
-    layouts = [TensorLayout(j.output_name, j.shape, j.out_dtype) for j in plan.jobs]
+    plan, _ = plan_merge(config, options, sources, tokenizer)  # fails before anything is created
     with atomic_directory(out_path) as tmp:
-        writer = ShardedSafetensorsWriter(tmp, layouts, options.out_shard_size)
-        try:
-            execute_plan(plan.jobs, sources, writer, options.device, options.progress)
-        except BaseException:
-            writer.abort()
-            raise
-        writer.finish()
-        out_dtype = config.out_dtype or config.dtype or str(plan.jobs[0].out_dtype).removeprefix("torch.")
-        artifacts.write_config(tmp, plan.config_json, out_dtype)
-        artifacts.copy_generation_config(tmp, sources[plan.reference_model])
+        write_plan(plan, sources, safetensors_sink(tmp, options.out_shard_size), options)
+        reference = sources[plan.reference_model]
+        artifacts.write_config(tmp, reference.config, plan.architecture.num_layers_key, plan.output_layer_sources,
+                               dtype_name(plan.out_dtype),
+                               tokenizer.alignment.size if tokenizer.alignment is not None else None)
+        artifacts.copy_generation_config(tmp, reference)
         if options.copy_tokenizer or tokenizer.copy_from is None:  # a built vocabulary is always written
             write_tokenizer(tmp, tokenizer, config.chat_template)
         artifacts.write_card_and_recipe(tmp, config, options.write_model_card)

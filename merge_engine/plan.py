@@ -2,54 +2,74 @@
 
 Each :class:`TensorJob` says which tensors of which models go into one output tensor,
 with every parameter already resolved (precedence, filters, gradients). Executing a
-plan needs nothing else from the recipe.
+plan needs nothing else from the recipe. :func:`build_plan` takes these steps, in the
+order mergekit 0.1.5's planner does (``mergekit/plan.py``):
+
+1. the recipe's output slices, each source's layer range resolved (``models:`` recipes
+   span every layer of each model);
+2. the reference model (the base model, else the first source) and its architecture;
+   every model must be of the same type unless ``allow_crimes``;
+3. the output tensors, in order: the pre-layer tensors (embeddings) from the first
+   slice's models at gradient position t = 0, each slice's layers (t from 0 at its first
+   layer to 1 at its last), then the post-layer tensors (final norm, output head) from
+   the last slice's models, also at t = 0 as mergekit does. Each output tensor is the
+   union of what its models hold: a tensor one model has and another lacks is an error
+   naming both, never silently dropped (a missing output head of a tied model reads its
+   embedding, as mergekit's ``tied_names``);
+4. one job per output tensor: shapes and dtypes checked, parameters resolved.
+
+Everything that can be checked without reading a tensor is checked here, so a bad
+recipe fails before the first tensor is read.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .architecture import LM_HEAD_NAMES, Architecture, detect_architecture, parse_layer_name
-from .config import MergeConfig, OutputSlice, SliceSource
+from .architecture import Architecture, LayerName, detect_architecture, parse_layer_name
+from .config import MergeConfig, SliceView, SourceView
+from .dtypes import ARITHMETIC, BY_NAME, COPYABLE, dtype_name
+from .errors import PlanError
 from .io.loader import ModelSource
 from .methods import MethodSpec
-from .params import MISSING, resolve
+from .params import resolve_param
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # helper "compat"'s vocabulary alignment (merge_engine/tokenizer.py)
     from .tokenizer import VocabAlignment
-
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-                "float64": torch.float64}
 
 
 @dataclass(frozen=True)
 class TensorRef:
     model: str
-    name: str
+    name: str  # the tensor read (a tied model's embedding where the plan asks for its head)
 
 
 @dataclass(frozen=True)
 class TensorJob:
     output_name: str
-    method: str
+    method: MethodSpec
     inputs: tuple[TensorRef, ...]  # one per merged model (the base excluded for base-using methods)
     base: TensorRef | None
     global_params: dict[str, Any]
     per_model_params: tuple[dict[str, Any], ...]
     shape: tuple[int, ...]
     out_dtype: torch.dtype
+    input_dtype: torch.dtype | None = None  # recipe `dtype:`: every input is rounded to it before the arithmetic
     seed: int | None = None
-    vocab: VocabAlignment | None = None  # embedding / lm_head: rows mapped to the output vocabulary on read
-
+    vocab: VocabAlignment | None = None  # embedding / head: rows mapped to the output vocabulary on read
 
     def describe(self) -> str:
         srcs = ", ".join(f"{r.model}:{r.name}" for r in self.inputs)
-        base = f" base={self.base.model}" if self.base else ""
-        return f"{self.output_name} <- {self.method}({srcs}){base} {self.global_params} {list(self.per_model_params)}"
+        base = f" base={self.base.model}:{self.base.name}" if self.base else ""
+        per_model = f" {list(self.per_model_params)}" if any(self.per_model_params) else ""
+        return (f"{self.output_name} {list(self.shape)} {dtype_name(self.out_dtype)} <- "
+                f"{self.method.name}({srcs}){base} {self.global_params}{per_model}")
 
 
 @dataclass(frozen=True)
@@ -57,16 +77,239 @@ class MergePlan:
     jobs: tuple[TensorJob, ...]
     reference_model: str
     architecture: Architecture
-    num_output_layers: int
-    output_layer_sources: tuple[int, ...]  # for each output layer, the reference model's layer it came from
-    config_json: dict[str, Any] = field(hash=False, compare=False)
+    out_dtype: torch.dtype  # of every floating-point output tensor
+    output_layer_sources: tuple[int, ...]  # for each output layer, the reference layer it came from
+
+    @property
+    def num_output_layers(self) -> int:
+        return len(self.output_layer_sources)
 
     def describe(self) -> str:
-        return "\n".join(j.describe() for j in self.jobs)
+        head = (f"# {len(self.jobs)} tensors, {self.num_output_layers} layers, {self.architecture.model_type}, "
+                f"reference {self.reference_model}, written as {dtype_name(self.out_dtype)}")
+        return "\n".join([head] + [j.describe() for j in self.jobs])
 
 
-class PlanError(ValueError):
-    """The recipe is valid but does not fit the models it names."""
+@dataclass(frozen=True)
+class _Slot:
+    """One output tensor before its inputs are checked and its parameters resolved."""
+
+    output_name: str
+    t: float  # gradient position
+    slice: SliceView
+    inputs: tuple[tuple[SourceView, str], ...]  # each source with the name of its input tensor
+    base: tuple[str, str] | None  # (base model, tensor name), for methods that take a base
+
+
+def build_plan(config: MergeConfig, sources: Mapping[str, ModelSource], random_seed: int | None = None,
+               allow_crimes: bool = False, vocab: VocabAlignment | None = None) -> MergePlan:
+    reference = config.base_model or config.output_slices[0].sources[0].model
+    arch = detect_architecture(sources[reference].config, sources[reference].tensor_names(), reference)
+    if not allow_crimes:
+        _check_same_model_type([sources[m] for m in config.referenced_models()], arch, reference)
+    slices = _resolve_layer_ranges(config.output_slices, sources, arch)
+    slots, layer_sources = _plan_tensors(config.method, slices, sources, arch)
+    input_dtype = BY_NAME[config.dtype] if config.dtype else None
+    out_dtype = _output_dtype(config, sources[reference], reference)
+    jobs = tuple(_make_job(config, slot, sources, arch, input_dtype, out_dtype, random_seed, vocab) for slot in slots)
+    return MergePlan(jobs, reference, arch, out_dtype, tuple(layer_sources))
+
+
+# ---- step 1-2: models and slices ---------------------------------------------------
+
+def _check_same_model_type(models: list[ModelSource], arch: Architecture, reference: str) -> None:
+    for src in models:
+        mt = src.config.get("model_type")
+        if mt != arch.model_type:
+            raise PlanError(f"model {src.name!r} is a {mt!r} model but {reference!r} is {arch.model_type!r}; "
+                            "merging different architectures needs --allow-crimes")
+
+
+def _resolve_layer_ranges(slices: tuple[SliceView, ...], sources: Mapping[str, ModelSource],
+                          arch: Architecture) -> list[SliceView]:
+    """Every source with its layer range: a `models:` entry spans all of its model's layers."""
+    out = []
+    for slc in slices:
+        resolved = []
+        for src in slc.sources:
+            n = int(sources[src.model].config.get(arch.num_layers_key, 0))
+            lo, hi = src.layer_range or (0, n)
+            if hi > n:
+                raise PlanError(f"{src.path}: layer_range [{lo}, {hi}] exceeds the {n} layers of model "
+                                f"{src.model!r}")
+            resolved.append(SourceView(src.model, (lo, hi), src.parameters, src.path))
+        if len({_span(s)[1] - _span(s)[0] for s in resolved}) > 1:
+            spans = ", ".join(f"{s.model} ({_span(s)[1] - _span(s)[0]})" for s in resolved)
+            raise PlanError(f"{slc.path or 'models'}: every model must span the same number of layers, got "
+                            f"{spans}; use `slices:` to pick layer ranges")
+        out.append(SliceView(tuple(resolved), slc.base_model, slc.parameters, slc.path))
+    return out
+
+
+def _span(src: SourceView) -> tuple[int, int]:
+    """A source's layer range, once _resolve_layer_ranges has filled it in."""
+    if src.layer_range is None:
+        raise AssertionError(f"{src.path}: layer range not resolved")
+    return src.layer_range
+
+
+# ---- step 3: output tensors ----------------------------------------------------------
+
+def _plan_tensors(spec: MethodSpec, slices: list[SliceView], sources: Mapping[str, ModelSource],
+                  arch: Architecture) -> tuple[list[_Slot], list[int]]:
+    """The output tensors in order, and the reference layer of each output layer."""
+    slots = _outside_layers(spec, slices[0], sources, arch, pre=True)
+    layer_sources: list[int] = []
+    layers = _LayerIndex(sources)
+    for slc in slices:
+        base_src = next((s for s in slc.sources if s.model == slc.base_model), None)
+        length = _span(slc.sources[0])[1] - _span(slc.sources[0])[0]
+        for j in range(length):
+            t = j / (length - 1) if length > 1 else 1.0
+            ref_layer = _span(base_src or slc.sources[0])[0] + j
+            at = [(s.model, _span(s)[0] + j) for s in slc.sources]
+            base = (slc.base_model, ref_layer) if spec.uses_base and slc.base_model else None
+            for tensor in _union([layers.templates(m, i) for m, i in ([base] if base else []) + at]):
+                inputs = tuple((s, tensor.with_index(i)) for s, (_, i) in zip(slc.sources, at))
+                base_ref = (base[0], tensor.with_index(base[1])) if base else None
+                slots.append(_Slot(tensor.with_index(len(layer_sources)), t, slc, inputs, base_ref))
+            layer_sources.append(ref_layer)
+    slots += _outside_layers(spec, slices[-1], sources, arch, pre=False)
+    return slots, layer_sources
+
+
+def _outside_layers(spec: MethodSpec, slc: SliceView, sources: Mapping[str, ModelSource], arch: Architecture,
+                    pre: bool) -> list[_Slot]:
+    """Embeddings (pre) or final norm and head (post), from one slice's models, at t = 0."""
+    base = slc.base_model if spec.uses_base else None
+    models = ([base] if base else []) + [s.model for s in slc.sources]
+    names = _union([[n for n in sources[m].tensor_names()
+                     if parse_layer_name(n) is None and arch.is_pre_layer(n) == pre] for m in models])
+    return [_Slot(n, 0.0, slc, tuple((s, n) for s in slc.sources), (base, n) if base else None) for n in names]
+
+
+class _LayerIndex:
+    """The decoder-layer tensors of each model, per layer, as index-free templates
+    (``LayerName(prefix, 0, suffix)``, placed at any layer with ``with_index``)."""
+
+    def __init__(self, sources: Mapping[str, ModelSource]):
+        self.sources = sources
+        self._index: dict[str, dict[int, list[LayerName]]] = {}
+
+    def templates(self, model: str, layer: int) -> list[LayerName]:
+        if model not in self._index:
+            by_layer: dict[int, list[LayerName]] = {}
+            for n in self.sources[model].tensor_names():
+                if (ln := parse_layer_name(n)) is not None:
+                    by_layer.setdefault(ln.index, []).append(LayerName(ln.prefix, 0, ln.suffix))
+            self._index[model] = by_layer
+        return self._index[model].get(layer, [])
+
+
+def _union(lists: list[list[Any]]) -> list[Any]:
+    """Every item of the lists, each once, in first-seen order."""
+    return list(dict.fromkeys(item for lst in lists for item in lst))
+
+
+# ---- step 4: jobs -------------------------------------------------------------------
+
+def _make_job(config: MergeConfig, slot: _Slot, sources: Mapping[str, ModelSource], arch: Architecture,
+              input_dtype: torch.dtype | None, out_dtype: torch.dtype, random_seed: int | None,
+              vocab: VocabAlignment | None) -> TensorJob:
+    spec = config.method
+    merged = [(s, n) for s, n in slot.inputs if not (spec.uses_base and s.model == slot.slice.base_model)]
+    reads = _tensors_to_read(slot, sources, arch)
+    inputs = tuple(reads[(s.model, n)] for s, n in merged)
+    base = reads[slot.base] if slot.base else None
+    global_params = {p.name: resolve_param(p, spec.name, slot.output_name, slot.t,
+                                           config.parameter_levels(slot.slice, None))
+                     for p in spec.global_params}
+    per_model = tuple({p.name: resolve_param(p, spec.name, name, slot.t, config.parameter_levels(slot.slice, src),
+                                             src.model, slot.output_name)
+                       for p in spec.per_model_params} for src, name in merged)
+    aligned = vocab if vocab is not None and slot.output_name in (arch.embedding_name, arch.head_name) else None
+    shape = _common_shape(slot.output_name, ([base] if base else []) + list(inputs), sources, aligned is not None)
+    if aligned is not None:
+        shape = (aligned.size, *shape[1:])
+    job_out_dtype, job_input_dtype = _job_dtypes(slot.output_name, spec, ([base] if base else []) + list(inputs),
+                                                 per_model, sources, input_dtype, out_dtype)
+    return TensorJob(slot.output_name, spec, inputs, base, global_params, per_model, shape, job_out_dtype,
+                     job_input_dtype, _seed(random_seed, slot.output_name) if spec.randomized else None, aligned)
+
+
+def _tensors_to_read(slot: _Slot, sources: Mapping[str, ModelSource],
+                     arch: Architecture) -> dict[tuple[str, str], TensorRef]:
+    """What to read for each (model, tensor) of a slot: the tensor itself, or the embedding of
+    a tied model for its output head. A tensor a model lacks is an error naming every such model."""
+    wanted = ([slot.base] if slot.base else []) + [(s.model, n) for s, n in slot.inputs]
+    reads: dict[tuple[str, str], TensorRef] = {}
+    lacking: list[str] = []
+    for model, name in wanted:
+        alternative = arch.tied_alternative(name)
+        if sources[model].has(name):
+            reads[(model, name)] = TensorRef(model, name)
+        elif alternative is not None and sources[model].has(alternative):
+            reads[(model, name)] = TensorRef(model, alternative)
+        elif model not in lacking:
+            lacking.append(model)
+    if lacking:
+        holders = [m for m, n in wanted if (m, n) in reads]
+        missing = [n for m, n in wanted if m in lacking]
+        who = ", ".join(f"model {m!r}" for m in lacking)
+        why = f"model {holders[0]!r} has it" if holders else "no model of the slice has it"
+        raise PlanError(f"{who} {'has' if len(lacking) == 1 else 'have'} no tensor {missing[0]!r} ({why}, for "
+                        f"output tensor {slot.output_name!r}); every model of a slice must hold the same tensors: "
+                        "check that the models are the same architecture and size")
+    return reads
+
+
+def _common_shape(output_name: str, refs: list[TensorRef], sources: Mapping[str, ModelSource],
+                  rows_aligned: bool = False) -> tuple[int, ...]:
+    """The inputs' shape; with `rows_aligned` (vocabulary rows mapped on read) the row counts may differ."""
+    shape = sources[refs[0].model].meta(refs[0].name)[0]
+    for r in refs[1:]:
+        other = sources[r.model].meta(r.name)[0]
+        if (other[1:] != shape[1:]) if rows_aligned else (other != shape):
+            raise PlanError(f"tensor {output_name!r}: shape mismatch, {refs[0].model}:{refs[0].name} is "
+                            f"{list(shape)} but {r.model}:{r.name} is {list(other)}; these models cannot be "
+                            "merged tensor by tensor (different sizes, or vocabularies: set tokenizer_source)")
+    return shape
+
+
+def _job_dtypes(output_name: str, spec: MethodSpec, refs: list[TensorRef], per_model: tuple[dict[str, Any], ...],
+                sources: Mapping[str, ModelSource], input_dtype: torch.dtype | None,
+                out_dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype | None]:
+    """(output dtype, input rounding dtype) of one job. Floating-point inputs are merged and
+    written as the plan's dtype; integer, bool and float8 tensors (quantized weights,
+    buffers) are only copied bit for bit by passthrough, keeping their dtype."""
+    dtypes = [(r, BY_NAME.get(sources[r.model].meta(r.name)[1])) for r in refs]
+    odd = [(r, dt) for r, dt in dtypes if dt not in ARITHMETIC]
+    if not odd:
+        return out_dtype, input_dtype
+    r, dt = odd[0]
+    found = dtype_name(dt) if dt is not None else sources[r.model].meta(r.name)[1]
+    if spec.name != "passthrough":
+        raise PlanError(f"tensor {r.name!r} of model {r.model!r} is {found}: {spec.name} merges floating-point "
+                        f"tensors only ({', '.join(sorted(dtype_name(d) for d in ARITHMETIC))}); dequantize the "
+                        "model first, or copy the tensor with merge_method: passthrough")
+    if dt not in COPYABLE or per_model[0].get("scale", 1.0) != 1.0:
+        raise PlanError(f"tensor {r.name!r} of model {r.model!r} is {found}: passthrough copies such tensors "
+                        f"only unscaled and only as {', '.join(sorted(dtype_name(d) for d in COPYABLE))}")
+    return dt, None
+
+
+def _output_dtype(config: MergeConfig, ref: ModelSource, reference: str) -> torch.dtype:
+    """The dtype of every floating-point output tensor: out_dtype, else dtype, else the
+    reference model's (which must then be one dtype)."""
+    name = config.out_dtype or config.dtype
+    if name:
+        return BY_NAME[name]
+    counts = Counter(dt for n in ref.tensor_names() if (dt := BY_NAME.get(ref.meta(n)[1])) in ARITHMETIC)
+    if len(counts) > 1:
+        found = ", ".join(f"{dtype_name(dt)} ({k} tensors)" for dt, k in counts.most_common())
+        raise PlanError(f"reference model {reference!r} stores its tensors in several dtypes ({found}); set "
+                        "`out_dtype:` in the recipe to choose the output's")
+    return next(iter(counts), torch.float32)
 
 
 def _seed(random_seed: int | None, name: str) -> int | None:
@@ -74,151 +317,3 @@ def _seed(random_seed: int | None, name: str) -> int | None:
         return None
     digest = hashlib.sha256(f"{random_seed}:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
-
-
-def _resolve_all(spec: MethodSpec, tensor_name: str, t: float, sources: list[SliceSource],
-                 model_params: dict[str, Any], slice_params, global_params) -> tuple[dict, tuple[dict, ...]]:
-    globals_: dict[str, Any] = {}
-    for p in spec.global_params:
-        v = resolve(p.name, tensor_name, t, [slice_params, global_params])
-        if v is MISSING:
-            if p.required:
-                raise PlanError(f"tensor {tensor_name!r}: parameter {p.name!r} of {spec.name} matches no filter")
-            v = p.default
-        globals_[p.name] = v
-    per_model = []
-    for src in sources:
-        values = {}
-        for p in spec.per_model_params:
-            v = resolve(p.name, tensor_name, t, [src.parameters, slice_params, model_params.get(src.model),
-                                                 global_params])
-            if v is MISSING:
-                if p.required:
-                    raise PlanError(f"tensor {tensor_name!r}: no value of {p.name!r} for model {src.model!r} "
-                                    "(is a filter list missing a catch-all `- value:` entry?)")
-                v = p.default
-            values[p.name] = v
-        per_model.append(values)
-    return globals_, tuple(per_model)
-
-
-def build_plan(config: MergeConfig, sources: dict[str, ModelSource], random_seed: int | None = None,
-               allow_crimes: bool = False, vocab: VocabAlignment | None = None) -> MergePlan:
-    spec = config.method
-    base_name = config.base_model
-    slices = config.as_slices()
-    reference = base_name or slices[0].sources[0].model
-    ref = sources[reference]
-    arch = detect_architecture(ref.config, ref.tensor_names(), reference)
-    if not allow_crimes:
-        for name, src in sources.items():
-            mt = src.config.get("model_type")
-            if mt != arch.model_type:
-                raise PlanError(f"model {name!r} is a {mt!r} model but {reference!r} is {arch.model_type!r}; "
-                                "merging different architectures needs --allow-crimes")
-    if config.models is not None:  # fill in the full layer range of models: recipes
-        slices = [OutputSlice.model_construct(
-            sources=[SliceSource.model_construct(model=s.model, layer_range=(0, arch.num_layers),
-                                                 parameters=s.parameters) for s in slices[0].sources],
-            base_model=None, parameters=None)]
-    model_params = {m.model: m.parameters for m in config.models or []}
-    dtype_in = config.dtype
-    out_dtype_name = config.out_dtype or dtype_in
-
-    def out_dtype_for(ref_name: str) -> torch.dtype:
-        if out_dtype_name:
-            return TORCH_DTYPES[out_dtype_name]
-        return TORCH_DTYPES.get(ref.meta(ref_name)[1], torch.float32)
-
-    def make_job(out_name: str, refs: list[tuple[SliceSource, str]], base_ref: TensorRef | None,
-                 t: float, slice_params) -> TensorJob:
-        merged = [(s, n) for s, n in refs if not (spec.uses_base and s.model == base_name)]
-        inputs = tuple(TensorRef(s.model, _available_name(sources[s.model], n, arch, s.model)) for s, n in merged)
-        if base_ref is not None:
-            base_ref = TensorRef(base_ref.model, _available_name(sources[base_ref.model], base_ref.name, arch,
-                                                                 base_ref.model))
-        globals_, per_model = _resolve_all(spec, out_name, t, [s for s, _ in merged], model_params,
-                                           slice_params, config.parameters)
-        shape_ref = base_ref or inputs[0]
-        shape = sources[shape_ref.model].meta(shape_ref.name)[0]
-        aligned = vocab if vocab is not None and out_name in (arch.embedding_name, *LM_HEAD_NAMES) else None
-        for r in inputs:
-            other = sources[r.model].meta(r.name)[0]
-            if (other[1:] != shape[1:]) if aligned else (other != shape):
-                raise PlanError(f"tensor {out_name!r}: shape mismatch, {shape_ref.model}:{shape_ref.name} is "
-                                f"{list(shape)} but {r.model}:{r.name} is {list(other)}; these models cannot be "
-                                "merged tensor by tensor (different sizes, or vocabularies: set tokenizer_source)")
-        if aligned:
-            shape = (aligned.size, *shape[1:])
-        return TensorJob(out_name, spec.name, inputs, base_ref if spec.uses_base else None, globals_, per_model,
-                         shape, out_dtype_for(shape_ref.name),
-                         _seed(random_seed, out_name) if spec.randomized else None, aligned)
-
-    jobs: list[TensorJob] = []
-    non_layer = [n for n in ref.tensor_names() if parse_layer_name(n) is None]
-    pre = [n for n in non_layer if arch.is_pre_layer(n)]
-    post = [n for n in non_layer if not arch.is_pre_layer(n)]
-
-    def non_layer_jobs(names: list[str], slc: OutputSlice, t: float) -> None:
-        for name in names:
-            refs = [(s, name) for s in slc.sources]
-            base_ref = TensorRef(base_name, name) if (spec.uses_base and base_name) else None
-            jobs.append(make_job(name, refs, base_ref, t, slc.parameters))
-
-    non_layer_jobs(pre, slices[0], 0.0)
-    out_layer = 0
-    layer_sources: list[int] = []
-    layer_suffixes = _layer_tensors(ref.tensor_names())
-    for slc in slices:
-        start, end = slc.sources[0].layer_range
-        length = end - start
-        for src in slc.sources:
-            n = _num_layers(sources[src.model], arch)
-            if src.layer_range[1] > n:
-                raise PlanError(f"slice source {src.model!r}: layer_range {list(src.layer_range)} exceeds its "
-                                f"{n} layers")
-        base_src = next((s for s in slc.sources if s.model == base_name), None)
-        for j in range(length):
-            t = j / (length - 1) if length > 1 else 1.0
-            ref_layer = (base_src or slc.sources[0]).layer_range[0] + j
-            layer_sources.append(ref_layer)
-            for prefix, suffix in layer_suffixes.get(ref_layer, layer_suffixes[0]):
-                out_name = f"{prefix}.{out_layer}.{suffix}"
-                refs = [(s, f"{prefix}.{s.layer_range[0] + j}.{suffix}") for s in slc.sources]
-                base_ref = None
-                if spec.uses_base and base_name:
-                    base_layer = base_src.layer_range[0] + j if base_src else ref_layer
-                    base_ref = TensorRef(base_name, f"{prefix}.{base_layer}.{suffix}")
-                jobs.append(make_job(out_name, refs, base_ref, t, slc.parameters))
-            out_layer += 1
-    non_layer_jobs(post, slices[-1], 1.0)
-    config_json = dict(ref.config)
-    config_json[arch.num_layers_key] = out_layer
-    if vocab is not None and "vocab_size" in config_json:
-        config_json["vocab_size"] = vocab.size
-    if isinstance(config_json.get("layer_types"), list) and len(config_json["layer_types"]) == arch.num_layers:
-        config_json["layer_types"] = [config_json["layer_types"][i] for i in layer_sources]
-    return MergePlan(tuple(jobs), reference, arch, out_layer, tuple(layer_sources), config_json)
-
-
-def _layer_tensors(names: list[str]) -> dict[int, list[tuple[str, str]]]:
-    by_layer: dict[int, list[tuple[str, str]]] = {}
-    for n in names:
-        ln = parse_layer_name(n)
-        if ln is not None:
-            by_layer.setdefault(ln.index, []).append((ln.prefix, ln.suffix))
-    return by_layer
-
-
-def _num_layers(src: ModelSource, arch: Architecture) -> int:
-    return int(src.config.get(arch.num_layers_key, 0))
-
-
-def _available_name(src: ModelSource, name: str, arch: Architecture, model: str) -> str:
-    """The tensor to read for `name`; a missing lm_head of a tied model reads the embedding."""
-    if src.has(name):
-        return name
-    if name in ("lm_head.weight",) and arch.embedding_name and src.has(arch.embedding_name):
-        return arch.embedding_name
-    raise PlanError(f"model {model!r} has no tensor {name!r} (is it the same architecture and size as "
-                    f"the others?)")

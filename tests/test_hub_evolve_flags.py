@@ -109,7 +109,7 @@ def test_shuffle_takes_a_seeded_subset():
 
 
 def test_chat_template_applied_when_the_tokenizer_has_one(zoo):
-    from evolve.candidate import load_model
+    from evolve.materialize import load_model
 
     model, tok = load_model(zoo["base"])
     tok.chat_template = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"

@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from evolve.candidate import OnDiskMaterializer
+from evolve.materialize import OnDiskMaterializer
 from evolve.config import EvolveConfig, GenomeDefinition, TaskDefinition
 from evolve.run import RunOptions, evolve
 from evolve.scoring import Score

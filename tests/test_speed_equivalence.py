@@ -67,16 +67,23 @@ def stacked_task_vectors(tensors, base, weights, sparsifier, consensus_, normali
 
 
 def reference_merge(job: TensorJob, sources: dict[str, ModelSource]) -> torch.Tensor:
-    """One job, the plain way: read, cast to float32, merge, cast."""
-    spec = REGISTRY[job.method]
-    tensors = [sources[r.model].get(r.name).to(torch.float32) for r in job.inputs]
-    base = sources[job.base.model].get(job.base.name).to(torch.float32) if job.base else None
+    """One job, the plain way: read, round to the recipe's dtype, cast to float32, merge, round, cast."""
+    spec = job.method  # the plan carries the spec
+
+    def read(model: str, name: str) -> torch.Tensor:
+        t = sources[model].get(name)
+        return (t.to(job.input_dtype) if job.input_dtype is not None else t).to(torch.float32)
+
+    tensors = [read(r.model, r.name) for r in job.inputs]
+    base = read(job.base.model, job.base.name) if job.base else None
     kwargs = {("lambda_" if k == "lambda" else k): v for k, v in job.global_params.items()}
     for p in spec.per_model_params:
         kwargs[p.name] = [m[p.name] for m in job.per_model_params]
     generator = torch.Generator().manual_seed(job.seed) if job.seed is not None else None
     merged = spec(tensors, base, generator=generator, **kwargs)
     assert torch.isfinite(merged).all()
+    if job.input_dtype is not None:
+        merged = merged.to(job.input_dtype)
     return merged.to(job.out_dtype)
 
 

@@ -183,7 +183,7 @@ def test_print_plan_lists_every_tensor_with_resolved_parameters_and_writes_nothi
     path.write_text(yaml.safe_dump(recipe))
     before = sorted(p.name for p in tmp_path.iterdir())
     assert cli_main([str(path), str(tmp_path / "out"), "--print-plan"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    lines = [line for line in capsys.readouterr().out.strip().splitlines() if not line.startswith("#")]
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output directory, no temp dir
     names = set(weights(zoo["base"]))
     by_tensor = {line.split()[0]: line for line in lines}
@@ -221,7 +221,6 @@ def test_gradient_over_layers_in_the_plan(zoo):
     assert weight["model.embed_tokens.weight"] == 0.0  # embeddings sit at t = 0
 
 
-@pytest.mark.xfail(strict=True, reason="issue 8: the final norm and lm_head take a gradient at t = 0 (mergekit)")
 def test_gradient_post_layer_tensors_at_t_zero(zoo):
     cfg = parse_recipe({"merge_method": "linear", "models": [
         {"model": str(zoo["a"]), "parameters": {"weight": [0.2, 1.0]}},

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Sequence
 
 from ..card import render_model_card
 from ..config import MergeConfig
@@ -13,12 +14,21 @@ from .chat_templates import CHAT_TEMPLATES
 from .loader import ModelSource
 
 
-def write_config(out: Path, config_json: dict, out_dtype: str | None) -> None:
-    cfg = dict(config_json)
-    if out_dtype:  # the key(s) the input config uses; transformers >= 4.56 reads `dtype`
-        keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["dtype"]
-        for key in keys:
-            cfg[key] = out_dtype
+def write_config(out: Path, reference_config: dict, num_layers_key: str, layer_sources: Sequence[int],
+                 out_dtype: str, vocab_size: int | None = None) -> None:
+    """The reference model's config.json with the output's layer count (and per-layer
+    `layer_types` following the layers each output layer came from), dtype and, when the
+    vocabulary was aligned, vocabulary size."""
+    cfg = dict(reference_config)
+    layer_types = cfg.get("layer_types")
+    if isinstance(layer_types, list) and len(layer_types) == cfg.get(num_layers_key):
+        cfg["layer_types"] = [layer_types[i] for i in layer_sources]
+    cfg[num_layers_key] = len(layer_sources)
+    if vocab_size is not None and "vocab_size" in cfg:
+        cfg["vocab_size"] = vocab_size
+    # the key(s) the input config uses; transformers >= 4.56 reads `dtype`
+    for key in [k for k in ("torch_dtype", "dtype") if k in cfg] or ["dtype"]:
+        cfg[key] = out_dtype
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 

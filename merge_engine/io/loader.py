@@ -16,14 +16,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..dtypes import FROM_SAFETENSORS_CODE, dtype_name
+from ..errors import ModelLoadError
+
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
-
-
-class ModelLoadError(ValueError):
-    """A model directory or weight file that cannot be read."""
 
 
 def resolve_model_path(model: str) -> Path:
@@ -110,7 +109,7 @@ class ModelSource:
             names = list(f.keys())
             for n in names:
                 sl = f.get_slice(n)
-                self._meta[n] = (tuple(sl.get_shape()), _SAFE_DTYPES.get(sl.get_dtype(), sl.get_dtype()))
+                self._meta[n] = (tuple(sl.get_shape()), _dtype_name(sl.get_dtype()))
         return names
 
     def _load_pickle(self, filename: str) -> dict[str, torch.Tensor]:
@@ -136,7 +135,7 @@ class ModelSource:
                 self._read_header(filename)
             return self._meta[name]
         t = self._load_pickle(filename)[name]
-        return tuple(t.shape), str(t.dtype).removeprefix("torch.")
+        return tuple(t.shape), dtype_name(t.dtype)
 
     def get(self, name: str) -> torch.Tensor:
         if self._cache is not None and name in self._cache:
@@ -162,5 +161,7 @@ class ModelSource:
             raise ModelLoadError(f"model {self.name!r} has no tensor {name!r}") from None
 
 
-_SAFE_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
-                "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+def _dtype_name(code: str) -> str:
+    """'bfloat16' for a safetensors 'BF16'; an unknown code is kept as it is."""
+    dtype = FROM_SAFETENSORS_CODE.get(code)
+    return dtype_name(dtype) if dtype is not None else code

@@ -17,8 +17,8 @@ from typing import BinaryIO, Protocol
 
 import torch
 
-SAFE_DTYPE_CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-                    torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+from ..dtypes import SAFETENSORS_CODES
+
 
 
 class TensorSink(Protocol):
@@ -59,7 +59,7 @@ def _header(shard: list[TensorLayout]) -> bytes:
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for t in shard:
-        header[t.name] = {"dtype": SAFE_DTYPE_CODES[t.dtype], "shape": list(t.shape),
+        header[t.name] = {"dtype": SAFETENSORS_CODES[t.dtype], "shape": list(t.shape),
                           "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()

@@ -1,27 +1,32 @@
-"""Recipe -> candidate model, in memory or on disk.
+"""Materializers: recipe -> candidate model, in memory or on disk.
 
-In memory: one model stays resident; every merged tensor is copied into its
-parameters (the input models' tensors are cached after the first candidate), so a
-candidate costs the merge arithmetic and nothing else. On disk: the merge is
-written with run_merge and loaded back, as a user's final model would be.
+Both go through the engine's one path (``merge_engine.merge``: plan_merge, then
+write_plan into a sink). In memory: one model stays resident and the sink copies
+every merged tensor into its parameters (the input models' tensors are cached after
+the first candidate), so a candidate costs the merge arithmetic and nothing else.
+On disk: the merge is written with run_merge and loaded back, as a user's final
+model would be.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from merge_engine.config import MergeConfig
-from merge_engine.executor import execute_plan
+from merge_engine.errors import PlanError
 from merge_engine.io.loader import ModelSource
 from merge_engine.io.references import open_model
-from merge_engine.merge import run_merge
+from merge_engine.merge import open_sources, plan_merge, run_merge, write_plan
 from merge_engine.options import MergeOptions
-from merge_engine.plan import build_plan
+from merge_engine.plan import MergePlan
+from merge_engine.tokenizer import OutputTokenizer, plan_output_tokenizer
 
 
 class ModelSink:
@@ -30,15 +35,22 @@ class ModelSink:
     def __init__(self, model: torch.nn.Module):
         self.state = model.state_dict()
 
+    @contextlib.contextmanager
+    def open(self, plan: MergePlan) -> Iterator[ModelSink]:
+        """Check that every planned tensor fits the resident model, before any is merged."""
+        for job in plan.jobs:
+            target = self.state.get(job.output_name)
+            if target is None:
+                raise PlanError(f"in-memory merge: the resident model has no tensor {job.output_name!r} "
+                                "(recipes that change the layer count or the tensors need --on-disk)")
+            if tuple(target.shape) != job.shape:
+                raise PlanError(f"in-memory merge: {job.output_name!r} has shape {list(job.shape)}, the resident "
+                                f"model {list(target.shape)} (recipes that change the shapes need --on-disk)")
+        yield self
+
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        target = self.state.get(name)
-        if target is None:
-            raise ValueError(f"in-memory merge: the resident model has no tensor {name!r}")
-        if target.shape != tensor.shape:
-            raise ValueError(f"in-memory merge: {name!r} has shape {tuple(tensor.shape)}, the resident model "
-                             f"{tuple(target.shape)} (recipes that change the layer count need --on-disk)")
         with torch.no_grad():
-            target.copy_(tensor)
+            self.state[name].copy_(tensor)
 
 
 def load_model(path: str | Path, device: str = "cpu", trust_remote_code: bool = False) -> tuple[Any, Any]:
@@ -59,18 +71,19 @@ class InMemoryMaterializer:
         self.model, self.tokenizer = load_model(open_model(reference_model).path, device, trust_remote_code)
         if tokenizer_source and tokenizer_source != reference_model:
             _, self.tokenizer = load_model(open_model(tokenizer_source).path, device, trust_remote_code)
-        self.allow_crimes = allow_crimes
-        self.device = device
-        self.random_seed = random_seed
+        self.options = MergeOptions(device=device, random_seed=random_seed, allow_crimes=allow_crimes,
+                                    trust_remote_code=trust_remote_code, progress=False)
         self._sources: dict[str, ModelSource] = {}
+        self._tokenizers: dict[str, OutputTokenizer] = {}  # vocabulary alignments, planned once per model set
         self._sink = ModelSink(self.model)
 
     def materialize(self, config: MergeConfig) -> tuple[Any, Any]:
-        for m in config.referenced_models():
-            if m not in self._sources:
-                self._sources[m] = open_model(m, cache=True)
-        plan = build_plan(config, self._sources, self.random_seed, self.allow_crimes)
-        execute_plan(plan.jobs, self._sources, self._sink, self.device, progress=False)
+        self._sources = open_sources(config.referenced_models(), self.options, cache=True, opened=self._sources)
+        key = repr((config.referenced_models(), config.base_model, config.tokenizer_source, config.tokenizer))
+        if key not in self._tokenizers:
+            self._tokenizers[key] = plan_output_tokenizer(config, self._sources, self.options.trust_remote_code)
+        plan, _ = plan_merge(config, self.options, self._sources, self._tokenizers[key])
+        write_plan(plan, self._sources, self._sink.open, self.options)
         return self.model, self.tokenizer
 
     def release(self) -> None:
@@ -80,25 +93,21 @@ class InMemoryMaterializer:
 class OnDiskMaterializer:
     def __init__(self, scratch_dir: str | Path, device: str = "cpu", random_seed: int | None = None,
                  trust_remote_code: bool = False, allow_crimes: bool = False):
-        self.trust_remote_code = trust_remote_code
-        self.allow_crimes = allow_crimes
         self.scratch = Path(scratch_dir)
         self.scratch.mkdir(parents=True, exist_ok=True)
+        self.options = MergeOptions(progress=False, random_seed=random_seed, device=device, allow_crimes=allow_crimes,
+                                    trust_remote_code=trust_remote_code, write_model_card=False)
         self.device = device
-        self.random_seed = random_seed
         self._current: Path | None = None
 
     def write(self, config: MergeConfig) -> Path:
         self.release()
         self._current = Path(tempfile.mkdtemp(prefix="candidate-", dir=self.scratch)) / "model"
-        run_merge(config, self._current, MergeOptions(progress=False, random_seed=self.random_seed,
-                                                      device=self.device, write_model_card=False,
-                                                      trust_remote_code=self.trust_remote_code,
-                                                      allow_crimes=self.allow_crimes))
+        run_merge(config, self._current, self.options)
         return self._current
 
     def materialize(self, config: MergeConfig) -> tuple[Any, Any]:
-        return load_model(self.write(config), self.device, self.trust_remote_code)
+        return load_model(self.write(config), self.device, self.options.trust_remote_code)
 
     def release(self) -> None:
         if self._current is not None:
