@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+from pathlib import Path
 
 from .config import RecipeError, load_recipe
 from .executor import MergeError
 from .io.loader import ModelLoadError
+from .io.output import FLAG, OutputError, Terminated
 from .merge import plan_merge, run_merge
 from .methods import REGISTRY
 from .options import MergeOptions, parse_size
@@ -22,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "at a time. Methods: " + ", ".join(sorted(REGISTRY)) + ".",
     )
     p.add_argument("config_file", help="the merge recipe (YAML)")
-    p.add_argument("out_path", help="output model directory (written atomically; replaced if it exists)")
+    p.add_argument("out_path", help="output model directory: built aside and moved into place when complete; a "
+                                    "previous evomerge output there is replaced, other files are kept")
     p.add_argument("--device", default=None, help="torch device for the arithmetic, e.g. cpu, cuda, cuda:1 "
                                                   "(default cpu)")
     p.add_argument("--cuda", action="store_true", help="shorthand for --device cuda")
@@ -44,16 +48,32 @@ def build_parser() -> argparse.ArgumentParser:
                         "without --allow-pickle")
     p.add_argument("--write-model-card", action=argparse.BooleanOptionalAction, default=True,
                    help="write README.md with the recipe and method (default on)")
+    p.add_argument(FLAG, dest="write_into_existing", action="store_true",
+                   help="write into a non-empty OUT_DIR that evomerge did not write, as mergekit does: files "
+                        "of the same name are replaced (each named in a warning), the others kept")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     p.add_argument("--print-plan", action="store_true", help="print the per-tensor plan and exit without writing")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     return p
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _on_sigterm(handler):  # type: ignore[no-untyped-def]
+    """Install a SIGTERM handler (only the main thread may); returns the previous one."""
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except (ValueError, TypeError):  # not the main thread, or no previous Python-level handler
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     device = args.device or ("cuda" if args.cuda else "cpu")
+    previous = _on_sigterm(_terminate)  # SIGTERM cleans up as Ctrl-C does
     try:
         config = load_recipe(args.config_file)
         options = MergeOptions(
@@ -61,17 +81,34 @@ def main(argv: list[str] | None = None) -> int:
             allow_crimes=args.allow_crimes, trust_remote_code=args.trust_remote_code,
             random_seed=args.random_seed, lazy_unpickle=args.lazy_unpickle, allow_pickle=args.allow_pickle,
             write_model_card=args.write_model_card, progress=args.progress,
+            write_into_existing=args.write_into_existing,
         )
         if args.print_plan:
             plan, _ = plan_merge(config, options)
             print(plan.describe())
             return 0
-        out = run_merge(config, args.out_path, options)
-    except (RecipeError, ModelLoadError, PlanError, MergeError, ValueError) as e:
-        print(f"mergekit-yaml: error: {e}", file=sys.stderr)
-        return 2
+        out = run_merge(config, args.out_path, options, protect=[Path(args.config_file)])
+    except (RecipeError, ModelLoadError, PlanError, MergeError, OutputError, ValueError) as e:
+        return _error(str(e))
+    except KeyboardInterrupt as e:
+        name, code = ("SIGTERM", 143) if isinstance(e, Terminated) else ("Ctrl-C", 130)
+        if getattr(e, "committed", False):
+            return _error(f"interrupted ({name}) just after {args.out_path} was complete; the new model is in "
+                          "place", code)
+        return _error(f"interrupted ({name}); the partial output was removed and {args.out_path} is as it was "
+                      "before this run", code)
+    except OSError as e:
+        what = f"{e.strerror}: {e.filename}" if e.filename else str(e)
+        return _error(f"{what} (check the path and its permissions)")
+    finally:
+        _on_sigterm(previous)
     print(f"merged model written to {out}")
     return 0
+
+
+def _error(message: str, code: int = 2) -> int:
+    print(f"mergekit-yaml: error: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

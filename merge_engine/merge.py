@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Sequence
 
 from .config import MergeConfig
 from .executor import execute_plan
 from .io import artifacts
 from .io.loader import ModelSource
-from .io.output import atomic_directory, check_not_an_input
+from .io.output import check_collisions, check_output, check_space, output_directory
+from .io.preflight import check_tokenizer, output_bytes
 from .io.writer import ShardedSafetensorsWriter, TensorLayout
 from .options import MergeOptions
 from .plan import MergePlan, build_plan
 
 log = logging.getLogger(__name__)
+
+OUTPUT_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
+                "mergekit_config.yml", "README.md")  # known before merging; shard and tokenizer names at the end
 
 
 def open_sources(config: MergeConfig, options: MergeOptions, cache: bool = False) -> dict[str, ModelSource]:
@@ -29,16 +34,25 @@ def plan_merge(config: MergeConfig, options: MergeOptions | None = None,
     return build_plan(config, sources, options.random_seed, options.allow_crimes), sources
 
 
-def run_merge(config: MergeConfig, out_path: str | Path, options: MergeOptions | None = None) -> Path:
-    """Merge and write the model to out_path. Nothing is left at out_path on failure."""
+def run_merge(config: MergeConfig, out_path: str | Path, options: MergeOptions | None = None, *,
+              protect: Sequence[Path] = ()) -> Path:
+    """Merge and write the model to out_path (rules: io/output.py). Everything that can be checked
+    before the first tensor is read is checked first; on failure out_path is left as it was.
+    `protect`: paths out_path must not contain (the recipe file)."""
     options = options or MergeOptions()
     out_path = Path(out_path)
     sources = open_sources(config, options)
-    check_not_an_input(out_path, [s.path for s in sources.values()])
+    target = check_output(out_path, inputs=[s.path for s in sources.values()], protected=protect,
+                          write_into_existing=options.write_into_existing)
     plan, _ = plan_merge(config, options, sources)
     tok_source = artifacts.tokenizer_source(config, plan.reference_model) if options.copy_tokenizer else None
+    if tok_source is not None:
+        check_tokenizer(sources[tok_source], config.chat_template, options.trust_remote_code)
     layouts = [TensorLayout(j.output_name, j.shape, j.out_dtype) for j in plan.jobs]
-    with atomic_directory(out_path) as tmp:
+    check_collisions(target, OUTPUT_FILES)
+    needed = output_bytes(sum(t.nbytes for t in layouts), sources[tok_source] if tok_source else None)
+    check_space(target, needed)
+    with output_directory(target, needed) as tmp:
         writer = ShardedSafetensorsWriter(tmp, layouts, options.out_shard_size)
         try:
             execute_plan(plan.jobs, sources, writer, options.device, options.progress)

@@ -20,6 +20,7 @@ class MergeOptions(BaseModel):
     allow_pickle: bool = False
     write_model_card: bool = True
     progress: bool = True
+    write_into_existing: bool = False  # write into a non-empty OUT_DIR evomerge did not write (as mergekit)
 
     @field_validator("out_shard_size", mode="before")
     @classmethod
