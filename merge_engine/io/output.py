@@ -61,7 +61,7 @@ class Terminated(KeyboardInterrupt):
 class OutputTarget:
     """What check_output decided about OUT_DIR, before any tensor is read."""
 
-    path: Path                       # absolute, not resolved through a final symlink (there is none)
+    path: Path                       # absolute, parents resolved (OUT_DIR itself is no symlink)
     exists: bool                     # an existing directory (empty, evomerge output, or foreign with the flag)
     previous: dict[str, int]         # the old manifest: file name -> size when written
     foreign: frozenset[str]          # names in OUT_DIR that evomerge did not write
@@ -103,8 +103,16 @@ def check_output(out_path: str | Path, *, inputs: Sequence[Path] = (), protected
             raise OutputError(f"OUT_DIR {raw} {what}; give a directory path")
         if parent.exists():
             break
+    nearest = next(p for p in real.parents if p.exists())  # will hold the lock, and the partial dir of a new OUT_DIR
+    for anchor in [nearest, real] if real.exists() else [nearest]:
+        if os.statvfs(anchor).f_flag & os.ST_RDONLY:
+            raise OutputError(f"cannot write OUT_DIR {raw}: {anchor} is on a read-only file system; choose "
+                              "OUT_DIR on a writable disk")
+        if not os.access(anchor, os.W_OK):
+            raise OutputError(f"cannot write OUT_DIR {raw}: no write permission on {anchor}; choose another "
+                              "OUT_DIR or fix the permissions")
     if not real.exists():
-        return OutputTarget(path, False, {}, frozenset(), write_into_existing)
+        return OutputTarget(real, False, {}, frozenset(), write_into_existing)
     names = {n for n in os.listdir(real) if n == MANIFEST or not n.startswith(".evomerge-")}
     previous = _read_manifest(real) if MANIFEST in names else None
     if previous is None and MANIFEST in names:
@@ -116,7 +124,7 @@ def check_output(out_path: str | Path, *, inputs: Sequence[Path] = (), protected
         raise OutputError(f"OUT_DIR {raw} is not empty ({shown}) and was not written by evomerge (no {MANIFEST}); "
                           f"choose another OUT_DIR, or pass {FLAG} to write into it as mergekit does "
                           "(files of the same name are replaced, the others kept)")
-    return OutputTarget(path, True, previous or {}, foreign, write_into_existing)
+    return OutputTarget(real, True, previous or {}, foreign, write_into_existing)
 
 
 def check_collisions(target: OutputTarget, names: Sequence[str]) -> None:
@@ -167,7 +175,15 @@ def _read_manifest(out: Path) -> dict[str, int] | None:
 
 def _holder() -> dict[str, object]:
     return {"pid": os.getpid(), "host": socket.gethostname(), "start": _proc_start(os.getpid()),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": shlex.join(sys.argv)}
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": _command_line()}
+
+
+def _command_line() -> str:
+    try:  # as typed (`python -m merge_engine.cli ...`), which sys.argv does not keep
+        args = Path("/proc/self/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+        return shlex.join(a.decode(errors="replace") for a in args)
+    except OSError:
+        return shlex.join(sys.argv)
 
 
 @contextlib.contextmanager
