@@ -57,53 +57,71 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated()
+class _Signals:
+    """SIGINT and SIGTERM raise (KeyboardInterrupt, Terminated) so that the output's cleanup runs; the
+    signal is also recorded, since a library may wrap the exception in its own error on the way up."""
 
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
 
-def _on_sigterm(handler):  # type: ignore[no-untyped-def]
-    """Install a SIGTERM handler (only the main thread may); returns the previous one."""
-    try:
-        return signal.signal(signal.SIGTERM, handler)
-    except (ValueError, TypeError):  # not the main thread, or no previous Python-level handler
-        return None
+    def _raise(self, signum: int, frame: object) -> None:
+        self.received = signum
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    def __enter__(self) -> "_Signals":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._raise)
+            except ValueError:  # not the main thread: leave the process's handlers alone
+                pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     device = args.device or ("cuda" if args.cuda else "cpu")
-    previous = _on_sigterm(_terminate)  # SIGTERM cleans up as Ctrl-C does
-    try:
-        config = load_recipe(args.config_file)
-        options = MergeOptions(
-            device=device, copy_tokenizer=args.copy_tokenizer, out_shard_size=args.out_shard_size,
-            allow_crimes=args.allow_crimes, trust_remote_code=args.trust_remote_code,
-            random_seed=args.random_seed, lazy_unpickle=args.lazy_unpickle, allow_pickle=args.allow_pickle,
-            write_model_card=args.write_model_card, progress=args.progress,
-            write_into_existing=args.write_into_existing,
-        )
-        if args.print_plan:
-            plan, _ = plan_merge(config, options)
-            print(plan.describe())
-            return 0
-        out = run_merge(config, args.out_path, options, protect=[Path(args.config_file)])
-    except (RecipeError, ModelLoadError, PlanError, MergeError, OutputError, ValueError) as e:
-        return _error(str(e))
-    except KeyboardInterrupt as e:
-        name, code = ("SIGTERM", 143) if isinstance(e, Terminated) else ("Ctrl-C", 130)
-        if getattr(e, "committed", False):
-            return _error(f"interrupted ({name}) just after {args.out_path} was complete; the new model is in "
-                          "place", code)
-        return _error(f"interrupted ({name}); the partial output was removed and {args.out_path} is as it was "
-                      "before this run", code)
-    except OSError as e:
-        what = f"{e.strerror}: {e.filename}" if e.filename else str(e)
-        return _error(f"{what} (check the path and its permissions)")
-    finally:
-        _on_sigterm(previous)
+    with _Signals() as signals:
+        try:
+            config = load_recipe(args.config_file)
+            options = MergeOptions(
+                device=device, copy_tokenizer=args.copy_tokenizer, out_shard_size=args.out_shard_size,
+                allow_crimes=args.allow_crimes, trust_remote_code=args.trust_remote_code,
+                random_seed=args.random_seed, lazy_unpickle=args.lazy_unpickle, allow_pickle=args.allow_pickle,
+                write_model_card=args.write_model_card, progress=args.progress,
+                write_into_existing=args.write_into_existing,
+            )
+            if args.print_plan:
+                plan, _ = plan_merge(config, options)
+                print(plan.describe())
+                return 0
+            out = run_merge(config, args.out_path, options, protect=[Path(args.config_file)])
+        except KeyboardInterrupt as e:
+            return _interrupted(args.out_path, signals.received or signal.SIGINT, getattr(e, "committed", False))
+        except (RecipeError, ModelLoadError, PlanError, MergeError, OutputError, ValueError) as e:
+            if signals.received is not None:  # a signal that a library turned into its own error
+                return _interrupted(args.out_path, signals.received, False)
+            return _error(str(e))
+        except OSError as e:
+            if signals.received is not None:
+                return _interrupted(args.out_path, signals.received, False)
+            what = f"{e.strerror}: {e.filename}" if e.filename else str(e)
+            return _error(f"{what} (check the path and its permissions)")
     print(f"merged model written to {out}")
     return 0
+
+
+def _interrupted(out_path: str, signum: int, committed: bool) -> int:
+    name, code = ("SIGTERM", 143) if signum == signal.SIGTERM else ("Ctrl-C", 130)
+    if committed:
+        return _error(f"interrupted ({name}) just after {out_path} was complete; the new model is in place", code)
+    return _error(f"interrupted ({name}); the partial output was removed and {out_path} is as it was before "
+                  "this run", code)
 
 
 def _error(message: str, code: int = 2) -> int:

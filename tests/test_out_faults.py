@@ -147,12 +147,13 @@ def test_foreign_non_empty_dir_is_refused_then_written_into_with_the_flag(capsys
     out = tmp_path / "d"
     out.mkdir()
     (out / "notes").write_text("x")
-    (out / "config.json").write_text('{"mine": 1}')
     before = snapshot(out)
     code, err = cli(capsys, recipe, out)
     assert code == 2
-    one_error(err, str(out), "not written by evomerge", output.FLAG)
+    one_error(err, str(out), "is not empty (notes)", output.FLAG)
     assert snapshot(out) == before and leftovers(tmp_path) == []
+
+    (out / "config.json").write_text('{"mine": 1}')
 
     code = cli_main([str(recipe), str(out), "--no-progress", output.FLAG])
     err = capsys.readouterr().err
