@@ -69,7 +69,7 @@ class _Signals:
         self.received = signum
         raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
-    def __enter__(self) -> "_Signals":
+    def __enter__(self) -> _Signals:  # noqa: PYI034
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._previous[sig] = signal.signal(sig, self._raise)

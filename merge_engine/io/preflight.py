@@ -4,7 +4,6 @@ tokenizer source or chat template fails in a second instead of after the whole m
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from .loader import ModelLoadError, ModelSource
 
