@@ -47,10 +47,10 @@ def run_merge(config: MergeConfig, out_path: str | Path, options: MergeOptions |
     plan, _ = plan_merge(config, options, sources)
     tok_source = artifacts.tokenizer_source(config, plan.reference_model) if options.copy_tokenizer else None
     if tok_source is not None:
-        check_tokenizer(sources[tok_source], config.chat_template, options.trust_remote_code)
+        check_tokenizer(sources[tok_source].path, tok_source, config.chat_template, options.trust_remote_code)
     layouts = [TensorLayout(j.output_name, j.shape, j.out_dtype) for j in plan.jobs]
     check_collisions(target, OUTPUT_FILES)
-    needed = output_bytes(sum(t.nbytes for t in layouts), sources[tok_source] if tok_source else None)
+    needed = output_bytes(sum(t.nbytes for t in layouts), sources[tok_source].path if tok_source else None)
     check_space(target, needed)
     with output_directory(target, needed) as tmp:
         writer = ShardedSafetensorsWriter(tmp, layouts, options.out_shard_size)
