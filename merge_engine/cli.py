@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+from pathlib import Path
 
 import torch
 
@@ -12,6 +14,7 @@ from .config import RecipeError, load_recipe
 from .dtypes import RECIPE_DTYPES
 from .executor import MergeError
 from .io.loader import ModelLoadError
+from .io.output import FLAG, OutputError, Terminated
 from .merge import plan_merge, run_merge
 from .methods import REGISTRY
 from .options import MergeOptions, parse_size, resolve_device
@@ -43,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                     + ", ".join(sorted(REGISTRY)) + ".",
     )
     p.add_argument("config_file", help="the merge recipe (YAML)")
-    p.add_argument("out_path", help="output model directory (written atomically; replaced if it exists)")
+    p.add_argument("out_path", help="output model directory: built aside and moved into place when complete; a "
+                                    "previous evomerge output there is replaced, other files are kept")
     g = p.add_argument_group("device and performance")
     g.add_argument("--device", default=None, help="torch device for the arithmetic: cpu (default), cuda, cuda:N, "
                                                   "or auto (cuda when available, else cpu); an unavailable device "
@@ -90,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "recipe's random_seed")
     p.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False,
                    help="no progress bar and no closing message")
+    p.add_argument(FLAG, dest="write_into_existing", action="store_true",
+                   help="write into a non-empty OUT_DIR that evomerge did not write, as mergekit does: files "
+                        "of the same name are replaced (each named in a warning), the others kept")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     p.add_argument("--print-plan", action="store_true", help="print the per-tensor plan and exit without writing")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (mergekit's -v, repeatable)")
@@ -108,38 +115,85 @@ def apply_threads(num_threads: int | None) -> None:
         pass
 
 
+class _Signals:
+    """SIGINT and SIGTERM raise (KeyboardInterrupt, Terminated) so that the output's cleanup runs; the
+    signal is also recorded, since a library may wrap the exception in its own error on the way up."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _raise(self, signum: int, frame: object) -> None:
+        self.received = signum
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    def __enter__(self) -> _Signals:  # noqa: PYI034
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._raise)
+            except ValueError:  # not the main thread: leave the process's handlers alone
+                pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    try:
-        if args.unsafe_truncate_embeddings:
-            raise ValueError("--unsafe-truncate-embeddings is not supported; merge models with the same "
-                             "vocabulary, or pick the vocabulary with tokenizer_source")
-        if not args.safe_serialization:
-            logging.warning("--no-safe-serialization: output is written as safetensors anyway (pickles can run "
-                            "arbitrary code when loaded)")
-        device = resolve_device(args.device or ("cuda" if args.cuda or args.gpu_rich else "cpu"))
-        apply_threads(args.num_threads)
-        config = load_recipe(args.config_file)
-        options = MergeOptions(
-            device=device, copy_tokenizer=args.copy_tokenizer, out_shard_size=args.out_shard_size,
-            allow_crimes=args.allow_crimes, trust_remote_code=args.trust_remote_code,
-            random_seed=args.random_seed, lazy_unpickle=args.lazy_unpickle, allow_pickle=args.allow_pickle,
-            write_model_card=args.write_model_card, progress=args.progress and not args.quiet,
-            transformers_cache=args.transformers_cache, lora_merge_dtype=args.lora_merge_dtype,
-            lora_merge_cache=args.lora_merge_cache,
-        )
-        if args.print_plan:
-            plan, _ = plan_merge(config, options)
-            print(plan.describe())
-            return 0
-        out = run_merge(config, args.out_path, options)
-    except (RecipeError, ModelLoadError, PlanError, MergeError, ValueError) as e:
-        print(f"mergekit-yaml: error: {e}", file=sys.stderr)
-        return 2
+    with _Signals() as signals:
+        try:
+            if args.unsafe_truncate_embeddings:
+                raise ValueError("--unsafe-truncate-embeddings is not supported; merge models with the same "
+                                 "vocabulary, or pick the vocabulary with tokenizer_source")
+            if not args.safe_serialization:
+                logging.warning("--no-safe-serialization: output is written as safetensors anyway (pickles can "
+                                "run arbitrary code when loaded)")
+            device = resolve_device(args.device or ("cuda" if args.cuda or args.gpu_rich else "cpu"))
+            apply_threads(args.num_threads)
+            config = load_recipe(args.config_file)
+            options = MergeOptions(
+                device=device, copy_tokenizer=args.copy_tokenizer, out_shard_size=args.out_shard_size,
+                allow_crimes=args.allow_crimes, trust_remote_code=args.trust_remote_code,
+                random_seed=args.random_seed, lazy_unpickle=args.lazy_unpickle, allow_pickle=args.allow_pickle,
+                write_model_card=args.write_model_card, progress=args.progress and not args.quiet,
+                transformers_cache=args.transformers_cache, lora_merge_dtype=args.lora_merge_dtype,
+                lora_merge_cache=args.lora_merge_cache, write_into_existing=args.write_into_existing,
+            )
+            if args.print_plan:
+                plan, _ = plan_merge(config, options)
+                print(plan.describe())
+                return 0
+            out = run_merge(config, args.out_path, options, protect=[Path(args.config_file)])
+        except KeyboardInterrupt as e:
+            return _interrupted(args.out_path, signals.received or signal.SIGINT, getattr(e, "committed", False))
+        except (RecipeError, ModelLoadError, PlanError, MergeError, OutputError, ValueError) as e:
+            if signals.received is not None:  # a signal that a library turned into its own error
+                return _interrupted(args.out_path, signals.received, False)
+            return _error(str(e))
+        except OSError as e:
+            if signals.received is not None:
+                return _interrupted(args.out_path, signals.received, False)
+            what = f"{e.strerror}: {e.filename}" if e.filename else str(e)
+            return _error(f"{what} (check the path and its permissions)")
     if not args.quiet:
         print(f"merged model written to {out}")
     return 0
+
+
+def _interrupted(out_path: str, signum: int, committed: bool) -> int:
+    name, code = ("SIGTERM", 143) if signum == signal.SIGTERM else ("Ctrl-C", 130)
+    if committed:
+        return _error(f"interrupted ({name}) just after {out_path} was complete; the new model is in place", code)
+    return _error(f"interrupted ({name}); the partial output was removed and {out_path} is as it was before "
+                  "this run", code)
+
+
+def _error(message: str, code: int = 2) -> int:
+    print(f"mergekit-yaml: error: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

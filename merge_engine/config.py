@@ -6,6 +6,7 @@ is reported together, each naming its YAML path (``models[1].parameters.weight``
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -339,14 +340,33 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> MergeConfig:
         raise RecipeError(f"{source}: invalid recipe:\n  " + "\n  ".join(lines)) from None
 
 
+class _Loader(yaml.SafeLoader):
+    """safe_load, but `1e-3` is a float (YAML 1.1 wants a dot: `1.0e-3`; YAML 1.2 and users do not)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"""),
+    list("-+0123456789"),
+)
+
+
 def read_yaml(path: Path, kind: str) -> Any:
-    """A YAML file's content; a missing file or broken YAML is a RecipeError naming the file."""
+    """A YAML file's content; a missing, unreadable or broken file is a RecipeError naming the file."""
     try:
         text = path.read_text()
     except FileNotFoundError:
         raise RecipeError(f"{kind} file not found: {path}") from None
+    except IsADirectoryError:
+        raise RecipeError(f"{kind} file {path} is a directory; give the YAML file inside it") from None
+    except PermissionError:
+        raise RecipeError(f"{kind} file {path} cannot be read: permission denied") from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{kind} file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise RecipeError(f"{kind} file {path} cannot be read: {e.strerror}") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML: {e}") from None
 

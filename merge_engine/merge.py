@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from .config import MergeConfig
@@ -21,8 +21,9 @@ from .dtypes import dtype_name
 from .executor import execute_plan
 from .io import artifacts
 from .io.loader import ModelSource
+from .io.output import check_collisions, check_output, check_space, output_directory
+from .io.preflight import check_tokenizer, output_bytes
 from .io.references import open_model
-from .io.output import atomic_directory, check_not_an_input
 from .io.writer import ShardedSafetensorsWriter, TensorLayout, TensorSink
 from .options import MergeOptions
 from .plan import MergePlan, build_plan
@@ -31,6 +32,9 @@ from .tokenizer import OutputTokenizer, plan_output_tokenizer, write_tokenizer
 log = logging.getLogger(__name__)
 
 SinkOpener = Callable[[MergePlan], contextlib.AbstractContextManager[TensorSink]]
+OUTPUT_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
+                "mergekit_config.yml", "README.md")  # known before merging; shard and tokenizer names at the end
+
 
 
 def open_sources(models: Iterable[str], options: MergeOptions, cache: bool = False,
@@ -80,22 +84,34 @@ def safetensors_sink(out_dir: Path, max_shard_bytes: int) -> SinkOpener:
     return open_writer
 
 
-def run_merge(config: MergeConfig, out_path: str | Path, options: MergeOptions | None = None) -> Path:
-    """Merge and write the model to out_path. Nothing is left at out_path on failure."""
+def run_merge(config: MergeConfig, out_path: str | Path, options: MergeOptions | None = None, *,
+              protect: Sequence[Path] = ()) -> Path:
+    """Merge and write the model to out_path (rules: io/output.py). Everything that can be checked
+    before the first tensor is read is checked first; on failure out_path is left as it was.
+    `protect`: paths out_path must not contain (the recipe file)."""
     options = options or MergeOptions()
     out_path = Path(out_path)
     sources = open_sources(config.referenced_models(), options)
-    check_not_an_input(out_path, [s.path for s in sources.values()])
+    target = check_output(out_path, inputs=[s.path for s in sources.values()], protected=protect,
+                          write_into_existing=options.write_into_existing)
     tokenizer = plan_output_tokenizer(config, sources, options.trust_remote_code)
     plan, _ = plan_merge(config, options, sources, tokenizer)  # fails before anything is created
-    with atomic_directory(out_path) as tmp:
+    copy_tokenizer = options.copy_tokenizer or tokenizer.copy_from is None  # a built vocabulary is always written
+    if copy_tokenizer and tokenizer.copy_from is not None:
+        check_tokenizer(tokenizer.copy_from, str(tokenizer.copy_from), config.chat_template,
+                        options.trust_remote_code)
+    check_collisions(target, OUTPUT_FILES)
+    needed = output_bytes(sum(TensorLayout(j.output_name, j.shape, j.out_dtype).nbytes for j in plan.jobs),
+                          tokenizer.copy_from if copy_tokenizer else None)
+    check_space(target, needed)
+    with output_directory(target, needed) as tmp:
         write_plan(plan, sources, safetensors_sink(tmp, options.out_shard_size), options)
         reference = sources[plan.reference_model]
         artifacts.write_config(tmp, reference.config, plan.architecture.num_layers_key, plan.output_layer_sources,
                                dtype_name(plan.out_dtype),
                                tokenizer.alignment.size if tokenizer.alignment is not None else None)
         artifacts.copy_generation_config(tmp, reference)
-        if options.copy_tokenizer or tokenizer.copy_from is None:  # a built vocabulary is always written
+        if copy_tokenizer:
             write_tokenizer(tmp, tokenizer, config.chat_template)
         artifacts.write_card_and_recipe(tmp, config, options.write_model_card)
     log.info("wrote %d tensors, %d layers to %s", len(plan.jobs), plan.num_output_layers, out_path)

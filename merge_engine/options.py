@@ -24,6 +24,7 @@ class MergeOptions(BaseModel):
     transformers_cache: str | None = None  # hub cache directory for hub ids (default: huggingface_hub's)
     lora_merge_dtype: str | None = None  # dtype a LoRA's base tensors are read as before the update
     lora_merge_cache: str | None = None  # write merged base+LoRA models there (and reuse them) when set
+    write_into_existing: bool = False  # write into a non-empty OUT_DIR evomerge did not write (as mergekit)
 
     @field_validator("out_shard_size", mode="before")
     @classmethod

@@ -36,6 +36,7 @@ import torch
 
 from .config import MergeConfig, ModelTokenSource, ZeroTokenSource
 from .io.loader import ModelSource, resolve_model_path
+from .io.preflight import load_tokenizer
 
 # files that make up a tokenizer, copied when present (mergekit copies the same, plus vocab.json,
 # vocab.txt and spiece.model, without which some slow tokenizers do not load)
@@ -197,13 +198,8 @@ def _embedding_rows(source: ModelSource) -> int | None:
     return None
 
 
-def _load(path: Path, name: str, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except Exception as e:  # noqa: BLE001 - any load failure, with the model named
-        raise TokenizerError(f"tokenizer of {name!r} could not be loaded: {e}") from None
+def _load(path: Path, name: str, trust_remote_code: bool) -> Any:
+    return load_tokenizer(path, name, trust_remote_code)  # one loader, one set of messages (io/preflight.py)
 
 
 def _copy_of(tok, trust_remote_code: bool):

@@ -205,8 +205,9 @@ def test_nan_weights_fail_cleanly_and_keep_existing_output(zoo, tmp_path):
     (out / "keep.txt").write_text("previous result")
     cfg = parse_recipe({"merge_method": "linear", "models": [{"model": str(zoo["a"])}, {"model": str(bad)}]})
     with pytest.raises(MergeError, match=r"model.layers.1.self_attn.v_proj.weight.*not finite.*bad"):
-        run_merge(cfg, out, QUIET)
+        run_merge(cfg, out, MergeOptions(progress=False, write_into_existing=True))
     assert (out / "keep.txt").read_text() == "previous result"
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
 
 

@@ -23,6 +23,7 @@ SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 def resolve_model_path(model: str) -> Path:
@@ -54,24 +55,32 @@ class ModelSource:
         self._cache: dict[str, torch.Tensor] | None = {} if cache else None
         self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
         self._pickled: dict[str, dict[str, torch.Tensor]] = {}
+        self.allow_pickle = allow_pickle
         self.weight_map = self._read_weight_map(allow_pickle)
 
     def _read_config(self) -> dict:
         path = self.path / "config.json"
         try:
-            return json.loads(path.read_text())
+            config = json.loads(path.read_text())
         except FileNotFoundError:
             raise ModelLoadError(f"model {self.name!r}: no config.json in {self.path}") from None
-        except json.JSONDecodeError as e:
-            raise ModelLoadError(f"model {self.name!r}: {path} is not valid JSON: {e}") from None
+        except (ValueError, OSError) as e:  # JSONDecodeError, UnicodeDecodeError, a directory, no permission
+            raise ModelLoadError(f"model {self.name!r}: {path} is not a readable JSON file: {e}") from None
+        if not isinstance(config, dict):
+            raise ModelLoadError(f"model {self.name!r}: {path} holds a JSON {type(config).__name__}, not an "
+                                 "object of model settings; restore the model's original config.json")
+        return config
 
     def _read_weight_map(self, allow_pickle: bool) -> dict[str, str]:
         if (self.path / SAFE_INDEX).exists():
             return self._index(SAFE_INDEX)
         if (self.path / SAFE_SINGLE).exists():
+            self._check_inside(SAFE_SINGLE, "the model directory")
             return {n: SAFE_SINGLE for n in self._read_header(SAFE_SINGLE)}
         singles = sorted(p.name for p in self.path.glob("*.safetensors"))
         if singles:
+            for f in singles:
+                self._check_inside(f, "the model directory")
             return {n: f for f in singles for n in self._read_header(f)}
         pickled = PICKLE_INDEX if (self.path / PICKLE_INDEX).exists() else (
             PICKLE_SINGLE if (self.path / PICKLE_SINGLE).exists() else None)
@@ -88,10 +97,50 @@ class ModelSource:
         return {n: PICKLE_SINGLE for n in self._load_pickle(PICKLE_SINGLE)}
 
     def _index(self, index_name: str) -> dict[str, str]:
+        """The index's weight_map, every file checked: inside the model directory, present, and a
+        pickle only with allow_pickle."""
+        path = self.path / index_name
+        self._check_inside(index_name, "the model directory")
         try:
-            return dict(json.loads((self.path / index_name).read_text())["weight_map"])
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ModelLoadError(f"model {self.name!r}: {index_name} is malformed: {e}") from None
+            index = json.loads(path.read_text())
+        except (ValueError, OSError) as e:
+            raise ModelLoadError(f"model {self.name!r}: {path} is not a readable JSON file: {e}") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise ModelLoadError(f"model {self.name!r}: {path} needs a \"weight_map\" object of tensor name -> "
+                                 "file name (strings); re-save the model or fix the index")
+        for filename in sorted(set(weight_map.values())):
+            self._check_inside(filename, str(path))
+            if filename.endswith(PICKLE_SUFFIXES):
+                if not self.allow_pickle:
+                    raise ModelLoadError(
+                        f"model {self.name!r}: {path} names the pickle {filename}; pickles can run arbitrary "
+                        "code, so they are not loaded by default. Convert it to safetensors, or pass "
+                        "--allow-pickle if you trust it")
+            elif not filename.endswith(".safetensors"):
+                raise ModelLoadError(f"model {self.name!r}: {path} names {filename!r}, which is neither a "
+                                     ".safetensors file nor a pickle (.bin); fix the index")
+            if not (self.path / filename).is_file():
+                raise ModelLoadError(f"model {self.name!r}: {path} names {filename}, which is missing from "
+                                     f"{self.path}; download it again")
+        return dict(weight_map)
+
+    def _check_inside(self, filename: str, named_by: str) -> None:
+        """A weight file named by an index (or found in the directory) must lie inside the model
+        directory: no absolute paths, no `..`, no symlink out of it (except a Hugging Face cache
+        snapshot's links into its repository's blobs/)."""
+        rel = Path(filename)
+        if rel.is_absolute() or ".." in rel.parts:
+            raise ModelLoadError(f"model {self.name!r}: {named_by} names {filename!r}, outside the model "
+                                 "directory; weight files must be inside it")
+        real = (self.path / rel).resolve()
+        roots = [self.path.resolve()]
+        if self.path.parent.name == "snapshots":  # huggingface_hub cache: snapshots/<rev>/f -> ../../blobs/<hash>
+            roots.append(self.path.parent.parent.resolve() / "blobs")
+        if not any(real.is_relative_to(r) for r in roots):
+            raise ModelLoadError(f"model {self.name!r}: {self.path / rel} is a symlink to {real}, outside the "
+                                 "model directory; copy the file into the model directory instead")
 
     def _open(self, filename: str):
         path = self.path / filename
@@ -115,6 +164,9 @@ class ModelSource:
     def _load_pickle(self, filename: str) -> dict[str, torch.Tensor]:
         if filename not in self._pickled:
             path = self.path / filename
+            if not self.allow_pickle:  # every pickle read goes through here
+                raise ModelLoadError(f"model {self.name!r}: {path} is a pickle; pass --allow-pickle if you "
+                                     "trust it, or convert it to safetensors")
             try:
                 self._pickled[filename] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:  # noqa: BLE001 - any unpickling failure is reported the same way

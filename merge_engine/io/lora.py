@@ -197,14 +197,14 @@ def cache_name(ref: ModelReference) -> str:
 def write_merged(source: LoraModelSource, out: Path) -> Path:
     """--lora-merge-cache: write base+adapter as a model directory (tensor by tensor, atomically), with the
     base's config, generation config and tokenizer files. An existing entry is reused, as mergekit does."""
-    from .output import atomic_directory
+    from .output import check_output, output_directory
     from .writer import ShardedSafetensorsWriter, TensorLayout
 
     if out.is_dir():
         return out
     names = source.tensor_names()
     layouts = [TensorLayout(n, source.meta(n)[0], getattr(torch, source.meta(n)[1])) for n in names]
-    with atomic_directory(out) as tmp:
+    with output_directory(check_output(out)) as tmp:
         writer = ShardedSafetensorsWriter(tmp, layouts, 5 * 1000**3)
         try:
             for shard in writer.shards:  # the writer takes tensors in its shard order
