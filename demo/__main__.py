@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                          task_search_path=[str(ROOT / "tasks")], num_workers=args.num_workers, batch_size=64,
                          resume=True)
     result = evolve(config, options)
-    print(result["report"])
+    print(result.report)
     print("[3/3] held-out comparison", flush=True)
     recipes = baselines(paths)
     recipes["evolved merge (best_config.yaml)"] = load_recipe(args.storage_path / "best_config.yaml").model_dump(
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                f"{ratios['reversal']:.1%} (target >= 90%)\n"
                f"evolved mean {mean['evolved merge (best_config.yaml)']:.3f} vs best uniform merge "
                f"({best_uniform}) {mean[best_uniform]:.3f}\n"
-               f"seed {args.random_seed}, {len(result['records'])} evaluations, {time.time() - t0:.0f}s in all")
+               f"seed {args.random_seed}, {len(result.search.candidates)} evaluations, {time.time() - t0:.0f}s in all")
     print(table)
     print(summary)
     (args.storage_path / "held_out.md").write_text(table + "\n\n" + summary + "\n")

@@ -3,7 +3,9 @@
 `CandidateEvaluator` does one candidate in the current process (merge, then score);
 `InProcessEvaluator` runs a batch through one of them (used by tests and --num-workers 0);
 `evolve.ray_evaluator.RayEvaluator` spreads a batch over Ray actors, each holding its own
-CandidateEvaluator. Search code sees only the `Evaluator` protocol.
+CandidateEvaluator. Search code sees only the `Evaluator` protocol, through
+`scores_as_completed`: an evaluator that can hand back each score as it finishes
+(`evaluate_iter`) gets every finished candidate recorded at once.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import time
 import traceback
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
@@ -29,6 +32,16 @@ class Evaluator(Protocol):
     def evaluate(self, recipes: list[MergeConfig], validation: bool = False) -> list[Score]: ...
 
     def close(self) -> None: ...
+
+
+def scores_as_completed(evaluator: Evaluator, recipes: list[MergeConfig],
+                        validation: bool = False) -> Iterator[tuple[int, Score]]:
+    """(position in `recipes`, score) pairs in order of completion. Evaluators with `evaluate_iter` yield
+    each as it finishes; a plain `evaluate` (e.g. a test's synthetic evaluator) yields after the batch."""
+    if not recipes:
+        return iter(())
+    each = getattr(evaluator, "evaluate_iter", None)
+    return each(recipes, validation) if each is not None else enumerate(evaluator.evaluate(recipes, validation))
 
 
 @dataclass(frozen=True)
@@ -50,13 +63,18 @@ class WorkerSettings:
     threads: int | None = None
 
 
+def make_scorer(settings: WorkerSettings) -> LmEvalScorer:
+    """Builds the tasks; ValueError naming an unknown task, metric or filter."""
+    return LmEvalScorer(settings.tasks, settings.task_search_path, settings.limit, settings.num_fewshot,
+                        settings.batch_size, settings.device)
+
+
 class CandidateEvaluator:
-    def __init__(self, settings: WorkerSettings):
+    def __init__(self, settings: WorkerSettings, scorer: LmEvalScorer | None = None):
         if settings.threads:
             torch.set_num_threads(settings.threads)
         self.settings = settings
-        self.scorer = LmEvalScorer(settings.tasks, settings.task_search_path, settings.limit,
-                                   settings.num_fewshot, settings.batch_size, settings.device)
+        self.scorer = scorer or make_scorer(settings)
         if settings.in_memory and not settings.vllm:
             self.materializer: Any = InMemoryMaterializer(settings.reference_model, settings.tokenizer_source,
                                                           settings.device, settings.random_seed)
@@ -97,7 +115,8 @@ class CandidateEvaluator:
         finally:
             self.materializer.release()
         tasks = [t for t in self.settings.tasks if t.name in per_task]
-        return Score(combine(tasks, per_task), per_task, True, None, merge_s, time.perf_counter() - t1)
+        return Score(combine(tasks, per_task, self.scorer.higher_is_better), per_task, True, None, merge_s,
+                     time.perf_counter() - t1)
 
 
 def make_vllm(path, settings: WorkerSettings):
@@ -109,11 +128,15 @@ def make_vllm(path, settings: WorkerSettings):
 
 
 class InProcessEvaluator:
-    def __init__(self, settings: WorkerSettings):
-        self.worker = CandidateEvaluator(settings)
+    def __init__(self, settings: WorkerSettings, scorer: LmEvalScorer | None = None):
+        self.worker = CandidateEvaluator(settings, scorer)
+
+    def evaluate_iter(self, recipes: list[MergeConfig], validation: bool = False) -> Iterator[tuple[int, Score]]:
+        for i, recipe in enumerate(recipes):
+            yield i, self.worker.evaluate_one(recipe, validation)
 
     def evaluate(self, recipes: list[MergeConfig], validation: bool = False) -> list[Score]:
-        return [self.worker.evaluate_one(r, validation) for r in recipes]
+        return [score for _, score in self.evaluate_iter(recipes, validation)]
 
     def close(self) -> None:
         pass

@@ -110,11 +110,12 @@ def test_search_exports_recipe_model_plot_and_report(zoo, in_process, tmp_path):
     assert len(history(s)) == 8
     assert {p.name for p in s.iterdir()} >= {"history.jsonl", "state.json", "best_config.yaml", "best_model",
                                             "fitness.png", "report.md", "search.yml"}
-    best = max(out["records"], key=lambda r: r["fitness"])
-    assert load_recipe(s / "best_config.yaml").model_dump() == best["recipe"] | {} or True
-    assert recipe_key(load_recipe(s / "best_config.yaml")) == best["recipe_hash"]
+    best = max(out.search.candidates, key=lambda c: c.score.fitness)
+    assert out.best == best
+    assert load_recipe(s / "best_config.yaml") == best.recipe
+    assert recipe_key(load_recipe(s / "best_config.yaml")) == best.key
     assert (s / "best_model" / "model.safetensors").exists()
-    assert len(out["validation"]) == 3 and "gap" in out["report"]
+    assert len(out.validation) == 3 and "gap" in out.report
     record = json.loads((s / "history.jsonl").read_text().splitlines()[0])
     assert set(record) >= {"genome", "recipe_hash", "scores", "merge_seconds", "score_seconds", "fitness"}
     res = subprocess.run([sys.executable, "-m", "merge_engine.cli", str(s / "best_config.yaml"),
@@ -145,7 +146,7 @@ def test_identical_genomes_are_scored_once_and_convergence_ends_the_search(zoo, 
     out = run(zoo, tmp_path / "s", in_process, max_fevals=40, sigma0=1e-9, export_model=False)
     assert len(history(tmp_path / "s")) == 1  # 4 identical candidates per generation, scored once
     assert json.loads((tmp_path / "s" / "state.json").read_text())["generation"] == 3
-    assert out["best"]["index"] == 0
+    assert out.best.index == 0
 
 
 def test_public_benchmarks_refused_without_flag(zoo, tmp_path):
@@ -210,16 +211,19 @@ def test_cli_killed_mid_search_resumes(zoo, tmp_path):
     assert (storage / "best_config.yaml").exists() and "Merge search report" in res.stdout
 
 
-def test_history_cut_mid_line_is_repaired(tmp_path):
+def test_history_cut_mid_line_is_repaired(zoo, tmp_path):
+    from evolve.record import Candidate
+    from evolve.scoring import Score
     from evolve.storage import Storage
 
+    recipe = Genome(definition(zoo), 4).decode(np.full(2, 0.5))
     storage = Storage(tmp_path)
-    storage.append({"recipe_hash": "a", "index": 0})
+    storage.append(Candidate(0, 0, "a", recipe, [0.5, 0.5], Score(0.5, {"evo_addition": 0.5})))
     with open(storage.history_file, "a") as f:
         f.write('{"recipe_hash": "b", "ind')  # killed while writing
-    assert [r["recipe_hash"] for r in storage.load_history()] == ["a"]
-    storage.append({"recipe_hash": "c", "index": 1})
-    assert [r["recipe_hash"] for r in storage.load_history()] == ["a", "c"]
+    assert [c.key for c in storage.load_history()] == ["a"]
+    storage.append(Candidate(1, 0, "c", recipe, [0.5, 0.5], Score(0.25, {"evo_addition": 0.25})))
+    assert [c.key for c in storage.load_history()] == ["a", "c"]
 
 
 def test_reused_requests_score_like_freshly_built_ones(zoo):
