@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    sys.stdin = open(os.devnull)  # nothing in a search may stop to ask (e.g. transformers' remote-code [y/N])
+    previous_handler = signal.signal(signal.SIGTERM, _on_sigterm)
+    stdin, sys.stdin = sys.stdin, open(os.devnull)  # nothing may stop a search to ask (transformers' [y/N])
     try:
         config = load_search(args.search_config)
         options = RunOptions(
@@ -96,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nmergekit-evolve: {what}; every finished candidate is in the history; continue with --resume "
               f"--storage-path {args.storage_path}", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        sys.stdin.close()
+        sys.stdin = stdin
     print(result.report)
     return 0
 

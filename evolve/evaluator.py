@@ -102,14 +102,14 @@ class CandidateEvaluator:
                 merge_s = time.perf_counter() - start
                 lm = self._lm_for(model, tok)
         except Exception as e:  # noqa: BLE001 - a failed candidate is a value, not a crash
-            log.warning("candidate failed to merge: %s", e)
+            log.warning("warning: candidate failed to merge: %s", str(e).strip().split("\n")[0])
             return Score.failed(f"merge failed: {e}", time.perf_counter() - start)
         t1 = time.perf_counter()
         try:
             with torch.no_grad():
                 per_task = self.scorer.score(lm, validation=validation)
         except Exception as e:  # noqa: BLE001
-            log.warning("candidate failed to score: %s", e)
+            log.warning("warning: candidate failed to score: %s", str(e).strip().split("\n")[0])
             return Score.failed(f"scoring failed: {e}\n{traceback.format_exc(limit=3)}", merge_s,
                                 time.perf_counter() - t1)
         finally:

@@ -81,9 +81,11 @@ class LmEvalScorer:
     def __init__(self, tasks: list[TaskDefinition], task_search_path: list[str] | None = None,
                  limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 32,
                  device: str = "cpu"):
+        import datasets
         from lm_eval.tasks import TaskManager
 
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
+        datasets.disable_progress_bars()  # a bar per task and worker would drown the search's own
         self.tasks = tasks
         self.limit = limit
         self.batch_size = batch_size
