@@ -13,13 +13,14 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from dataclasses import dataclass, field
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
 from merge_engine.config import MergeConfig, parse_recipe
+from merge_engine.options import MergeOptions
 
 from .candidate import InMemoryMaterializer, OnDiskMaterializer
 from .config import TaskDefinition
@@ -57,16 +58,16 @@ class WorkerSettings:
     batch_size: int = 32
     in_memory: bool = True
     vllm: bool = False
-    device: str = "cpu"
     scratch_dir: str = "/tmp/evomerge-scratch"
-    random_seed: int | None = None
+    # device and random_seed of every candidate merge, the one settings bag the engine knows (run.merge_options)
+    merge: MergeOptions = field(default_factory=lambda: MergeOptions(progress=False, write_model_card=False))
     threads: int | None = None
 
 
 def make_scorer(settings: WorkerSettings) -> LmEvalScorer:
     """Builds the tasks; ValueError naming an unknown task, metric or filter."""
     return LmEvalScorer(settings.tasks, settings.task_search_path, settings.limit, settings.num_fewshot,
-                        settings.batch_size, settings.device)
+                        settings.batch_size, settings.merge.device)
 
 
 class CandidateEvaluator:
@@ -77,9 +78,10 @@ class CandidateEvaluator:
         self.scorer = scorer or make_scorer(settings)
         if settings.in_memory and not settings.vllm:
             self.materializer: Any = InMemoryMaterializer(settings.reference_model, settings.tokenizer_source,
-                                                          settings.device, settings.random_seed)
+                                                          settings.merge.device, settings.merge.random_seed)
         else:
-            self.materializer = OnDiskMaterializer(settings.scratch_dir, settings.device, settings.random_seed)
+            self.materializer = OnDiskMaterializer(settings.scratch_dir, settings.merge.device,
+                                                   settings.merge.random_seed)
         self._lm = None
 
     def _lm_for(self, model, tokenizer):

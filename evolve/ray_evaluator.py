@@ -95,7 +95,8 @@ class RayEvaluator:
 
     def _start(self, count: int) -> list[Any]:
         """Start `count` actors and wait until each has built its tasks and model."""
-        actors = [_Worker.options(num_cpus=1, num_gpus=self.gpus).remote(self.settings) for _ in range(count)]
+        actors = [_Worker.options(num_cpus=1, num_gpus=self.gpus).remote(self.settings)  # type: ignore[attr-defined]
+                  for _ in range(count)]
         pending = {a.ready.remote(): a for a in actors}
         waited = 0.0
         while pending:

@@ -58,14 +58,19 @@ class EvolveResult:
     report: str
 
 
-def worker_settings(config: EvolveConfig, options: RunOptions) -> WorkerSettings:
+def merge_options(options: RunOptions) -> MergeOptions:
+    """The run's one MergeOptions: every candidate merge (in the workers) and the export use it."""
+    return MergeOptions(random_seed=options.search.random_seed, device=options.device, progress=False,
+                        write_model_card=False)
+
+
+def worker_settings(config: EvolveConfig, options: RunOptions, merge: MergeOptions) -> WorkerSettings:
     g = config.genome
     return WorkerSettings(
         tasks=list(config.tasks), reference_model=g.base_model or g.models[0], tokenizer_source=g.tokenizer_source,
         task_search_path=[str(Path(p).resolve()) for p in options.task_search_path], limit=config.limit,
         num_fewshot=config.num_fewshot, batch_size=options.batch_size, in_memory=options.in_memory,
-        vllm=options.vllm, device=options.device, scratch_dir=str(Path(options.storage_path).resolve() / "scratch"),
-        random_seed=options.search.random_seed)
+        vllm=options.vllm, merge=merge, scratch_dir=str(Path(options.storage_path).resolve() / "scratch"))
 
 
 def make_evaluator(settings: WorkerSettings, options: RunOptions, scorer: LmEvalScorer | None = None) -> Evaluator:
@@ -73,7 +78,7 @@ def make_evaluator(settings: WorkerSettings, options: RunOptions, scorer: LmEval
         return InProcessEvaluator(settings, scorer)
     from .ray_evaluator import RayEvaluator  # Ray only when asked for
 
-    gpus = 1.0 if options.device.startswith("cuda") else 0.0
+    gpus = 1.0 if settings.merge.device.startswith("cuda") else 0.0
     return RayEvaluator(settings, options.num_workers, options.ray_address, gpus)
 
 
@@ -82,7 +87,8 @@ def evolve(config: EvolveConfig, options: RunOptions, evaluator: Evaluator | Non
     first generation fails, NoSuccessfulCandidate when nothing merged and scored."""
     search_settings = replace(options.search, random_init=config.random_init)
     checked = preflight(config, search_settings, options.allow_benchmark_test_sets, options.vllm)
-    settings = worker_settings(config, options)
+    merge = merge_options(options)
+    settings = worker_settings(config, options, merge)
     scorer = make_scorer(settings) if evaluator is None else None  # unknown task / metric / filter: ValueError
     directions = scorer.higher_is_better if scorer else {}
     run_settings = {k: v for k, v in asdict(search_settings).items() if k not in ("progress", "max_fevals")}
@@ -107,8 +113,7 @@ def evolve(config: EvolveConfig, options: RunOptions, evaluator: Evaluator | Non
         storage.write_text("best_config.yaml", result.best.recipe.to_yaml())
         if options.export_model:
             run_merge(result.best.recipe, storage.path / "best_model",
-                      MergeOptions(random_seed=search_settings.random_seed, device=options.device,
-                                   progress=search_settings.progress))
+                      merge.model_copy(update={"progress": search_settings.progress, "write_model_card": True}))
     return EvolveResult(result, result.best, validation, report)
 
 

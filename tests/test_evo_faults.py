@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from factory import make_model
 
 from evolve.config import EvolveConfig, GenomeDefinition, TaskDefinition
 from evolve.evaluator import InProcessEvaluator, WorkerSettings
@@ -28,7 +29,6 @@ from evolve.run import RunOptions, evolve
 from evolve.scoring import Score
 from evolve.search import SearchFailed, SearchSettings
 from evolve.storage import Storage
-from factory import make_model
 from merge_engine import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,6 +79,19 @@ def task_dir(tmp_path_factory) -> Path:
                                "    raise RuntimeError('boom: this task cannot score anything')\n")
     (d / "evo_boom.yaml").write_text((d / "evo_ppl.yaml").read_text().replace("task: evo_ppl", "task: evo_boom")
                                      + "process_results: !function boom.process_results\n")
+    # evo_spy: addition scored by log-likelihood, and each scored document noted in the file $EVO_SPY: a
+    # record of which candidates finished, kept apart from the history the search writes
+    (d / "spy.jsonl").write_text("".join((ROOT / "tasks" / "data" / "addition.validation.jsonl").read_text()
+                                         .splitlines(keepends=True)[:4]))
+    (d / "spy.py").write_text("import os\n\n\ndef process_results(doc, results):\n"
+                              "    with open(os.environ['EVO_SPY'], 'a') as f:\n        f.write('doc\\n')\n"
+                              "    return {'acc': float(results[0][1])}\n")
+    (d / "evo_spy.yaml").write_text(yaml.safe_dump({
+        "task": "evo_spy", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(d / "spy.jsonl")}},
+        "output_type": "loglikelihood", "test_split": "test", "doc_to_text": "{{prompt}}",
+        "doc_to_target": "{{answer}}", "target_delimiter": "", "process_results": "PROCESS",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+        "metadata": {"version": 1.0}}).replace("PROCESS", "!function spy.process_results"))
     return d
 
 
@@ -283,15 +296,18 @@ def test_failed_candidate_is_never_the_best_even_below_the_penalty(models):
 
 @pytest.mark.slow
 def test_sigkill_inside_a_generation_loses_no_finished_candidate(models, task_dir, tmp_path):
-    search = write_search(tmp_path / "search.yml", models, [{"name": "evo_ppl", "metric": "word_perplexity"}])
-    storage = tmp_path / "s"
+    search = write_search(tmp_path / "search.yml", models, [{"name": "evo_spy"}])
+    storage, spy = tmp_path / "s", tmp_path / "scored_docs"
     cmd = cli(search, storage, task_dir, "--max-fevals", "12", "--popsize", "6", "--num-workers", "0", "--on-disk")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env())
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env() | {"EVO_SPY": str(spy)})
     wait_for_lines(storage, 2, proc)
     proc.kill()
     proc.wait()
     before = lines(storage)
+    finished = len(spy.read_text().splitlines()) // 4  # candidates whose 4 documents were all scored
     assert 2 <= len(before) < 6  # killed inside the first generation
+    assert len(before) >= finished - 1  # at most the candidate being recorded at the kill is lost
     assert (storage / "scratch").exists()  # the killed run's on-disk candidate space
     res = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env())
     assert res.returncode == 0, res.stderr
