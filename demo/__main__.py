@@ -16,7 +16,7 @@ from evolve.config import TaskDefinition, load_search
 from evolve.evaluator import InProcessEvaluator, WorkerSettings
 from evolve.run import RunOptions, evolve
 from evolve.search import SearchSettings
-from merge_engine import load_recipe, parse_recipe
+from merge_engine import MergeOptions, load_recipe, parse_recipe
 
 from .build_models import DEFAULT_CACHE, build_models
 
@@ -49,7 +49,8 @@ def baselines(paths: dict[str, Path]) -> dict[str, dict]:
 def held_out_table(recipes: dict[str, dict], reference: str, seed: int) -> dict[str, dict[str, float]]:
     tasks = [TaskDefinition(name=t, metric="acc", validation_split="test") for t in TASKS.values()]
     evaluator = InProcessEvaluator(WorkerSettings(tasks=tasks, reference_model=reference, batch_size=64,
-                                                  task_search_path=[str(ROOT / "tasks")], random_seed=seed))
+                                                  task_search_path=[str(ROOT / "tasks")],
+                                                  merge=MergeOptions(random_seed=seed, progress=False)))
     scores = evaluator.evaluate([parse_recipe(r) for r in recipes.values()], validation=True)
     for name, s in zip(recipes, scores):
         if not s.ok:
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                          task_search_path=[str(ROOT / "tasks")], num_workers=args.num_workers, batch_size=64,
                          resume=True)
     result = evolve(config, options)
-    print(result["report"])
+    print(result.report)
     print("[3/3] held-out comparison", flush=True)
     recipes = baselines(paths)
     recipes["evolved merge (best_config.yaml)"] = load_recipe(args.storage_path / "best_config.yaml").model_dump(
@@ -109,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                f"{ratios['reversal']:.1%} (target >= 90%)\n"
                f"evolved mean {mean['evolved merge (best_config.yaml)']:.3f} vs best uniform merge "
                f"({best_uniform}) {mean[best_uniform]:.3f}\n"
-               f"seed {args.random_seed}, {len(result['records'])} evaluations, {time.time() - t0:.0f}s in all")
+               f"seed {args.random_seed}, {len(result.search.candidates)} evaluations, "
+               f"{time.time() - t0:.0f}s in all")
     print(table)
     print(summary)
     (args.storage_path / "held_out.md").write_text(table + "\n\n" + summary + "\n")

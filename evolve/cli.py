@@ -5,13 +5,22 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from merge_engine.config import RecipeError
 
 from .config import load_search
-from .run import RunOptions, evolve
-from .search import SearchSettings
+from .run import NoSuccessfulCandidate, RunOptions, evolve
+from .search import SearchFailed, SearchSettings
+
+
+class Terminated(BaseException):
+    """SIGTERM, handled like Ctrl-C: history stays intact, the run ends with one line."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
 
 
 STRATEGIES = ("pool", "buffered", "serial")
@@ -127,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    previous_handler = signal.signal(signal.SIGTERM, _on_sigterm)
+    stdin, sys.stdin = sys.stdin, open(os.devnull)  # nothing may stop a search to ask (transformers' [y/N])
     try:
         device, workers = check_flags(args)
         config = load_search(args.search_config)
@@ -145,11 +156,19 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, ValueError) as e:
         print(f"mergekit-evolve: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"\nmergekit-evolve: interrupted; continue with --resume --storage-path {args.storage_path}",
-              file=sys.stderr)
-        return 130
-    print(result["report"])
+    except (SearchFailed, NoSuccessfulCandidate) as e:
+        print(f"mergekit-evolve: error: {e}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, Terminated) as e:
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"\nmergekit-evolve: {what}; every finished candidate is in the history; continue with --resume "
+              f"--storage-path {args.storage_path}", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        sys.stdin.close()
+        sys.stdin = stdin
+    print(result.report)
     return 0
 
 

@@ -3,7 +3,9 @@
 `CandidateEvaluator` does one candidate in the current process (merge, then score);
 `InProcessEvaluator` runs a batch through one of them (used by tests and --num-workers 0);
 `evolve.ray_evaluator.RayEvaluator` spreads a batch over Ray actors, each holding its own
-CandidateEvaluator. Search code sees only the `Evaluator` protocol.
+CandidateEvaluator. Search code sees only the `Evaluator` protocol, through
+`scores_as_completed`: an evaluator that can hand back each score as it finishes
+(`evaluate_iter`) gets every finished candidate recorded at once.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
 from merge_engine.config import MergeConfig, parse_recipe
+from merge_engine.options import MergeOptions
 
 from .materialize import InMemoryMaterializer, OnDiskMaterializer
 from .config import TaskDefinition
@@ -29,6 +33,16 @@ class Evaluator(Protocol):
     def evaluate(self, recipes: list[MergeConfig], validation: bool = False) -> list[Score]: ...
 
     def close(self) -> None: ...
+
+
+def scores_as_completed(evaluator: Evaluator, recipes: list[MergeConfig],
+                        validation: bool = False) -> Iterator[tuple[int, Score]]:
+    """(position in `recipes`, score) pairs in order of completion. Evaluators with `evaluate_iter` yield
+    each as it finishes; a plain `evaluate` (e.g. a test's synthetic evaluator) yields after the batch."""
+    if not recipes:
+        return iter(())
+    each = getattr(evaluator, "evaluate_iter", None)
+    return each(recipes, validation) if each is not None else enumerate(evaluator.evaluate(recipes, validation))
 
 
 @dataclass(frozen=True)
@@ -44,34 +58,38 @@ class WorkerSettings:
     batch_size: int = 32
     in_memory: bool = True
     vllm: bool = False
-    device: str = "cpu"
     scratch_dir: str = "/tmp/evomerge-scratch"
-    random_seed: int | None = None
+    # device and random_seed of every candidate merge, the one settings bag the engine knows (run.merge_options)
+    merge: MergeOptions = field(default_factory=lambda: MergeOptions(progress=False, write_model_card=False))
     threads: int | None = None
     shuffle: bool = False  # the search file's shuffle / apply_chat_template / fewshot_as_multiturn
     apply_chat_template: bool | None = None
     fewshot_as_multiturn: bool | None = None
-    trust_remote_code: bool = False
-    allow_crimes: bool = False
+
+
+def make_scorer(settings: WorkerSettings) -> LmEvalScorer:
+    """Builds the tasks; ValueError naming an unknown task, metric or filter."""
+    return LmEvalScorer(settings.tasks, settings.task_search_path, settings.limit, settings.num_fewshot,
+                        settings.batch_size, settings.merge.device,
+                        shuffle_seed=(settings.merge.random_seed or 0) if settings.shuffle else None,
+                        apply_chat_template=settings.apply_chat_template,
+                        fewshot_as_multiturn=settings.fewshot_as_multiturn)
 
 
 class CandidateEvaluator:
-    def __init__(self, settings: WorkerSettings):
+    def __init__(self, settings: WorkerSettings, scorer: LmEvalScorer | None = None):
         if settings.threads:
             torch.set_num_threads(settings.threads)
         self.settings = settings
-        self.scorer = LmEvalScorer(settings.tasks, settings.task_search_path, settings.limit,
-                                   settings.num_fewshot, settings.batch_size, settings.device,
-                                   shuffle_seed=(settings.random_seed or 0) if settings.shuffle else None,
-                                   apply_chat_template=settings.apply_chat_template,
-                                   fewshot_as_multiturn=settings.fewshot_as_multiturn)
+        self.scorer = scorer or make_scorer(settings)
+        m = settings.merge
         if settings.in_memory and not settings.vllm:
             self.materializer: Any = InMemoryMaterializer(settings.reference_model, settings.tokenizer_source,
-                                                          settings.device, settings.random_seed,
-                                                          settings.trust_remote_code, settings.allow_crimes)
+                                                          m.device, m.random_seed, m.trust_remote_code,
+                                                          m.allow_crimes)
         else:
-            self.materializer = OnDiskMaterializer(settings.scratch_dir, settings.device, settings.random_seed,
-                                                   settings.trust_remote_code, settings.allow_crimes)
+            self.materializer = OnDiskMaterializer(settings.scratch_dir, m.device, m.random_seed,
+                                                   m.trust_remote_code, m.allow_crimes)
         self._lm = None
 
     def _lm_for(self, model, tokenizer):
@@ -94,20 +112,21 @@ class CandidateEvaluator:
                 merge_s = time.perf_counter() - start
                 lm = self._lm_for(model, tok)
         except Exception as e:  # noqa: BLE001 - a failed candidate is a value, not a crash
-            log.warning("candidate failed to merge: %s", e)
+            log.warning("warning: candidate failed to merge: %s", str(e).strip().split("\n")[0])
             return Score.failed(f"merge failed: {e}", time.perf_counter() - start)
         t1 = time.perf_counter()
         try:
             with torch.no_grad():
                 per_task = self.scorer.score(lm, validation=validation)
         except Exception as e:  # noqa: BLE001
-            log.warning("candidate failed to score: %s", e)
+            log.warning("warning: candidate failed to score: %s", str(e).strip().split("\n")[0])
             return Score.failed(f"scoring failed: {e}\n{traceback.format_exc(limit=3)}", merge_s,
                                 time.perf_counter() - t1)
         finally:
             self.materializer.release()
         tasks = [t for t in self.settings.tasks if t.name in per_task]
-        return Score(combine(tasks, per_task), per_task, True, None, merge_s, time.perf_counter() - t1)
+        return Score(combine(tasks, per_task, self.scorer.higher_is_better), per_task, True, None, merge_s,
+                     time.perf_counter() - t1)
 
 
 def make_vllm(path, settings: WorkerSettings):
@@ -119,11 +138,15 @@ def make_vllm(path, settings: WorkerSettings):
 
 
 class InProcessEvaluator:
-    def __init__(self, settings: WorkerSettings):
-        self.worker = CandidateEvaluator(settings)
+    def __init__(self, settings: WorkerSettings, scorer: LmEvalScorer | None = None):
+        self.worker = CandidateEvaluator(settings, scorer)
+
+    def evaluate_iter(self, recipes: list[MergeConfig], validation: bool = False) -> Iterator[tuple[int, Score]]:
+        for i, recipe in enumerate(recipes):
+            yield i, self.worker.evaluate_one(recipe, validation)
 
     def evaluate(self, recipes: list[MergeConfig], validation: bool = False) -> list[Score]:
-        return [self.worker.evaluate_one(r, validation) for r in recipes]
+        return [score for _, score in self.evaluate_iter(recipes, validation)]
 
     def close(self) -> None:
         pass

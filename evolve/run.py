@@ -1,23 +1,22 @@
-"""The whole job: search -> validate the top candidates -> export recipe, model, report."""
+"""The whole job: preflight -> search -> validate the top candidates -> export recipe, model, report."""
 
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
-from merge_engine.config import parse_recipe
 from merge_engine.merge import run_merge
 from merge_engine.options import MergeOptions
 
 from .config import EvolveConfig
+from .evaluator import Evaluator, InProcessEvaluator, WorkerSettings, make_scorer
 from .export import export_recipe, exported_yaml
-from .evaluator import Evaluator, InProcessEvaluator, WorkerSettings
-from .genome import Genome
+from .preflight import preflight
+from .record import Candidate
 from .report import plot_fitness, render_report
-from .search import SearchSettings, run_search
+from .scoring import LmEvalScorer, Score
+from .search import SearchResult, SearchSettings, run_search
 from .storage import Storage
 
 log = logging.getLogger(__name__)
@@ -45,89 +44,106 @@ class RunOptions:
     wandb_entity: str | None = None
 
 
-def make_evaluator(config: EvolveConfig, options: RunOptions) -> Evaluator:
+class NoSuccessfulCandidate(RuntimeError):
+    """The search ended without one candidate that merged and scored: nothing to export."""
+
+
+@dataclass(frozen=True)
+class Validation:
+    """A top candidate re-scored on the tasks' held-out `validation_split`."""
+
+    candidate: Candidate
+    score: Score
+
+
+@dataclass(frozen=True)
+class EvolveResult:
+    search: SearchResult
+    best: Candidate
+    validation: list[Validation]
+    report: str
+
+
+def merge_options(options: RunOptions) -> MergeOptions:
+    """The run's one MergeOptions: every candidate merge (in the workers) and the export use it."""
+    return MergeOptions(random_seed=options.search.random_seed, device=options.device, progress=False,
+                        write_model_card=False, trust_remote_code=options.trust_remote_code,
+                        allow_crimes=options.allow_crimes)
+
+
+def worker_settings(config: EvolveConfig, options: RunOptions, merge: MergeOptions) -> WorkerSettings:
     g = config.genome
-    settings = WorkerSettings(
+    return WorkerSettings(
         tasks=list(config.tasks), reference_model=g.base_model or g.models[0], tokenizer_source=g.tokenizer_source,
         task_search_path=[str(Path(p).resolve()) for p in options.task_search_path], limit=config.limit,
         num_fewshot=config.num_fewshot, batch_size=options.batch_size, in_memory=options.in_memory,
-        vllm=options.vllm, device=options.device, scratch_dir=str(Path(options.storage_path).resolve() / "scratch"),
-        random_seed=options.search.random_seed, shuffle=config.shuffle,
-        apply_chat_template=config.apply_chat_template, fewshot_as_multiturn=config.fewshot_as_multiturn,
-        trust_remote_code=options.trust_remote_code, allow_crimes=options.allow_crimes)
+        vllm=options.vllm, merge=merge, scratch_dir=str(Path(options.storage_path).resolve() / "scratch"),
+        shuffle=config.shuffle, apply_chat_template=config.apply_chat_template,
+        fewshot_as_multiturn=config.fewshot_as_multiturn)
+
+
+def make_evaluator(settings: WorkerSettings, options: RunOptions, scorer: LmEvalScorer | None = None) -> Evaluator:
     if options.num_workers == 0:
-        return InProcessEvaluator(settings)
+        return InProcessEvaluator(settings, scorer)
     from .ray_evaluator import RayEvaluator  # Ray only when asked for
 
-    gpus = 1.0 if options.device.startswith("cuda") else 0.0
+    gpus = 1.0 if settings.merge.device.startswith("cuda") else 0.0
     return RayEvaluator(settings, options.num_workers, options.ray_address, gpus)
 
 
-def check_preconditions(config: EvolveConfig, options: RunOptions) -> None:
-    public = config.public_benchmarks()
-    if public and not options.allow_benchmark_test_sets:
-        raise ValueError(f"tasks: {', '.join(public)} look like public benchmark test sets; optimising on them "
-                         "overfits the benchmark and makes its numbers meaningless. Search on your own or a "
-                         "validation task, or pass --allow-benchmark-test-sets if you really mean it")
-    if options.vllm:
-        import importlib.util
-
-        if importlib.util.find_spec("vllm") is None:
-            raise ValueError("--vllm: the vllm package is not installed (`pip install vllm`); omit --vllm to "
-                             "score with the Hugging Face backend")
-
-
-def evolve(config: EvolveConfig, options: RunOptions, evaluator: Evaluator | None = None) -> dict[str, Any]:
-    check_preconditions(config, options)
-    storage = Storage(options.storage_path)
+def evolve(config: EvolveConfig, options: RunOptions, evaluator: Evaluator | None = None) -> EvolveResult:
+    """Raises ValueError for bad input (before anything is spent or written), SearchFailed when the whole
+    first generation fails, NoSuccessfulCandidate when nothing merged and scored."""
     search_settings = replace(options.search, random_init=config.random_init)
+    checked = preflight(config, search_settings, options.allow_benchmark_test_sets, options.vllm)
+    merge = merge_options(options)
+    settings = worker_settings(config, options, merge)
+    scorer = make_scorer(settings) if evaluator is None else None  # unknown task / metric / filter: ValueError
+    directions = scorer.higher_is_better if scorer else {}
     run_settings = {k: v for k, v in asdict(search_settings).items() if k not in ("progress", "max_fevals", "timeout")}
-    storage.start(config, run_settings, options.resume)
-    if options.wandb:
-        from .wandb_log import WandbStorage, start_run
+    log.info("genome: %d genes over %d layer group(s), %d candidates per generation", checked.genome.dimension,
+             checked.genome.num_groups, checked.popsize)
+    with Storage(options.storage_path).open(config, run_settings, options.resume) as opened:
+        storage = opened
+        if options.wandb:
+            from .wandb_log import WandbStorage, start_run
 
-        storage = WandbStorage(storage, start_run(options.wandb_project, options.wandb_entity,
-                                                  config.model_dump(mode="json")))
-    genome = Genome.for_models(config.genome)
-    log.info("genome: %d genes over %d layer group(s)", genome.dimension, genome.num_groups)
-    own_evaluator = evaluator is None
-    evaluator = evaluator or make_evaluator(config, options)
-    try:
-        run_search(genome, evaluator, storage, search_settings)
-        records = storage.load_history()
-        if not records:
-            raise RuntimeError("the search scored no candidate (is --max-fevals smaller than one generation?)")
-        best = max(records, key=lambda r: r["fitness"])
-        validation = _validate_top(records, evaluator, config, options.validate_top)
-    finally:
-        if own_evaluator:
-            evaluator.close()
-        shutil.rmtree(storage.path / "scratch", ignore_errors=True)  # on-disk candidates' temp space
-    best_recipe = export_recipe(parse_recipe(best["recipe"], "history.jsonl"), options.search.random_seed)
-    storage.write_text("best_config.yaml", exported_yaml(best_recipe, (
-        f"mergekit-evolve (evomerge): the best of {len(records)} candidates, fitness {best['fitness']:.6g}\n"
-        "Runs from any directory: model paths are absolute. random_seed (evomerge's field; mergekit ignores it)\n"
-        "is the seed randomized methods were scored with; mergekit-yaml --random-seed overrides it.")))
-    if options.export_model:
-        run_merge(best_recipe, storage.path / "best_model",
-                  MergeOptions(random_seed=options.search.random_seed, device=options.device,
-                               progress=options.search.progress, trust_remote_code=options.trust_remote_code,
-                               allow_crimes=options.allow_crimes))
-    plot_fitness(records, storage.path / "fitness.png")
-    report = render_report(records, validation, best, run_settings)
-    storage.write_text("report.md", report)
-    if options.wandb:
-        storage.finish(str(storage.path / "best_config.yaml"))
-    return {"best": best, "validation": validation, "records": records, "report": report}
+            storage = WandbStorage(opened, start_run(options.wandb_project, options.wandb_entity,
+                                                     config.model_dump(mode="json")))
+        own_evaluator = evaluator is None
+        evaluator = evaluator or make_evaluator(settings, options, scorer)
+        try:
+            result = run_search(checked.genome, evaluator, storage, search_settings)
+            validation = _validate_top(result, evaluator, config, options.validate_top)
+        finally:
+            if own_evaluator:
+                evaluator.close()
+        plot_fitness(result.candidates, storage.path / "fitness.png")
+        report = render_report(result, validation, config, directions, run_settings)
+        storage.write_text("report.md", report)
+        if result.best is None:
+            raise NoSuccessfulCandidate(
+                f"no candidate merged and scored ({len(result.candidates)} failed; see the `error` field in "
+                f"{storage.history_file}); nothing exported")
+        best_recipe = export_recipe(result.best.recipe, options.search.random_seed)
+        storage.write_text("best_config.yaml", exported_yaml(best_recipe, (
+            f"mergekit-evolve (evomerge): the best of {len(result.candidates)} candidates, fitness "
+            f"{result.best.score.fitness:.6g}\n"
+            "Runs from any directory: model paths are absolute. random_seed (evomerge's field; mergekit ignores it)\n"
+            "is the seed randomized methods were scored with; mergekit-yaml --random-seed overrides it.")))
+        if options.export_model:
+            run_merge(best_recipe, storage.path / "best_model",
+                      merge.model_copy(update={"progress": search_settings.progress, "write_model_card": True}))
+        if options.wandb:
+            storage.finish(str(storage.path / "best_config.yaml"))
+    return EvolveResult(result, result.best, validation, report)
 
 
-def _validate_top(records, evaluator: Evaluator, config: EvolveConfig, top: int) -> list[dict[str, Any]]:
+def _validate_top(result: SearchResult, evaluator: Evaluator, config: EvolveConfig, top: int) -> list[Validation]:
     if not any(t.validation_split for t in config.tasks) or top <= 0:
         return []
-    ranked = sorted((r for r in records if r["ok"]), key=lambda r: -r["fitness"])[:top]
-    scores = evaluator.evaluate([parse_recipe(r["recipe"]) for r in ranked], validation=True)
-    out = []
-    for r, s in zip(ranked, scores):
-        out.append({"index": r["index"], "recipe_hash": r["recipe_hash"], "fitness": r["fitness"],
-                    "validation": s.fitness if s.ok else None, "validation_scores": s.per_task})
-    return out
+    ranked = sorted((c for c in result.candidates if c.score.ok), key=lambda c: -c.score.fitness)[:top]
+    if not ranked:
+        return []
+    scores = evaluator.evaluate([c.recipe for c in ranked], validation=True)
+    return [Validation(c, s) for c, s in zip(ranked, scores)]

@@ -17,7 +17,7 @@ from typing import Any
 
 from .config import TaskDefinition
 
-PENALTY = -1.0  # fitness of a candidate that failed; below any weighted score of [0, 1] metrics
+PENALTY = -1.0  # stored fitness of a failed candidate; the search tells CMA-ES something lower still (search.py)
 log = logging.getLogger(__name__)
 
 
@@ -70,9 +70,18 @@ def shuffle_documents(task: Any, seed: int) -> None:
         dataset[split] = dataset[split].shuffle(seed=seed)
 
 
-def combine(tasks: list[TaskDefinition], per_task: dict[str, float]) -> float:
+def split_metric(metric: str) -> tuple[str, str]:
+    """'acc' / 'acc,none' (mergekit's spelling) -> (metric, filter)."""
+    name, _, filter_name = metric.partition(",")
+    return name.strip(), filter_name.strip() or "none"
+
+
+def combine(tasks: list[TaskDefinition], per_task: dict[str, float], higher_is_better: dict[str, bool]) -> float:
+    """Fitness, always maximised: the weighted mean of the tasks' metric values, a metric whose lm-eval
+    `higher_is_better` is false (perplexity, bits_per_byte) entering negated (perplexity 12.5 adds -12.5)."""
     total = sum(t.weight for t in tasks)
-    return sum(t.weight * per_task[t.name] for t in tasks) / (total or 1.0)
+    signed = {t.name: per_task[t.name] if higher_is_better.get(t.name, True) else -per_task[t.name] for t in tasks}
+    return sum(t.weight * signed[t.name] for t in tasks) / (total or 1.0)
 
 
 class LmEvalScorer:
@@ -82,9 +91,11 @@ class LmEvalScorer:
                  limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 32,
                  device: str = "cpu", shuffle_seed: int | None = None, apply_chat_template: bool | None = None,
                  fewshot_as_multiturn: bool | None = None):
+        import datasets
         from lm_eval.tasks import TaskManager
 
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
+        datasets.disable_progress_bars()  # a bar per task and worker would drown the search's own
         self.tasks = tasks
         self.limit = limit
         self.batch_size = batch_size
@@ -98,13 +109,19 @@ class LmEvalScorer:
             manager = TaskManager(include_path=paths or None)  # fall back to lm-eval's bundled tasks
         missing = [n for n in names if n not in manager.all_tasks]
         if missing:
-            raise ValueError(f"tasks: unknown lm-eval task(s) {missing}; add their directory with "
-                             "--task-search-path")
+            where = ", ".join(paths) or "none given"
+            raise ValueError(f"tasks: unknown lm-eval task(s) {', '.join(missing)} (task directories: {where}); "
+                             "check the name, or add the task's directory with --task-search-path")
         loaded = manager.load(names)["tasks"]
         self._fitness_tasks = {}
         self._validation_tasks = {}
-        for t in tasks:
+        self.higher_is_better: dict[str, bool] = {}  # per task, from lm-eval's metric_list for the chosen metric
+        for i, t in enumerate(tasks):
+            if t.name not in loaded:
+                raise ValueError(f"tasks[{i}].name: {t.name!r} is an lm-eval group, not a task; list its tasks "
+                                 f"one by one ({', '.join(sorted(loaded)[:8])}, ...)")
             task = loaded[t.name]
+            self.higher_is_better[t.name] = metric_direction(task, t.metric, f"tasks[{i}]")
             if num_fewshot is not None:
                 task.set_config(key="num_fewshot", value=num_fewshot)
             if shuffle_seed is not None:  # the search file's `shuffle`: `limit` then takes a seeded random subset
@@ -142,7 +159,7 @@ class LmEvalScorer:
             if t.name not in chosen:
                 continue
             metrics = results[t.name]
-            key = t.metric if t.metric in metrics else f"{t.metric},none"
+            key = ",".join(split_metric(t.metric))
             if key not in metrics:
                 raise ValueError(f"task {t.name!r} has no metric {t.metric!r}; it reports: "
                                  + ", ".join(k for k in metrics if k != "alias"))
@@ -152,3 +169,19 @@ class LmEvalScorer:
             out[t.name] = value
         return out
 
+
+
+def metric_direction(task: Any, metric: str, where: str) -> bool:
+    """lm-eval's `higher_is_better` for one task's metric; ValueError when the task has no such metric or
+    filter (checked before any candidate is scored)."""
+    name, filter_name = split_metric(metric)
+    directions = task.higher_is_better() or {}
+    if name not in directions:
+        raise ValueError(f"{where}.metric: task {task.config.task!r} has no metric {name!r}; it reports: "
+                         + (", ".join(directions) or "nothing"))
+    filters = [f.name for f in getattr(task, "_filters", [])] or ["none"]
+    if filter_name not in filters:
+        raise ValueError(f"{where}.metric: task {task.config.task!r} has no filter {filter_name!r} for "
+                         f"{name!r}; its filters: {', '.join(filters)}")
+    direction = directions[name]
+    return True if direction is None else bool(direction)

@@ -3,12 +3,19 @@
 Resuming needs no optimizer pickle: CMA-ES is deterministic given its seed and the
 fitness values it is told, so a resumed run replays the same generations, taking
 the scores of candidates already in history.jsonl instead of scoring them again.
-Identical recipes are never scored twice, in one run or across resumes.
+Identical recipes are never scored twice, in one run or across resumes. Each
+candidate is appended to the history the moment it finishes, so a kill inside a
+generation loses no finished candidate.
+
+Fitness is maximised (lower-is-better metrics enter it negated, see scoring.combine).
+A failed candidate keeps its error in the history and is never the best; CMA-ES is
+told a penalty below every successful candidate met so far.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -17,11 +24,10 @@ import cma
 import numpy as np
 from tqdm.auto import tqdm
 
-from merge_engine.config import MergeConfig
-
-from .evaluator import Evaluator
+from .evaluator import Evaluator, scores_as_completed
 from .genome import Genome, recipe_key
-from .scoring import Score
+from .record import Candidate
+from .scoring import PENALTY
 from .storage import Storage
 
 log = logging.getLogger(__name__)
@@ -39,29 +45,32 @@ class SearchSettings:
     timeout: float | None = None  # seconds; no new generation is started after it (cma's `timeout`)
 
 
-@dataclass
-class Candidate:
-    key: str
-    recipe: MergeConfig
-    genome: list[float]
-    score: Score
-    generation: int
+class SearchFailed(RuntimeError):
+    """Every candidate of the first generation failed: the cause is almost surely not the genome."""
 
-    def record(self, index: int) -> dict[str, Any]:
-        return {"index": index, "generation": self.generation, "recipe_hash": self.key, "genome": self.genome,
-                "fitness": self.score.fitness, "scores": self.score.per_task, "ok": self.score.ok,
-                "error": self.score.error, "merge_seconds": round(self.score.merge_seconds, 4),
-                "score_seconds": round(self.score.score_seconds, 4),
-                "recipe": self.recipe.model_dump(mode="json", exclude_none=True)}
+
+@dataclass(frozen=True)
+class SearchResult:
+    candidates: list[Candidate]  # every candidate met in this run (scored now or replayed), first-seen order
+    best: Candidate | None  # the best successful candidate; None when none succeeded
+    generations: int
+    scored: int  # candidates scored by this run (the rest came from history.jsonl)
+    stop_reason: str
+
+
+def default_popsize(dimension: int) -> int:
+    """CMA-ES's own default population for `dimension` genes (pycma's `4 + 3 * log(N)`)."""
+    return int(4 + 3 * math.log(max(dimension, 1)))
 
 
 def make_optimizer(genome: Genome, settings: SearchSettings) -> cma.CMAEvolutionStrategy:
     rng = np.random.default_rng(settings.random_seed)  # CMA-ES samples only from this generator
-    options = {"bounds": [0.0, 1.0], "seed": settings.random_seed + 1, "verbose": -9,
-               "randn": lambda *shape: rng.standard_normal(shape),
-               # the budget ends the search, not a flat fitness landscape (e.g. every candidate scoring 0
-               # early on); convergence is detected below as generations that propose nothing new
-               "tolflatfitness": 10**9, "tolfun": 0.0, "tolfunhist": 0.0, "tolstagnation": 10**9}
+    options: dict[str, Any] = {
+        "bounds": [0.0, 1.0], "seed": settings.random_seed + 1, "verbose": -9,
+        "randn": lambda *shape: rng.standard_normal(shape),
+        # the budget ends the search, not a flat fitness landscape (e.g. every candidate scoring 0
+        # early on); convergence is detected below as generations that propose nothing new
+        "tolflatfitness": 10**9, "tolfun": 0.0, "tolfunhist": 0.0, "tolstagnation": 10**9}
     if settings.popsize:
         options["popsize"] = settings.popsize
     if settings.timeout is not None:
@@ -71,51 +80,66 @@ def make_optimizer(genome: Genome, settings: SearchSettings) -> cma.CMAEvolution
     return cma.CMAEvolutionStrategy(x0, settings.sigma0, options)
 
 
-def run_search(genome: Genome, evaluator: Evaluator, storage: Storage, settings: SearchSettings) -> list[Candidate]:
-    """Run (or resume) the search; returns every candidate met, in first-seen order."""
-    known: dict[str, dict[str, Any]] = {r["recipe_hash"]: r for r in storage.load_history()}
+def penalty(met: dict[str, Candidate]) -> float:
+    """What CMA-ES is told for a failed candidate: below every successful one met so far (fitness may be
+    negative without bound once a perplexity enters it negated). Depends only on what was met, so a
+    resumed run replays it exactly."""
+    ok = [c.score.fitness for c in met.values() if c.score.ok]
+    return min(PENALTY, min(ok) - 1.0) if ok else PENALTY
+
+
+def run_search(genome: Genome, evaluator: Evaluator, storage: Storage, settings: SearchSettings) -> SearchResult:
+    """Run (or resume) the search until the budget, CMA-ES's own stop, or convergence."""
+    known = {c.key: c for c in storage.load_history()}
+    spent = len(known)  # evaluations so far, counted against --max-fevals
+    next_index = max((c.index for c in known.values()), default=-1) + 1
     seen: dict[str, Candidate] = {}  # candidates met in this run: scored now or replayed from history
-    next_index = len(known)
     es = make_optimizer(genome, settings)
-    bar = tqdm(total=settings.max_fevals, initial=min(next_index, settings.max_fevals), desc="search",
+    bar = tqdm(total=settings.max_fevals, initial=min(spent, settings.max_fevals), desc="search",
                unit="candidate", disable=not settings.progress)
     best: Candidate | None = None
-    generation = 0
-    stalled = 0  # consecutive generations proposing only recipes already met: the search has converged
-    while not es.stop() and stalled < STALL_GENERATIONS:
+    generation = scored = stalled = 0  # stalled: generations in a row proposing only recipes already met
+    reason = "CMA-ES stopped"
+    while not es.stop():
+        if stalled >= STALL_GENERATIONS:
+            reason = f"converged ({STALL_GENERATIONS} generations proposed nothing new)"
+            break
         xs = es.ask()
         recipes = [genome.decode(x) for x in xs]
         keys = [recipe_key(r) for r in recipes]
         first = {k: i for i, k in reversed(list(enumerate(keys)))}  # first position of each distinct recipe
         fresh = [k for k in first if k not in seen]
         todo = [k for k in fresh if k not in known]
-        if next_index + len(todo) > settings.max_fevals:
+        if spent + len(todo) > settings.max_fevals:
+            reason = f"budget (--max-fevals {settings.max_fevals})"
             break
+        t0 = time.perf_counter()
+        for j, score in scores_as_completed(evaluator, [recipes[first[k]] for k in todo]):
+            k = todo[j]
+            cand = Candidate(next_index, generation, k, recipes[first[k]], genome.values(xs[first[k]]), score)
+            storage.append(cand)  # on disk before the next candidate is handled
+            seen[k] = cand
+            next_index, spent, scored = next_index + 1, spent + 1, scored + 1
+            bar.update(1)
         if todo:
-            t0 = time.perf_counter()
-            scores = evaluator.evaluate([recipes[first[k]] for k in todo])
             log.info("generation %d: %d candidates in %.1fs", generation, len(todo), time.perf_counter() - t0)
-            for k, score in zip(todo, scores):
-                cand = Candidate(k, recipes[first[k]], genome.values(xs[first[k]]), score, generation)
-                storage.append(cand.record(next_index))
-                next_index += 1
-                seen[k] = cand
-            bar.update(len(todo))
         for k in fresh:
             if k not in seen:  # replayed: take the stored score
-                rec = known[k]
-                score = Score(rec["fitness"], rec["scores"], rec["ok"], rec["error"], rec["merge_seconds"],
-                              rec["score_seconds"])
-                seen[k] = Candidate(k, recipes[first[k]], genome.values(xs[first[k]]), score, rec["generation"])
+                seen[k] = known[k]
+        if generation == 0 and not any(c.score.ok for c in seen.values()):
+            failed = sorted(seen.values(), key=lambda c: c.index)
+            raise SearchFailed(f"all {len(failed)} candidates of the first generation failed, so the search "
+                               f"stopped instead of spending the budget; the first error: "
+                               f"{(failed[0].score.error or '').splitlines()[0]}")
         stalled = 0 if fresh else stalled + 1
-        fitness = [-seen[k].score.fitness for k in keys]  # CMA-ES minimises
-        for k in keys:
-            if best is None or seen[k].score.fitness > best.score.fitness:
-                best = seen[k]
-        es.tell(xs, fitness)
-        storage.write_state({"generation": generation, "evaluations": next_index,
-                             "best": best.record(-1) if best else None, "sigma": float(es.sigma)})
+        floor = penalty(seen)
+        es.tell(xs, [-(seen[k].score.fitness if seen[k].score.ok else floor) for k in keys])  # CMA-ES minimises
+        for c in sorted((seen[k] for k in first), key=lambda c: c.index):  # ties: the earliest scored
+            if c.score.ok and (best is None or c.score.fitness > best.score.fitness):
+                best = c
+        storage.write_state({"generation": generation, "evaluations": spent,
+                             "best": best.to_json() if best else None, "sigma": float(es.sigma)})
         bar.set_postfix(best=f"{best.score.fitness:.4f}" if best else "-", gen=generation)
         generation += 1
     bar.close()
-    return list(seen.values())
+    return SearchResult(list(seen.values()), best, generation, scored, reason)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .record import Candidate
 from .storage import Storage
 
 
@@ -28,15 +29,17 @@ class WandbStorage:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._storage, name)
 
-    def append(self, record: dict[str, Any]) -> None:
-        self._storage.append(record)
-        fitness = record["fitness"]
-        self._best = fitness if self._best is None else max(self._best, fitness)
-        metrics = {"fitness": fitness, "best_fitness": self._best, "generation": record["generation"],
-                   "ok": int(bool(record["ok"])), "merge_seconds": record["merge_seconds"],
-                   "score_seconds": record["score_seconds"]}
-        metrics.update({f"scores/{task}": value for task, value in (record.get("scores") or {}).items()})
-        self.run.log(metrics, step=record["index"])
+    def append(self, candidate: Candidate) -> None:
+        self._storage.append(candidate)
+        score = candidate.score
+        if score.ok:
+            self._best = score.fitness if self._best is None else max(self._best, score.fitness)
+        metrics = {"fitness": score.fitness, "generation": candidate.generation, "ok": int(score.ok),
+                   "merge_seconds": score.merge_seconds, "score_seconds": score.score_seconds}
+        if self._best is not None:
+            metrics["best_fitness"] = self._best
+        metrics.update({f"scores/{task}": value for task, value in (score.per_task or {}).items()})
+        self.run.log(metrics, step=candidate.index)
 
     def finish(self, best_config_path: str | None = None) -> None:
         if best_config_path is not None:

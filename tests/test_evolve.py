@@ -153,14 +153,15 @@ def test_search_exports_recipe_model_plot_and_report(trained, in_process, tmp_pa
     assert len(history(s)) == 8
     assert {p.name for p in s.iterdir()} >= {"history.jsonl", "state.json", "best_config.yaml", "best_model",
                                             "fitness.png", "report.md", "search.yml"}
-    best = max(out["records"], key=lambda r: r["fitness"])
-    assert best["fitness"] > min(r["fitness"] for r in out["records"])  # scores differ: "best" means something
-    exported = load_recipe(s / "best_config.yaml")  # the scored recipe plus the dtype it was built in
+    best = max(out.search.candidates, key=lambda c: c.score.fitness)
+    assert out.best == best
+    assert best.score.fitness > min(c.score.fitness for c in out.search.candidates)  # "best" means something
+    exported = load_recipe(s / "best_config.yaml")  # the scored recipe plus the dtype and seed it was built with
     assert exported.dtype == "float32"
-    assert exported.model_copy(update={"dtype": None}) == parse_recipe(best["recipe"])
-    assert recipe_key(exported.model_copy(update={"dtype": None})) == best["recipe_hash"]
+    scored = exported.model_copy(update={"dtype": None, "random_seed": None})
+    assert scored == best.recipe and recipe_key(scored) == best.key
     assert (s / "best_model" / "model.safetensors").exists()
-    assert len(out["validation"]) == 3 and "gap" in out["report"]
+    assert len(out.validation) == 3 and "gap" in out.report
     record = json.loads((s / "history.jsonl").read_text().splitlines()[0])
     assert set(record) >= {"genome", "recipe_hash", "scores", "merge_seconds", "score_seconds", "fitness"}
     res = subprocess.run([sys.executable, "-m", "merge_engine.cli", str(s / "best_config.yaml"),
@@ -197,7 +198,7 @@ def test_identical_genomes_are_scored_once_and_convergence_ends_the_search(train
     out = run(trained, tmp_path / "s", in_process, max_fevals=40, sigma0=1e-9, export_model=False)
     assert len(history(tmp_path / "s")) == 1  # 4 identical candidates per generation, scored once
     assert json.loads((tmp_path / "s" / "state.json").read_text())["generation"] == 3
-    assert out["best"]["index"] == 0
+    assert out.best.index == 0
 
 
 def test_public_benchmarks_refused_without_flag(zoo, tmp_path):
@@ -263,16 +264,19 @@ def test_cli_killed_mid_search_resumes(trained, tmp_path):
     assert (storage / "best_config.yaml").exists() and "Merge search report" in res.stdout
 
 
-def test_history_cut_mid_line_is_repaired(tmp_path):
+def test_history_cut_mid_line_is_repaired(zoo, tmp_path):
+    from evolve.record import Candidate
+    from evolve.scoring import Score
     from evolve.storage import Storage
 
+    recipe = Genome(definition(zoo), 4).decode(np.full(2, 0.5))
     storage = Storage(tmp_path)
-    storage.append({"recipe_hash": "a", "index": 0})
+    storage.append(Candidate(0, 0, "a", recipe, [0.5, 0.5], Score(0.5, {"evo_addition": 0.5})))
     with open(storage.history_file, "a") as f:
         f.write('{"recipe_hash": "b", "ind')  # killed while writing
-    assert [r["recipe_hash"] for r in storage.load_history()] == ["a"]
-    storage.append({"recipe_hash": "c", "index": 1})
-    assert [r["recipe_hash"] for r in storage.load_history()] == ["a", "c"]
+    assert [c.key for c in storage.load_history()] == ["a"]
+    storage.append(Candidate(1, 0, "c", recipe, [0.5, 0.5], Score(0.25, {"evo_addition": 0.25})))
+    assert [c.key for c in storage.load_history()] == ["a", "c"]
 
 
 @pytest.mark.slow

@@ -172,18 +172,18 @@ def test_wandb_logs_every_candidate(zoo, tmp_path, monkeypatch):
                          search=SearchSettings(max_fevals=8, popsize=4, progress=False))
     out = evolve(small_search(zoo), options, evaluator=FakeEvaluator())
     per_candidate = [(m, step) for m, step in logged if "fitness" in m]
-    assert [m["fitness"] for m, _ in per_candidate] == [r["fitness"] for r in out["records"]]
-    assert [step for _, step in per_candidate] == [r["index"] for r in out["records"]]
+    assert [m["fitness"] for m, _ in per_candidate] == [c.score.fitness for c in out.search.candidates]
+    assert [step for _, step in per_candidate] == [c.index for c in out.search.candidates]
     assert init_args["project"] == "proj" and "genome" in init_args["config"]
     assert logged[-1][0] == {"finished": True} and "merge_method" in run.summary["best_config"]
 
 
 def test_run_options_reach_the_workers(zoo, tmp_path, monkeypatch):
     seen = {}
-    monkeypatch.setattr(run_module, "InProcessEvaluator", lambda settings: seen.setdefault("s", settings))
+    monkeypatch.setattr(run_module, "InProcessEvaluator", lambda settings, scorer: seen.setdefault("s", settings))
     cfg = small_search(zoo, shuffle=True, apply_chat_template=True, fewshot_as_multiturn=False)
-    run_module.make_evaluator(cfg, RunOptions(storage_path=str(tmp_path), num_workers=0, trust_remote_code=True,
-                                              allow_crimes=True))
+    options = RunOptions(storage_path=str(tmp_path), num_workers=0, trust_remote_code=True, allow_crimes=True)
+    run_module.make_evaluator(run_module.worker_settings(cfg, options, run_module.merge_options(options)), options)
     s = seen["s"]
-    assert (s.shuffle, s.apply_chat_template, s.fewshot_as_multiturn, s.trust_remote_code, s.allow_crimes) == \
-        (True, True, False, True, True)
+    assert (s.shuffle, s.apply_chat_template, s.fewshot_as_multiturn, s.merge.trust_remote_code,
+            s.merge.allow_crimes) == (True, True, False, True, True)

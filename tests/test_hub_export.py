@@ -18,7 +18,6 @@ from evolve.config import EvolveConfig, GenomeDefinition, TaskDefinition
 from evolve.run import RunOptions, evolve
 from evolve.scoring import Score
 from evolve.search import SearchSettings
-from merge_engine.config import parse_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 MERGEKIT_VENV = Path(os.environ.get("EVOMERGE_MERGEKIT_VENV", "/work/main/.cache/mergekit-0.1.5"))
@@ -59,8 +58,7 @@ def exported(zoo, tmp_path_factory):
                               tasks=[TaskDefinition(name="t")])
         out = evolve(config, RunOptions(storage_path="runs/s", search=SearchSettings(
             max_fevals=4, popsize=4, random_seed=SEED, progress=False)), evaluator=WeightFitness())
-        best = max(out["records"], key=lambda r: r["fitness"])
-        scored = OnDiskMaterializer(work / "scratch", random_seed=SEED).write(parse_recipe(best["recipe"]))
+        scored = OnDiskMaterializer(work / "scratch", random_seed=SEED).write(out.best.recipe)
         scored_weights = weights(scored)
     finally:
         os.chdir(here)

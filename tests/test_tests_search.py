@@ -80,7 +80,7 @@ def search(path: Path, max_fevals: int, seed: int = 0, sigma0: float = 0.25,
 
 def history(path: Path) -> list[tuple[str, float]]:
     """(recipe, fitness) of every scored candidate, in scoring order: the search's persistent record."""
-    return [(r["recipe_hash"], r["fitness"]) for r in Storage(path).load_history()]
+    return [(c.key, c.score.fitness) for c in Storage(path).load_history()]
 
 
 def test_bowl_evaluator_reads_the_genome_back():
