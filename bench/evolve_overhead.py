@@ -77,9 +77,9 @@ def main() -> None:
         else:  # wrap each freshly loaded model
             original = worker.materializer.materialize
 
-            def materialize(cfg, _orig=original):
+            def materialize(cfg, _orig=original, _timer=timer):
                 model, tok = _orig(cfg)
-                timer.wrap(model)
+                _timer.wrap(model)
                 return model, tok
 
             worker.materializer.materialize = materialize
@@ -92,7 +92,7 @@ def main() -> None:
             merge.append(s.merge_seconds)
             score.append(s.score_seconds)
             forward.append(timer.seconds)
-        overhead = [s - f for s, f in zip(score, forward)]
+        overhead = [s - f for s, f in zip(score, forward, strict=False)]
         rows[mode] = {"setup_s": round(setup, 2), "merge_ms": round(1000 * statistics.mean(merge), 1),
                       "score_ms": round(1000 * statistics.mean(score), 1),
                       "forward_ms": round(1000 * statistics.mean(forward), 1),

@@ -94,7 +94,8 @@ def main() -> None:
                               f"{largest * 4 / 2**20:.0f} MiB fp32)", "inputs": "3 models, bf16, 1GB shards"}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "merge_memory.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    lines = ["| layers | params/model | method | wall (s) | peak RSS (MiB) | output (GiB) |", "|---|---|---|---|---|---|"]
+    lines = ["| layers | params/model | method | wall (s) | peak RSS (MiB) | output (GiB) |",
+             "|---|---|---|---|---|---|"]
     lines += [f"| {r['layers']} | {r['params_m']}M | {r['method']} | {r['wall_s']} | {r['peak_rss_mib']} | "
               f"{r['output_gib']} |" for r in rows]
     (RESULTS / "merge_memory.md").write_text("\n".join(lines) + "\n\n" + json.dumps(meta, indent=2) + "\n")

@@ -85,7 +85,7 @@ def build_model(path: Path, layers: int, seed: int) -> None:
     n = len(shards)
     files = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
     weight_map = {}
-    for f, shard in zip(files, shards):
+    for f, shard in zip(files, shards, strict=False):
         save_file(shard, str(tmp / f), metadata={"format": "pt"})
         weight_map.update({name: f for name in shard})
     total = sum(t.numel() * 2 for s in shards for t in s.values())
@@ -297,17 +297,18 @@ def materialize(paths: list[Path], evomerge_root: Path, repeats: int) -> dict:
 MATERIALIZE_CHILD = r"""
 import json, statistics, tempfile, time
 from merge_engine.config import MergeConfig
-from evolve import candidate
+from evolve import materialize
 def rss(key):
     return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key)) / 1024
 recipes = [MergeConfig.model_validate({{"merge_method": "task_arithmetic", "base_model": "{base}", "dtype": "bfloat16",
-           "models": [{{"model": "{a}", "parameters": {{"weight": w}}}}, {{"model": "{b}", "parameters": {{"weight": 1 - w}}}}]}})
+           "models": [{{"model": "{a}", "parameters": {{"weight": w}}}},
+                      {{"model": "{b}", "parameters": {{"weight": 1 - w}}}}]}})
            for w in (0.3, 0.5, 0.7, 0.4, 0.6, 0.2, 0.8)]
 t0 = time.perf_counter()
 if "{mode}" == "in-memory":
-    m = candidate.InMemoryMaterializer("{base}")
+    m = materialize.InMemoryMaterializer("{base}")
 else:
-    m = candidate.OnDiskMaterializer(tempfile.mkdtemp(prefix="evomerge-bench-"))
+    m = materialize.OnDiskMaterializer(tempfile.mkdtemp(prefix="evomerge-bench-"))
 setup = time.perf_counter() - t0
 m.materialize(recipes[0])  # warm-up: first reads of the inputs
 times = []

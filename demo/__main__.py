@@ -52,10 +52,10 @@ def held_out_table(recipes: dict[str, dict], reference: str, seed: int) -> dict[
                                                   task_search_path=[str(ROOT / "tasks")],
                                                   merge=MergeOptions(random_seed=seed, progress=False)))
     scores = evaluator.evaluate([parse_recipe(r) for r in recipes.values()], validation=True)
-    for name, s in zip(recipes, scores):
+    for name, s in zip(recipes, scores, strict=False):
         if not s.ok:
             raise RuntimeError(f"{name}: {s.error}")
-    return {name: s.per_task for name, s in zip(recipes, scores)}
+    return {name: s.per_task for name, s in zip(recipes, scores, strict=False)}
 
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:

@@ -51,9 +51,9 @@ def batch_tensors(tok, examples: list[tuple[str, str]]) -> tuple[torch.Tensor, t
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), PAD_ID)
     lab = torch.full((len(seqs), width), -100)
-    for i, (s, l) in enumerate(zip(seqs, labels)):
+    for i, (s, label) in enumerate(zip(seqs, labels, strict=True)):
         ids[i, : len(s)] = torch.tensor(s)
-        lab[i, : len(l)] = torch.tensor(l)
+        lab[i, : len(label)] = torch.tensor(label)
     return ids, lab
 
 

@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     previous_handler = signal.signal(signal.SIGTERM, _on_sigterm)
-    stdin, sys.stdin = sys.stdin, open(os.devnull)  # nothing may stop a search to ask (transformers' [y/N])
+    stdin, sys.stdin = sys.stdin, open(os.devnull)  # noqa: SIM115 - closed in finally; nothing may stop a search to ask (transformers' [y/N])
     try:
         device, workers = check_flags(args)
         config = load_search(args.search_config)

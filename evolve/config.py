@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -30,7 +31,7 @@ class GenomeDefinition(_Frozen):
     normalize: bool | None = None
     allow_negative_weights: bool = False
     smooth: bool = False
-    filters: list[str] | None = Field(default_factory=list)  # mergekit writes `filters: null` for none
+    filters: list[str] = Field(default_factory=list)  # mergekit writes `filters: null` for none
 
     @field_validator("models", mode="before")
     @classmethod
@@ -42,13 +43,13 @@ class GenomeDefinition(_Frozen):
     def _base_reference(cls, v):
         return normalize_reference(v)
 
-    @field_validator("filters", mode="after")
+    @field_validator("filters", mode="before")
     @classmethod
-    def _no_filters(cls, v):
-        return v or []
+    def _no_filters(cls, v: Any) -> Any:
+        return [] if v is None else v
 
     @model_validator(mode="after")
-    def _method_fits(self) -> "GenomeDefinition":
+    def _method_fits(self) -> GenomeDefinition:
         spec = get_method(self.merge_method)
         merged = [m for m in self.models if not (spec.uses_base and m == self.base_model)]
         if spec.requires_base and not self.base_model:
@@ -88,7 +89,7 @@ class EvolveConfig(_Frozen):
     fewshot_as_multiturn: bool | None = None  # None: as apply_chat_template; needs the chat template
 
     @model_validator(mode="after")
-    def _multiturn_needs_chat(self) -> "EvolveConfig":
+    def _multiturn_needs_chat(self) -> EvolveConfig:
         if self.fewshot_as_multiturn and self.apply_chat_template is False:
             raise ValueError("fewshot_as_multiturn: true needs the chat template; remove apply_chat_template: false "
                              "or set fewshot_as_multiturn: false")
@@ -105,5 +106,6 @@ def load_search(path: str | Path) -> EvolveConfig:
     try:
         return EvolveConfig.model_validate(data)
     except ValidationError as e:
-        lines = [f"{format_location(err['loc'])}: {str(err['msg']).removeprefix('Value error, ')}" for err in e.errors()]
+        lines = [f"{format_location(err['loc'])}: {str(err['msg']).removeprefix('Value error, ')}"
+                 for err in e.errors()]
         raise RecipeError(f"{path}: invalid search definition:\n  " + "\n  ".join(lines)) from None

@@ -22,8 +22,8 @@ import torch
 from merge_engine.config import MergeConfig, parse_recipe
 from merge_engine.options import MergeOptions
 
-from .materialize import InMemoryMaterializer, OnDiskMaterializer
 from .config import TaskDefinition
+from .materialize import InMemoryMaterializer, OnDiskMaterializer
 from .scoring import LmEvalScorer, Score, combine
 
 log = logging.getLogger(__name__)

@@ -26,12 +26,12 @@ def absolute_reference(ref: str) -> str:
         return str(Path(ref).expanduser().resolve())
     parsed = parse_reference(ref)
 
-    def fix(p: ModelPath | None) -> ModelPath | None:
-        if p is None or not Path(p.path).expanduser().exists():
+    def fix(p: ModelPath) -> ModelPath:
+        if not Path(p.path).expanduser().exists():
             return p
         return ModelPath(str(Path(p.path).expanduser().resolve()), p.revision)
 
-    return str(ModelReference(fix(parsed.model), fix(parsed.lora)))
+    return str(ModelReference(fix(parsed.model), fix(parsed.lora) if parsed.lora is not None else None))
 
 
 def _map_models(data: dict[str, Any], known: set[str]) -> dict[str, Any]:

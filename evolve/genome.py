@@ -60,12 +60,13 @@ class Genome:
         self.genes: tuple[Gene, ...] = tuple(genes)
 
     @classmethod
-    def for_models(cls, definition: GenomeDefinition) -> "Genome":
+    def for_models(cls, definition: GenomeDefinition) -> Genome:
         ref = definition.base_model or definition.models[0]
         source = open_model(ref)
         return cls(definition, detect_architecture(source.config, source.tensor_names(), ref).num_layers)
 
     def _range(self, p: ParamSpec) -> tuple[float, float]:
+        assert p.search is not None  # genes are made only for parameters with a search range
         low, high = p.search
         if p.name == "weight" and self.definition.allow_negative_weights:
             low = -high
@@ -80,7 +81,7 @@ class Genome:
 
     def values(self, x: np.ndarray) -> list[float]:
         x = np.clip(np.asarray(x, dtype=float), 0.0, 1.0)
-        return [round(g.low + xi * (g.high - g.low), DECIMALS) for g, xi in zip(self.genes, x)]
+        return [round(g.low + xi * (g.high - g.low), DECIMALS) for g, xi in zip(self.genes, x, strict=True)]
 
     def _layer_values(self, per_group: list[float]) -> list[float] | float:
         if len(set(per_group)) == 1:
@@ -93,7 +94,7 @@ class Genome:
     def decode(self, x: np.ndarray) -> MergeConfig:
         values = self.values(x)
         table: dict[tuple[str | None, str, str | None], list[float]] = {}
-        for gene, v in zip(self.genes, values):
+        for gene, v in zip(self.genes, values, strict=True):
             table.setdefault((gene.model, gene.param, gene.filter), [0.0] * self.num_groups)[gene.group] = v
 
         def setting(model: str | None, param: str) -> Any:
@@ -108,7 +109,8 @@ class Genome:
             params = {p.name: setting(m, p.name) for p in self.spec.per_model_params
                       if (m, p.name, None) in table}
             models.append({"model": m, **({"parameters": params} if params else {})})
-        global_params = {p.name: setting(None, p.name) for p in self.spec.global_params if (None, p.name, None) in table}
+        global_params = {p.name: setting(None, p.name) for p in self.spec.global_params
+                         if (None, p.name, None) in table}
         if self.definition.normalize is not None and self.spec.param("normalize"):
             global_params["normalize"] = self.definition.normalize
         recipe: dict[str, Any] = {"merge_method": self.spec.name, "models": models}

@@ -59,7 +59,8 @@ def load_model(path: str | Path, device: str = "cpu", trust_remote_code: bool = 
 
     hf_logging.disable_progress_bar()  # one bar per candidate would drown the search's own
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
-                                                 trust_remote_code=trust_remote_code).to(device).eval()
+                                                 trust_remote_code=trust_remote_code)
+    model = model.to(device).eval()  # type: ignore[arg-type]  # transformers types .to's argument as a model
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     return model, tokenizer
 

@@ -39,7 +39,7 @@ class Candidate:
                 "recipe": self.recipe.model_dump(mode="json", exclude_none=True)}
 
     @classmethod
-    def from_json(cls, data: Any) -> "Candidate":
+    def from_json(cls, data: Any) -> Candidate:
         """Raises RecordError naming what is wrong (a line that is not an object, missing keys, bad types)."""
         if not isinstance(data, dict):
             raise RecordError(f"expected a JSON object, got {type(data).__name__}")

@@ -58,7 +58,7 @@ def fitness_formula(config: EvolveConfig, higher_is_better: dict[str, bool]) -> 
     return f"({text}) / {total:g}"
 
 
-def render_report(result: "SearchResult", validation: list["Validation"], config: EvolveConfig,
+def render_report(result: SearchResult, validation: list[Validation], config: EvolveConfig,
                   higher_is_better: dict[str, bool], settings: dict[str, Any]) -> str:
     candidates = result.candidates
     ok = [c for c in candidates if c.score.ok]

@@ -103,13 +103,13 @@ def evolve(config: EvolveConfig, options: RunOptions, evaluator: Evaluator | Non
     run_settings = {k: v for k, v in asdict(search_settings).items() if k not in ("progress", "max_fevals", "timeout")}
     log.info("genome: %d genes over %d layer group(s), %d candidates per generation", checked.genome.dimension,
              checked.genome.num_groups, checked.popsize)
-    with Storage(options.storage_path).open(config, run_settings, options.resume) as opened:
-        storage = opened
+    with Storage(options.storage_path).open(config, run_settings, options.resume) as storage:
+        wandb = None
         if options.wandb:
-            from .wandb_log import WandbStorage, start_run
+            from .wandb_log import WandbLogger
 
-            storage = WandbStorage(opened, start_run(options.wandb_project, options.wandb_entity,
-                                                     config.model_dump(mode="json")))
+            wandb = WandbLogger(options.wandb_project, options.wandb_entity, config.model_dump(mode="json"))
+            storage.listeners.append(wandb.log_candidate)
         own_evaluator = evaluator is None
         evaluator = evaluator or make_evaluator(settings, options, scorer)
         try:
@@ -134,8 +134,8 @@ def evolve(config: EvolveConfig, options: RunOptions, evaluator: Evaluator | Non
         if options.export_model:
             run_merge(best_recipe, storage.path / "best_model",
                       merge.model_copy(update={"progress": search_settings.progress, "write_model_card": True}))
-        if options.wandb:
-            storage.finish(str(storage.path / "best_config.yaml"))
+        if wandb is not None:
+            wandb.finish(storage.path / "best_config.yaml")
     return EvolveResult(result, result.best, validation, report)
 
 
@@ -146,4 +146,4 @@ def _validate_top(result: SearchResult, evaluator: Evaluator, config: EvolveConf
     if not ranked:
         return []
     scores = evaluator.evaluate([c.recipe for c in ranked], validation=True)
-    return [Validation(c, s) for c, s in zip(ranked, scores)]
+    return [Validation(c, s) for c, s in zip(ranked, scores, strict=True)]

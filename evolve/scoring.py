@@ -34,7 +34,7 @@ class Score:
     score_seconds: float = 0.0
 
     @classmethod
-    def failed(cls, error: str, merge_seconds: float = 0.0, score_seconds: float = 0.0) -> "Score":
+    def failed(cls, error: str, merge_seconds: float = 0.0, score_seconds: float = 0.0) -> Score:
         return cls(PENALTY, {}, False, error, merge_seconds, score_seconds)
 
 

@@ -18,7 +18,7 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -44,12 +44,13 @@ class Storage:
         self.search_file = self.path / "search.yml"
         self.scratch = self.path / "scratch"
         self._lock: IO[str] | None = None
+        self.listeners: list[Callable[[Candidate], None]] = []  # told of each candidate once it is on disk
 
     def has_run(self) -> bool:
         return self.history_file.exists() or self.state_file.exists()
 
     @contextmanager
-    def open(self, config: EvolveConfig, run_settings: dict[str, Any], resume: bool) -> Iterator["Storage"]:
+    def open(self, config: EvolveConfig, run_settings: dict[str, Any], resume: bool) -> Iterator[Storage]:
         """Lock the storage path for this process, check it (new search or --resume of the same one), clear
         a killed run's scratch space; unlock on exit."""
         if self.path.exists() and not self.path.is_dir():
@@ -65,7 +66,7 @@ class Storage:
             self._release()
 
     def _acquire(self) -> None:
-        f = open(self.path / LOCK_NAME, "a+")
+        f = open(self.path / LOCK_NAME, "a+")  # noqa: SIM115 - held open for the lock's lifetime
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -131,6 +132,8 @@ class Storage:
             f.write(json.dumps(candidate.to_json()) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        for listener in self.listeners:
+            listener(candidate)
 
     def write_text(self, name: str, text: str) -> Path:
         """Write atomically (temp file, fsync, then rename)."""

@@ -8,7 +8,7 @@ if TYPE_CHECKING:
     from .config import MergeConfig
 
 
-def render_model_card(config: "MergeConfig") -> str:
+def render_model_card(config: MergeConfig) -> str:
     spec = config.method
     models = [m for m in config.referenced_models() if m != config.base_model]
     lines = [

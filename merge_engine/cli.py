@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
@@ -19,7 +20,6 @@ from .merge import plan_merge, run_merge
 from .methods import REGISTRY
 from .options import MergeOptions, parse_size, resolve_device
 from .plan import PlanError
-
 
 # mergekit-yaml flags that change nothing here, and why (also shown in --help).
 NO_EFFECT = {
@@ -109,10 +109,8 @@ def apply_threads(num_threads: int | None) -> None:
     if num_threads < 1:
         raise ValueError(f"--num-threads {num_threads}: must be at least 1")
     torch.set_num_threads(num_threads)
-    try:
+    with contextlib.suppress(RuntimeError):  # only settable before the first parallel work; harmless to skip later
         torch.set_num_interop_threads(num_threads)
-    except RuntimeError:  # only settable before the first parallel work; harmless to skip afterwards
-        pass
 
 
 class _Signals:
@@ -129,10 +127,8 @@ class _Signals:
 
     def __enter__(self) -> _Signals:  # noqa: PYI034
         for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread: leave the process's handlers alone
                 self._previous[sig] = signal.signal(sig, self._raise)
-            except ValueError:  # not the main thread: leave the process's handlers alone
-                pass
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -20,7 +20,7 @@ from .errors import RecipeError
 from .methods import REGISTRY, MethodSpec, get_method
 from .reference import normalize_reference
 
-Scalar = Union[bool, int, float, str]
+Scalar = bool | int | float | str
 
 
 class _Frozen(BaseModel):
@@ -332,7 +332,7 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> MergeConfig:
             loc = format_location(err["loc"])
             for line in msg.split("\n"):
                 text = line if (not loc or line.startswith(loc)) else f"{loc}: {line}"
-                if "extra_forbidden" == err["type"]:
+                if err["type"] == "extra_forbidden":
                     text = f"{loc}: unknown field (check its spelling)"
                 if text not in seen:
                     seen.add(text)

@@ -18,8 +18,8 @@ from __future__ import annotations
 import ctypes
 import keyword
 from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Iterable, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -70,7 +70,8 @@ def merge_tensors(job: TensorJob, stored: list[torch.Tensor | None], sources: Ma
             t = t.to(job.input_dtype)
         converted.append(_float32(t, device) if t is not None else None)
         del t
-    base, tensors = converted[0], converted[1:]
+    base = converted[0]
+    tensors: list[torch.Tensor] = [t for t in converted[1:] if t is not None]  # inputs are never None
     del converted
     if job.vocab is not None:  # embedding / lm_head rows -> the output vocabulary (merge_engine/tokenizer.py)
         models = [r.model for r in job.inputs] + ([job.base.model] if job.base else [])
@@ -89,9 +90,9 @@ def merge_tensors(job: TensorJob, stored: list[torch.Tensor | None], sources: Ma
         raise MergeError(f"tensor {job.output_name!r}: {spec.name} failed: {e}") from None
     del tensors, base
     if not _is_finite(merged):
-        refs = ([job.base] if job.base else [None]) + list(job.inputs)
-        bad_inputs = [f"{r.model}:{r.name}" for r, t in zip(refs, read_inputs(job, sources))
-                      if t is not None and t.is_floating_point() and not _is_finite(t)]
+        refs = [job.base, *job.inputs]
+        bad_inputs = [f"{r.model}:{r.name}" for r, t in zip(refs, read_inputs(job, sources), strict=True)
+                      if r is not None and t is not None and t.is_floating_point() and not _is_finite(t)]
         why = (f"input(s) contain NaN/inf: {', '.join(bad_inputs)}" if bad_inputs else
                f"the parameters {job.global_params} {list(job.per_model_params)} produce NaN/inf "
                "(e.g. weights that sum to zero with normalize)")
@@ -128,8 +129,9 @@ def keep_freed_memory() -> None:
 
 def _raise_first_error(futures: Sequence[Future]) -> None:
     for f in futures:
-        if f.done() and f.exception() is not None:
-            raise f.exception()
+        error = f.exception() if f.done() else None
+        if error is not None:
+            raise error
 
 
 def execute_plan(jobs: Iterable[TensorJob], sources: Mapping[str, ModelSource], sink: TensorSink,

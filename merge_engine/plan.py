@@ -170,7 +170,7 @@ def _plan_tensors(spec: MethodSpec, slices: list[SliceView], sources: Mapping[st
             at = [(s.model, _span(s)[0] + j) for s in slc.sources]
             base = (slc.base_model, ref_layer) if spec.uses_base and slc.base_model else None
             for tensor in _union([layers.templates(m, i) for m, i in ([base] if base else []) + at]):
-                inputs = tuple((s, tensor.with_index(i)) for s, (_, i) in zip(slc.sources, at))
+                inputs = tuple((s, tensor.with_index(i)) for s, (_, i) in zip(slc.sources, at, strict=True))
                 base_ref = (base[0], tensor.with_index(base[1])) if base else None
                 slots.append(_Slot(tensor.with_index(len(layer_sources)), t, slc, inputs, base_ref))
             layer_sources.append(ref_layer)

@@ -24,7 +24,7 @@ from evolve.evaluator import InProcessEvaluator, WorkerSettings
 from evolve.genome import Genome, recipe_key
 from evolve.run import RunOptions, evolve
 from evolve.search import SearchSettings
-from merge_engine import MergeOptions, load_recipe, parse_recipe, run_merge
+from merge_engine import MergeOptions, load_recipe, run_merge
 from merge_engine.methods import get_method
 
 ROOT = Path(__file__).resolve().parent.parent

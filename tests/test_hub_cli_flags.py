@@ -36,7 +36,8 @@ def same(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-NO_OP_FLAGS = [[f"--{n.replace('_', '-')}"] for n in NO_EFFECT] + [[f"--no-{n.replace('_', '-')}"] for n in NO_EFFECT] + [
+NO_OP_FLAGS = [[f"--{n.replace('_', '-')}"] for n in NO_EFFECT] + [
+    [f"--no-{n.replace('_', '-')}"] for n in NO_EFFECT] + [
     ["--write-threads", "4"], ["--lazy-unpickle"], ["--no-lazy-unpickle"], ["--no-cuda"], ["--device", "cpu"],
     ["--lora-merge-cache", "unused-dir"], ["--safe-serialization"], ["--no-allow-crimes"],
     ["--no-trust-remote-code"], ["--no-unsafe-truncate-embeddings"], ["-v"], ["-vv"]]

@@ -13,8 +13,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from evolve.materialize import OnDiskMaterializer
 from evolve.config import EvolveConfig, GenomeDefinition, TaskDefinition
+from evolve.materialize import OnDiskMaterializer
 from evolve.run import RunOptions, evolve
 from evolve.scoring import Score
 from evolve.search import SearchSettings

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from factory import make_model
 from safetensors.torch import load_file
 
-from factory import make_model
 from merge_engine.cli import main as merge_main
 from merge_engine.io.hub import download_command
 from merge_engine.io.references import open_model

@@ -425,7 +425,8 @@ def test_disk_full_while_writing_reports_both_numbers_and_cleans_up(capsys, big_
     disk = tmpfs("size=2m")
     (disk / "mine.txt").write_text("keep me")
     before = snapshot(disk)
-    monkeypatch.setattr("merge_engine.merge.check_space", lambda target, needed: None)  # as if the disk filled meanwhile
+    # as if the disk filled meanwhile
+    monkeypatch.setattr("merge_engine.merge.check_space", lambda target, needed: None)
     code, err = cli(capsys, big_recipe, disk / "out")
     assert code == 2
     line = one_error(err, "no space left", "bytes")

@@ -15,7 +15,7 @@ from merge_engine import MergeOptions, parse_recipe, run_merge
 from merge_engine.executor import MergeError, execute_plan
 from merge_engine.io.loader import ModelLoadError, ModelSource
 from merge_engine.merge import plan_merge
-from merge_engine.methods import REGISTRY, consensus, sparsify, task_arithmetic
+from merge_engine.methods import REGISTRY, consensus, task_arithmetic
 from merge_engine.plan import TensorJob
 
 QUIET = MergeOptions(progress=False, random_seed=7)

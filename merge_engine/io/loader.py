@@ -29,8 +29,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 def resolve_model_path(model: str) -> Path:
     """A local directory, or the hub snapshot of a hub id (see io/hub.py); LoRA references need
     io.references.open_model."""
-    from .hub import resolve_model_dir
     from ..reference import parse_reference
+    from .hub import resolve_model_dir
 
     if Path(model).expanduser().is_dir():
         return Path(model).expanduser()

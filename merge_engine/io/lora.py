@@ -87,8 +87,8 @@ class LoraAdapter:
                                      "both lora_A and lora_B")
             a, b = parts["lora_A"], parts["lora_B"]
             r = a.shape[0]
-            key = _pattern_key(alpha_pattern, module)
-            module_alpha = float(alpha_pattern[key]) if key is not None else alpha
+            pattern = _pattern_key(alpha_pattern, module)
+            module_alpha = float(alpha_pattern[pattern]) if pattern is not None else alpha
             scale = module_alpha / (math.sqrt(r) if rslora else r)
             embedding = module in embeddings
             self.modules[f"{module}.weight"] = LoraModule(a, b, scale, embedding or fan_in_fan_out, embedding)

@@ -20,7 +20,6 @@ import torch
 from ..dtypes import SAFETENSORS_CODES
 
 
-
 class TensorSink(Protocol):
     """Where merged tensors go: shards on disk, or a resident model in memory."""
 
@@ -94,10 +93,11 @@ class ShardedSafetensorsWriter:
         if shard_index != self._shard_index:
             self._close_file()
             self._shard_index = shard_index
-            self._file = open(self.out_dir / self.filenames[shard_index], "wb")
+            self._file = open(self.out_dir / self.filenames[shard_index], "wb")  # noqa: SIM115 - closed by _close_file
             self._file.write(_header(self.shards[shard_index]))
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        self._file.write(memoryview(data.numpy()))
+        assert self._file is not None  # opened above for this shard
+        self._file.write(data.numpy().data)
         self._next += 1
 
     def _close_file(self) -> None:

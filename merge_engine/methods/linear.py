@@ -13,7 +13,7 @@ def weighted_sum(tensors: Iterable[torch.Tensor], weights: Floats) -> torch.Tens
     """sum_i w_i * x_i, accumulated in place: one running sum, not an [n, *shape] stack
     (a generator of tensors keeps only one input alive at a time)."""
     merged = None
-    for x, w in zip(tensors, weights):
+    for x, w in zip(tensors, weights, strict=True):
         merged = x * float(w) if merged is None else merged.add_(x, alpha=float(w))
     if merged is None:
         raise ValueError("weighted_sum of no tensors")

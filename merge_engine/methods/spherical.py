@@ -138,12 +138,12 @@ def karcher(
         raise ValueError("karcher: the models with non-zero tensors have weights summing to zero")
     units = [(tensors[i] / norms[i]).reshape(-1) for i in valid]  # [d] each
     coeffs = [alphas[i] / valid_total for i in valid]
-    mean = sum(a * u for a, u in zip(coeffs, units))
+    mean = sum(a * u for a, u in zip(coeffs, units, strict=True))
     mean_norm = mean.norm()
     mean = units[0].clone() if mean_norm.item() < tol else mean / mean_norm
     for _ in range(int(max_iter)):
         tangent = torch.zeros_like(mean)  # weighted log map of the units at mean
-        for a, u in zip(coeffs, units):
+        for a, u in zip(coeffs, units, strict=True):
             dot = torch.dot(mean, u).clamp(-1.0, 1.0)
             theta = torch.arccos(dot)
             if theta.item() < tol:
@@ -156,7 +156,7 @@ def karcher(
         unit_norm = mean.norm()
         if unit_norm.item() > tol:
             mean = mean / unit_norm
-    scale = sum(a * n for a, n in zip(alphas, norms))
+    scale = sum(a * n for a, n in zip(alphas, norms, strict=True))
     return (scale * mean).reshape(tensors[0].shape)
 
 

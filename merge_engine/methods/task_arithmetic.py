@@ -55,7 +55,7 @@ def combine_task_vectors(
     if sparsifier is None and not consensus:  # plain task arithmetic: accumulate, no [n, *shape] stack
         # sum_i (w_i * delta_i), added in order: the rounding of a sum over a stack
         mixed = (tensors[0] - base).mul_(float(weights[0]))
-        for x, weight in zip(tensors[1:], weights[1:]):
+        for x, weight in zip(tensors[1:], weights[1:], strict=True):
             mixed.add_((x - base).mul_(float(weight)))
         total = torch.tensor(list(weights), dtype=base.dtype).sum()
         if normalize and total.abs() >= 1e-8:
@@ -113,7 +113,8 @@ def dare_ties(
     lambda_: float, rescale: bool, int8_mask: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
     drop = lambda d, i: sparsify.random_drop(d, density[i], rescale, generator)  # noqa: E731
-    return combine_task_vectors(tensors, require_base(base, "dare_ties"), weight, drop, True, normalize, lambda_, int8_mask)
+    return combine_task_vectors(tensors, require_base(base, "dare_ties"), weight, drop, True, normalize, lambda_,
+                                int8_mask)
 
 
 def dare_linear(
@@ -139,7 +140,8 @@ def breadcrumbs_ties(
     normalize: bool, lambda_: float, rescale: bool, int8_mask: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
     crumbs = lambda d, i: sparsify.magnitude_outliers(d, density[i], gamma[i], rescale)  # noqa: E731
-    return combine_task_vectors(tensors, require_base(base, "breadcrumbs_ties"), weight, crumbs, True, normalize, lambda_, int8_mask)
+    return combine_task_vectors(tensors, require_base(base, "breadcrumbs_ties"), weight, crumbs, True, normalize,
+                                lambda_, int8_mask)
 
 
 def della(
@@ -147,7 +149,8 @@ def della(
     normalize: bool, lambda_: float, rescale: bool, int8_mask: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
     prune = lambda d, i: sparsify.rank_magnitude_sampling(d, density[i], epsilon[i], rescale, generator)  # noqa: E731
-    return combine_task_vectors(tensors, require_base(base, "della"), weight, prune, True, normalize, lambda_, int8_mask)
+    return combine_task_vectors(tensors, require_base(base, "della"), weight, prune, True, normalize, lambda_,
+                                int8_mask)
 
 
 def della_linear(
