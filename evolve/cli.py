@@ -8,10 +8,10 @@ import os
 import sys
 
 from merge_engine.config import RecipeError
+from merge_engine.version import evomerge_version
 
 from .config import load_search
-from .run import RunOptions, evolve
-from .search import SearchSettings
+from .extra import require_evolve_extra
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip writing best_model/ (best_config.yaml is always written)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    p.add_argument("--version", action="version", version=f"%(prog)s {evomerge_version()}")
     return p
 
 
@@ -62,6 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        require_evolve_extra()
+    except ImportError as e:
+        print(f"mergekit-evolve: error: {e}", file=sys.stderr)
+        return 2
+    from .run import RunOptions, evolve  # the search's packages (cma, lm-eval, ray, matplotlib) from here on
+    from .search import SearchSettings
+
     try:
         config = load_search(args.search_config)
         options = RunOptions(

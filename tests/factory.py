@@ -9,7 +9,7 @@ import torch
 from transformers import (AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig,
                           Qwen2Config)
 
-from demo.tokenizer import VOCAB_SIZE, char_tokenizer
+from evolve.demo.tokenizer import VOCAB_SIZE, char_tokenizer
 
 
 def tiny_config(arch: str = "llama", layers: int = 2, hidden: int = 32, tie: bool = False):
