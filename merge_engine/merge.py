@@ -51,6 +51,7 @@ def run_merge(config: MergeConfig, out_path: str | Path, options: MergeOptions |
         artifacts.copy_generation_config(tmp, sources[plan.reference_model])
         if tok_source is not None:
             artifacts.write_tokenizer(tmp, sources[tok_source], config.chat_template, options.trust_remote_code)
-        artifacts.write_card_and_recipe(tmp, config, options.write_model_card)
+        artifacts.write_card_and_recipe(tmp, config, options.write_model_card, options.recipe_text,
+                                         options.card_extra)
     log.info("wrote %d tensors, %d layers to %s", len(plan.jobs), plan.num_output_layers, out_path)
     return out_path

@@ -20,6 +20,10 @@ class MergeOptions(BaseModel):
     allow_pickle: bool = False
     write_model_card: bool = True
     progress: bool = True
+    # provenance for the output, not arithmetic: the recipe as the user wrote it (kept verbatim, comments
+    # included, in mergekit_config.yml and the card) and markdown appended to the model card
+    recipe_text: str | None = None
+    card_extra: str | None = None
 
     @field_validator("out_shard_size", mode="before")
     @classmethod
