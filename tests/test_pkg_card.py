@@ -95,3 +95,23 @@ def test_card_extra_section_is_appended():
     text = render_model_card(config, extra="## How this recipe was found\n\nby search")
     assert text.rstrip().endswith("by search")
     assert ModelCard(text).data.to_dict()["tags"] == ["merge", "mergekit", "evomerge"]
+
+
+def test_card_passes_modelcard_validate_against_the_hub_rules(monkeypatch):
+    """huggingface_hub's ModelCard.validate posts the card to the Hub's /api/validate-yaml: here a stand-in
+    on 127.0.0.1 that applies the Hub's rules for the fields evomerge writes."""
+    from huggingface_hub import constants
+
+    from tests.hub_standin import HubStandIn
+
+    config = parse_recipe({"merge_method": "ties", "base_model": "org/base",
+                           "models": [{"model": "org/a", "parameters": {"weight": 1.0}},
+                                      {"model": "/local/b", "parameters": {"weight": 1.0}}]})
+    with HubStandIn() as hub:
+        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        ModelCard(render_model_card(config)).validate()  # raises ValueError on a 400
+        assert len(hub.validated) == 1
+        bad = render_model_card(config).replace("- org/a", "- /local/b")  # what listing a local path would do
+        with pytest.raises(ValueError, match="base_model"):
+            ModelCard(bad).validate()
