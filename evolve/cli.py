@@ -6,8 +6,12 @@ import argparse
 import logging
 import os
 import sys
+import time
+from pathlib import Path
 
 from merge_engine.config import RecipeError
+from merge_engine.publish import UploadError, check_upload_target, upload_model
+from merge_engine.summary import dumps, peak_rss_mib
 from merge_engine.version import evomerge_version
 
 from .config import load_search
@@ -54,14 +58,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-export", dest="export_model", action="store_false",
                    help="skip writing best_model/ (best_config.yaml is always written)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    p.add_argument("--upload", metavar="REPO_ID", default=None,
+                   help="push best_model/ to this Hugging Face Hub repo after the search (created if missing)")
+    p.add_argument("--private", action="store_true", help="with --upload: create the repo private")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout instead of the report "
+                                                       "(best fitness, evaluations, paths, seconds, peak memory)")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     p.add_argument("--version", action="version", version=f"%(prog)s {evomerge_version()}")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.private and not args.upload:
+        parser.error("--private only applies with --upload REPO_ID")
+    if args.upload and not args.export_model:
+        parser.error("--upload pushes best_model/, which --no-export skips; drop one of them")
+    level = logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s")
+    for handler in logging.getLogger().handlers:  # the console keeps its level when evolve.log takes INFO
+        handler.setLevel(level)
+    started = time.perf_counter()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         require_evolve_extra()
@@ -72,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     from .search import SearchSettings
 
     try:
+        if args.upload:
+            check_upload_target(args.upload)
         config = load_search(args.search_config)
         options = RunOptions(
             storage_path=args.storage_path,
@@ -83,14 +103,36 @@ def main(argv: list[str] | None = None) -> int:
             allow_benchmark_test_sets=args.allow_benchmark_test_sets, validate_top=args.validate_top,
             export_model=args.export_model)
         result = evolve(config, options)
-    except (RecipeError, ValueError) as e:
+    except (RecipeError, UploadError, ValueError) as e:
         print(f"mergekit-evolve: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\nmergekit-evolve: interrupted; continue with --resume --storage-path {args.storage_path}",
               file=sys.stderr)
         return 130
-    print(result["report"])
+    best_model = Path(result["storage_path"]) / "best_model"
+    uploaded = None
+    if args.upload:
+        try:
+            uploaded = upload_model(best_model, args.upload, private=args.private,
+                                    commit_message="Upload evolved merge (mergekit-evolve best_model)")
+        except UploadError as e:
+            print(f"mergekit-evolve: error: {e}", file=sys.stderr)
+            return 1
+    if args.json:
+        best = result["best"]
+        storage = Path(result["storage_path"])
+        print(dumps({"storage_path": str(storage), "best_fitness": best["fitness"], "best_scores": best["scores"],
+                     "best_evaluation": best["index"], "evaluations": len(result["records"]),
+                     "failed": sum(not r["ok"] for r in result["records"]),
+                     "held_out": {str(v["index"]): v["validation"] for v in result["validation"]},
+                     "best_config": str(storage / "best_config.yaml"),
+                     "best_model": str(best_model) if result["exported"] else None,
+                     "report": str(storage / "report.md"), "report_html": str(storage / "report.html"),
+                     "log": str(storage / "evolve.log"), "seconds": round(time.perf_counter() - started, 3),
+                     "peak_rss_mib": peak_rss_mib(), "uploaded": uploaded}))
+    else:
+        print(result["report"])
     return 0
 
 

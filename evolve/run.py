@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,10 @@ from merge_engine.options import MergeOptions
 from .config import EvolveConfig
 from .evaluator import Evaluator, InProcessEvaluator, WorkerSettings
 from .genome import Genome
-from .report import plot_fitness, render_report
+from .html_report import render_html
+from .pictures import held_out_points, plot_fitness, plot_gene_spread, plot_genome_heatmap
+from .report import render_report, resolved_settings
+from .search_card import render_search_section
 from .search import SearchSettings, run_search
 from .storage import Storage
 
@@ -75,6 +80,35 @@ def evolve(config: EvolveConfig, options: RunOptions, evaluator: Evaluator | Non
     search_settings = replace(options.search, random_init=config.random_init)
     run_settings = {k: v for k, v in asdict(search_settings).items() if k not in ("progress", "max_fevals")}
     storage.start(config, run_settings, options.resume)
+    with log_to_file(storage.path / LOG_FILE):
+        return _evolve(config, options, evaluator, storage, search_settings, run_settings)
+
+
+LOG_FILE = "evolve.log"
+
+
+@contextmanager
+def log_to_file(path: Path) -> Iterator[None]:
+    """Everything evolve and the merge engine log at INFO and above also goes to `path` (appended, so a
+    resumed search continues the same log)."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    loggers = [logging.getLogger(n) for n in ("evolve", "merge_engine")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(min(lg.getEffectiveLevel(), logging.INFO))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+        handler.close()
+
+
+def _evolve(config: EvolveConfig, options: RunOptions, evaluator: Evaluator | None, storage: Storage,
+            search_settings: SearchSettings, run_settings: dict[str, Any]) -> dict[str, Any]:
     genome = Genome.for_models(config.genome)
     log.info("genome: %d genes over %d layer group(s)", genome.dimension, genome.num_groups)
     own_evaluator = evaluator is None
@@ -92,14 +126,28 @@ def evolve(config: EvolveConfig, options: RunOptions, evaluator: Evaluator | Non
         shutil.rmtree(storage.path / "scratch", ignore_errors=True)  # on-disk candidates' temp space
     best_recipe = parse_recipe(best["recipe"], "history.jsonl")
     storage.write_text("best_config.yaml", best_recipe.to_yaml())
+    held = held_out_points(validation)
+    settings = resolved_settings(run_settings, genome.dimension)
+    pictures = [(plot_fitness(records, storage.path / "fitness.png", held),
+                 "fitness of every candidate, best so far, generations and held-out scores"),
+                (plot_genome_heatmap(genome.genes, best["genome"], storage.path / "genome_heatmap.png",
+                                     f"best genome (evaluation {best['index']}, fitness {best['fitness']:.4f})"),
+                 "best genome: each parameter per layer group and model"),
+                (plot_gene_spread(genome.genes, records, storage.path / "gene_spread.png"),
+                 "spread of each gene over the last generations")]
     if options.export_model:
-        run_merge(best_recipe, storage.path / "best_model",
-                  MergeOptions(random_seed=options.search.random_seed, device=options.device,
-                               progress=options.search.progress))
-    plot_fitness(records, storage.path / "fitness.png")
-    report = render_report(records, validation, best, run_settings)
+        log.info("exporting best_model/")
+        out = run_merge(best_recipe, storage.path / "best_model",
+                        MergeOptions(random_seed=options.search.random_seed, device=options.device,
+                                     progress=options.search.progress,
+                                     card_extra=render_search_section(config, records, held, settings,
+                                                                      options.search.max_fevals)))
+        shutil.copyfile(storage.path / "fitness.png", out / "fitness.png")  # the card shows it
+    report = render_report(records, validation, best, settings, exported=options.export_model)
     storage.write_text("report.md", report)
-    return {"best": best, "validation": validation, "records": records, "report": report}
+    storage.write_text("report.html", render_html(report, records, held, pictures))
+    return {"best": best, "validation": validation, "records": records, "report": report,
+            "storage_path": str(storage.path.resolve()), "exported": options.export_model}
 
 
 def _validate_top(records, evaluator: Evaluator, config: EvolveConfig, top: int) -> list[dict[str, Any]]:
