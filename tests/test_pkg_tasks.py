@@ -18,8 +18,10 @@ TASK = "evo_subtraction_choice"
 
 def test_example_task_loads_with_its_splits_and_choices():
     task = get_task_dict([TASK], TaskManager(include_path=str(ROOT / "tasks")))[TASK]
-    assert task.has_validation_docs() and task.has_test_docs() and not task.has_training_docs()
-    val, test = list(task.validation_docs()), list(task.test_docs())
+    # no test_split declared: lm-eval's eval docs (the search's fitness) are the validation split
+    assert task.has_validation_docs() and not task.has_test_docs() and not task.has_training_docs()
+    assert list(task.eval_docs) == list(task.validation_docs())
+    val, test = list(task.validation_docs()), list(task.dataset["test"])  # test: held out, named by the search
     assert len(val) == len(test) == 100
     assert not {d["prompt"] for d in val} & {d["prompt"] for d in test}  # held out means disjoint
     doc = val[0]
