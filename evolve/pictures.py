@@ -160,7 +160,7 @@ def plot_gene_spread(genes: Sequence[Gene], records: Sequence[Any], out: Path, l
     labels = [f"{g.param} {short_name(g.model)} g{g.group}" + (f" {g.filter}" if g.filter else "") for g in genes]
     ax.set_xticks(range(1, len(genes) + 1), labels, rotation=90, fontsize=7)
     ax.set_ylim(-0.05, 1.05)
-    ax.set_ylabel("gene value (0 = low end of its range, 1 = high end)")
+    ax.set_ylabel("gene value, 0-1 of its range")
     gen_text = f"generations {gens[0]}-{gens[-1]}" if gens else "no generation"
     ax.set_title(f"spread of each gene over the last {len(gens)} generation(s) ({gen_text}, {len(window)} "
                  "candidates)", fontsize=10)

@@ -23,7 +23,7 @@ def render_search_section(config: EvolveConfig, records: Sequence[Any], held_out
              "| tasks (metric, weight) | " + ", ".join(f"`{t.name}` ({t.metric}, {t.weight:g})" for t in config.tasks)
              + " |",
              f"| documents per task | {config.limit if config.limit is not None else 'all'}, "
-             f"{config.num_fewshot}-shot |",
+             (f"{config.num_fewshot}-shot |" if config.num_fewshot is not None else "each task's own few-shot setting |"),
              f"| budget | {max_fevals} evaluations; {len(recs)} scored ({len(recs) - len(ok)} failed) over "
              f"{len({r['generation'] for r in recs})} generations |",
              f"| search | sigma0 {settings.get('sigma0')}, popsize {settings.get('popsize')}, seed "

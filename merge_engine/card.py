@@ -42,7 +42,7 @@ def render_model_card(config: "MergeConfig", recipe_text: str | None = None, ext
     models = [m for m in config.referenced_models() if m != config.base_model]
     lines = ["---", yaml.safe_dump(front_matter(config), sort_keys=False).rstrip(), "---",
              f"# {config.name or 'Merged model'}", "",
-             f"This model was merged with [evomerge](https://pypi.org/project/evomerge/) (mergekit-compatible) "
+             f"This model was merged with evomerge (mergekit-compatible recipes) "
              f"using **{spec.name}**: {spec.description}."]
     if spec.paper and spec.paper.strip() != "-":
         lines.append(f"Method reference: {spec.paper}.")
