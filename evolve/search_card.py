@@ -15,6 +15,7 @@ def render_search_section(config: EvolveConfig, records: Sequence[Any], held_out
     ok = [r for r in recs if r["ok"]]
     best = max(ok, key=lambda r: r["fitness"])
     g = config.genome
+    shots = f"{config.num_fewshot}-shot |" if config.num_fewshot is not None else "each task's own few-shot setting |"
     lines = ["## How this recipe was found", "",
              f"The numbers of this `{g.merge_method}` recipe were searched with CMA-ES by `mergekit-evolve` "
              "(evomerge): every candidate recipe was merged and scored with lm-eval, and the best one is this "
@@ -22,8 +23,7 @@ def render_search_section(config: EvolveConfig, records: Sequence[Any], held_out
              "| | |", "|---|---|",
              "| tasks (metric, weight) | " + ", ".join(f"`{t.name}` ({t.metric}, {t.weight:g})" for t in config.tasks)
              + " |",
-             f"| documents per task | {config.limit if config.limit is not None else 'all'}, "
-             (f"{config.num_fewshot}-shot |" if config.num_fewshot is not None else "each task's own few-shot setting |"),
+             f"| documents per task | {config.limit if config.limit is not None else 'all'}, " + shots,
              f"| budget | {max_fevals} evaluations; {len(recs)} scored ({len(recs) - len(ok)} failed) over "
              f"{len({r['generation'] for r in recs})} generations |",
              f"| search | sigma0 {settings.get('sigma0')}, popsize {settings.get('popsize')}, seed "
