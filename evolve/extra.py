@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
-import importlib.util
+from importlib.metadata import PackageNotFoundError, distribution
 
-# import name -> distribution name, as listed in pyproject.toml's `evolve` extra
-EVOLVE_PACKAGES = {"cma": "cma", "lm_eval": "lm-eval", "ray": "ray", "datasets": "datasets",
-                   "matplotlib": "matplotlib", "numpy": "numpy", "accelerate": "accelerate"}
+# the distributions of pyproject.toml's `evolve` extra
+EVOLVE_PACKAGES = ("cma", "lm-eval", "ray", "datasets", "matplotlib", "numpy", "accelerate")
+
+
+def installed(dist: str) -> bool:
+    """Whether a distribution is installed (its metadata, not a same-named directory such as /tmp/ray on
+    the import path)."""
+    try:
+        distribution(dist)
+    except PackageNotFoundError:
+        return False
+    return True
 
 
 def missing_evolve_packages() -> list[str]:
-    return [dist for module, dist in EVOLVE_PACKAGES.items() if importlib.util.find_spec(module) is None]
+    return [dist for dist in EVOLVE_PACKAGES if not installed(dist)]
 
 
 def require_evolve_extra() -> None:

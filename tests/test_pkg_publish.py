@@ -95,13 +95,11 @@ def test_version_of_both_commands(capsys):
 
 
 def test_evolve_without_its_extra_says_what_to_install(monkeypatch, tmp_path, capsys):
-    import importlib.util
-
+    from evolve import extra
     from evolve.cli import main as evolve_main
 
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("cma", "ray") else
-                        real(name, *a))
+    real = extra.installed
+    monkeypatch.setattr(extra, "installed", lambda dist: dist not in ("cma", "ray") and real(dist))
     assert evolve_main(["search.yml", "--storage-path", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err
     assert "cma, ray" in err and "pip install 'evomerge[evolve]'" in err
