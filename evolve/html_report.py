@@ -59,8 +59,8 @@ def render_html(report_md: str, records: Sequence[Any], held_out: Sequence[HeldO
         parts += [_img(p, alt) for p, alt in pictures if p.exists()]
     if held_out:
         parts += ["<h2>Held-out validation of the top candidates</h2>",
-                  '<table class="sortable"><thead><tr><th>evaluation</th><th>fitness</th><th>held-out</th>'
-                  "<th>gap</th></tr></thead><tbody>"]
+                  ('<table class="sortable"><thead><tr><th>evaluation</th><th>fitness</th><th>held-out</th>'
+                   "<th>gap</th></tr></thead><tbody>")]
         for h in held_out:
             val = "failed" if h.validation is None else f"{h.validation:.4f}"
             gap = "" if h.validation is None else f"{h.fitness - h.validation:+.4f}"

@@ -16,10 +16,10 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from .genome import Gene  # noqa: E402
+from .genome import Gene
 
 
 def as_record(item: Any) -> dict[str, Any]:
@@ -67,8 +67,9 @@ def plot_fitness(records: Sequence[Any], out: Path, held_out: Sequence[HeldOut] 
     for g, i in sorted(starts.items())[1:]:
         ax.axvline(i - 0.5, color="0.8", lw=0.8, ls=":", zorder=0)
     for g, i in sorted(starts.items()):
-        ax.annotate(f"g{g}", (i - 0.5, 1.0), xycoords=("data", "axes fraction"), fontsize=7, color="0.45",
-                    xytext=(2, -10), textcoords="offset points")
+        label = ax.annotate(f"g{g}", (i - 0.5, 1.0), xycoords=("data", "axes fraction"), fontsize=7,
+                            color="0.45", xytext=(2, -10), textcoords="offset points", annotation_clip=True)
+        label.set_in_layout(False)  # labels never push the axes around
     if ok:
         ax.scatter([i for i, _ in ok], [f for _, f in ok], s=12, alpha=0.6, label="candidate (search fitness)")
         ax.step([i for i, _ in running], [f for _, f in running], where="post", color="C3", label="best so far")

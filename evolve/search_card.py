@@ -17,15 +17,15 @@ def render_search_section(config: EvolveConfig, records: Sequence[Any], held_out
     g = config.genome
     shots = f"{config.num_fewshot}-shot |" if config.num_fewshot is not None else "each task's own few-shot setting |"
     lines = ["## How this recipe was found", "",
-             f"The numbers of this `{g.merge_method}` recipe were searched with CMA-ES by `mergekit-evolve` "
-             "(evomerge): every candidate recipe was merged and scored with lm-eval, and the best one is this "
-             "model.", "",
+             (f"The numbers of this `{g.merge_method}` recipe were searched with CMA-ES by `mergekit-evolve` "
+              "(evomerge): every candidate recipe was merged and scored with lm-eval, and the best one is this "
+              "model."), "",
              "| | |", "|---|---|",
              "| tasks (metric, weight) | " + ", ".join(f"`{t.name}` ({t.metric}, {t.weight:g})" for t in config.tasks)
              + " |",
              f"| documents per task | {config.limit if config.limit is not None else 'all'}, " + shots,
-             f"| budget | {max_fevals} evaluations; {len(recs)} scored ({len(recs) - len(ok)} failed) over "
-             f"{len({r['generation'] for r in recs})} generations |",
+             (f"| budget | {max_fevals} evaluations; {len(recs)} scored ({len(recs) - len(ok)} failed) over "
+              f"{len({r['generation'] for r in recs})} generations |"),
              f"| search | sigma0 {settings.get('sigma0')}, popsize {settings.get('popsize')}, seed "
              f"{settings.get('random_seed')}, layer groups of {g.layer_granularity or 'all'} layer(s)"
              + (f", filters {', '.join(g.filters)}" if g.filters else "") + " |",

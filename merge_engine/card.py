@@ -27,7 +27,7 @@ def hub_ids(models: list[str]) -> list[str]:
     return [m for m in models if _HUB_ID.match(m) and ".." not in m and not m.endswith((".", "-"))]
 
 
-def front_matter(config: "MergeConfig") -> dict:
+def front_matter(config: MergeConfig) -> dict:
     data: dict = {}
     bases = hub_ids(config.referenced_models())
     if bases:
@@ -37,13 +37,13 @@ def front_matter(config: "MergeConfig") -> dict:
     return data
 
 
-def render_model_card(config: "MergeConfig", recipe_text: str | None = None, extra: str | None = None) -> str:
+def render_model_card(config: MergeConfig, recipe_text: str | None = None, extra: str | None = None) -> str:
     spec = config.method
     models = [m for m in config.referenced_models() if m != config.base_model]
     lines = ["---", yaml.safe_dump(front_matter(config), sort_keys=False).rstrip(), "---",
              f"# {config.name or 'Merged model'}", "",
-             f"This model was merged with evomerge (mergekit-compatible recipes) "
-             f"using **{spec.name}**: {spec.description}."]
+             (f"This model was merged with evomerge (mergekit-compatible recipes) "
+              f"using **{spec.name}**: {spec.description}.")]
     if spec.paper and spec.paper.strip() != "-":
         lines.append(f"Method reference: {spec.paper}.")
     lines.append("")
