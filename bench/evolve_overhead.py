@@ -7,7 +7,7 @@ score, and how much of the scoring time is spent outside the model's forward pas
 
     python bench/evolve_overhead.py [--candidates 20] [--limit 100]
 
-Needs the demo models (python -m demo.build_models). Writes bench/results/evolve_overhead.{json,md}.
+Needs the demo models (python -m evolve.demo.build_models). Writes bench/results/evolve_overhead.{json,md}.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=100)
     args = ap.parse_args()
     os.chdir(ROOT)
-    from demo.build_models import build_models
+    from evolve.demo.build_models import build_models
     from evolve.config import load_search
     from evolve.evaluator import CandidateEvaluator, WorkerSettings
     from evolve.genome import Genome

@@ -274,7 +274,7 @@ def flatness(cache: Path, work: Path, layers: list[int], methods: list[str], evo
 def materialize(paths: list[Path], evomerge_root: Path, repeats: int) -> dict:
     """In-memory vs on-disk candidate materialization through the search's public API, in a
     child process per mode (so each mode's RSS is its own)."""
-    from demo.tokenizer import char_tokenizer
+    from evolve.demo.tokenizer import char_tokenizer
 
     for path in paths:  # loading a model for scoring needs a tokenizer; the merge does not
         if not (path / "tokenizer_config.json").exists():

@@ -7,12 +7,16 @@ import logging
 import os
 import signal
 import sys
+import time
+from pathlib import Path
 
 from merge_engine.config import RecipeError
+from merge_engine.publish import UploadError, check_upload_target, upload_model
+from merge_engine.summary import dumps, peak_rss_mib
+from merge_engine.version import evomerge_version
 
 from .config import load_search
-from .run import NoSuccessfulCandidate, RunOptions, evolve
-from .search import SearchFailed, SearchSettings
+from .extra import require_evolve_extra
 
 
 class Terminated(BaseException):
@@ -100,7 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--wandb-project", default=None, help="wandb project (default mergekit-evolve)")
     o.add_argument("--wandb-entity", default=None, help="wandb entity (team or user)")
     o.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    o.add_argument("--upload", metavar="REPO_ID", default=None,
+                   help="push best_model/ to this Hugging Face Hub repo after the search (created if missing)")
+    o.add_argument("--private", action="store_true", help="with --upload: create the repo private")
+    o.add_argument("--json", action="store_true", help="print a JSON summary on stdout instead of the report "
+                                                       "(best fitness, evaluations, paths, seconds, peak memory)")
     o.add_argument("-v", "--verbose", action="store_true", help="log more")
+    o.add_argument("--version", action="version", version=f"%(prog)s {evomerge_version()}")
     return p
 
 
@@ -133,12 +143,31 @@ def check_flags(args: argparse.Namespace) -> tuple[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.private and not args.upload:
+        parser.error("--private only applies with --upload REPO_ID")
+    if args.upload and not args.export_model:
+        parser.error("--upload pushes best_model/, which --no-export skips; drop one of them")
+    level = logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s")
+    for handler in logging.getLogger().handlers:  # the console keeps its level when evolve.log takes INFO
+        handler.setLevel(level)
+    started = time.perf_counter()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        require_evolve_extra()
+    except ImportError as e:
+        print(f"mergekit-evolve: error: {e}", file=sys.stderr)
+        return 2
+    from .run import NoSuccessfulCandidate, RunOptions, evolve  # the search's packages from here on
+    from .search import SearchFailed, SearchSettings
+
     previous_handler = signal.signal(signal.SIGTERM, _on_sigterm)
     stdin, sys.stdin = sys.stdin, open(os.devnull)  # noqa: SIM115 - closed in finally; nothing may stop a search to ask (transformers' [y/N])
     try:
+        if args.upload:
+            check_upload_target(args.upload)
         device, workers = check_flags(args)
         config = load_search(args.search_config)
         options = RunOptions(
@@ -153,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             allow_crimes=args.allow_crimes, wandb=args.wandb, wandb_project=args.wandb_project,
             wandb_entity=args.wandb_entity)
         result = evolve(config, options)
-    except (RecipeError, ValueError) as e:
+    except (RecipeError, UploadError, ValueError) as e:
         print(f"mergekit-evolve: error: {e}", file=sys.stderr)
         return 2
     except (SearchFailed, NoSuccessfulCandidate) as e:
@@ -168,7 +197,30 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous_handler)
         sys.stdin.close()
         sys.stdin = stdin
-    print(result.report)
+    storage = Path(args.storage_path)
+    best_model = storage / "best_model"
+    uploaded = None
+    if args.upload:
+        try:
+            uploaded = upload_model(best_model, args.upload, private=args.private,
+                                    commit_message="Upload evolved merge (mergekit-evolve best_model)")
+        except UploadError as e:
+            print(f"mergekit-evolve: error: {e}", file=sys.stderr)
+            return 1
+    if args.json:
+        best, candidates = result.best, result.search.candidates
+        print(dumps({"storage_path": str(storage), "best_fitness": best.score.fitness,
+                     "best_scores": best.score.per_task, "best_evaluation": best.index,
+                     "evaluations": len(candidates), "failed": sum(not c.score.ok for c in candidates),
+                     "held_out": {str(v.candidate.index): v.score.fitness if v.score.ok else None
+                                  for v in result.validation},
+                     "best_config": str(storage / "best_config.yaml"),
+                     "best_model": str(best_model) if args.export_model else None,
+                     "report": str(storage / "report.md"), "report_html": str(storage / "report.html"),
+                     "log": str(storage / "evolve.log"), "seconds": round(time.perf_counter() - started, 3),
+                     "peak_rss_mib": peak_rss_mib(), "uploaded": uploaded}))
+    else:
+        print(result.report)
     return 0
 
 

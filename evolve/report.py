@@ -1,48 +1,23 @@
-"""What a finished search leaves behind for a person: a plot and a short report."""
+"""report.md: what a finished search leaves behind for a person (the pictures are in pictures.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import math
 from statistics import mean
 from typing import TYPE_CHECKING, Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from .config import EvolveConfig  # noqa: E402
-from .record import Candidate  # noqa: E402
+from .config import EvolveConfig
 
 if TYPE_CHECKING:
     from .run import Validation
     from .search import SearchResult
 
 
-def plot_fitness(candidates: list[Candidate], out: Path) -> Path:
-    ordered = sorted(candidates, key=lambda c: c.index)
-    ok = [(c.index, c.score.fitness) for c in ordered if c.score.ok]
-    best, running = float("-inf"), []
-    for i, f in ok:
-        best = max(best, f)
-        running.append((i, best))
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    if ok:
-        ax.scatter([i for i, _ in ok], [f for _, f in ok], s=12, alpha=0.6, label="candidate")
-        ax.step([i for i, _ in running], [f for _, f in running], where="post", color="C3", label="best so far")
-    failed = [c.index for c in ordered if not c.score.ok]
-    if failed:
-        ax.scatter(failed, [min((f for _, f in ok), default=0.0)] * len(failed), marker="x", color="k",
-                   label="failed")
-    ax.set_xlabel("evaluation")
-    ax.set_ylabel("fitness")
-    ax.set_title("CMA-ES merge search")
-    ax.grid(alpha=0.3)
-    if ok or failed:
-        ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+def resolved_settings(settings: dict[str, Any], dimension: int) -> dict[str, Any]:
+    """The run settings as they took effect: a popsize left to CMA-ES is its default for this many genes."""
+    out = dict(settings)
+    if out.get("popsize") is None:
+        out["popsize"] = 4 + int(3 * math.log(dimension))  # cma's default, as the search used it
     return out
 
 
@@ -59,7 +34,7 @@ def fitness_formula(config: EvolveConfig, higher_is_better: dict[str, bool]) -> 
 
 
 def render_report(result: SearchResult, validation: list[Validation], config: EvolveConfig,
-                  higher_is_better: dict[str, bool], settings: dict[str, Any]) -> str:
+                  higher_is_better: dict[str, bool], settings: dict[str, Any], exported: bool = True) -> str:
     candidates = result.candidates
     ok = [c for c in candidates if c.score.ok]
     best = result.best
@@ -76,7 +51,7 @@ def render_report(result: SearchResult, validation: list[Validation], config: Ev
     else:
         lines += [f"- best fitness: {best.score.fitness:.4f} (evaluation {best.index}, generation {best.generation})",
                   "- best per-task: " + ", ".join(f"{k} {v:.4f}" for k, v in best.score.per_task.items())]
-    lines.append(f"- settings: {settings}")
+    lines.append("- settings: " + ", ".join(f"{k} {v}" for k, v in settings.items() if v is not None))
     if ok:
         lines += [f"- mean time to merge: {mean(c.score.merge_seconds for c in ok):.3f}s, "
                   f"to score: {mean(c.score.score_seconds for c in ok):.3f}s per candidate"]
@@ -93,6 +68,9 @@ def render_report(result: SearchResult, validation: list[Validation], config: Ev
             else:
                 lines.append(f"| {v.candidate.index} | {fit:.4f} | failed | - |")
     if best is not None:
-        lines += ["", "Files: `best_config.yaml` (run it with `mergekit-yaml best_config.yaml OUT`), `best_model/`, "
-                  "`history.jsonl`, `fitness.png`.", ""]
+        files = ["`best_config.yaml` (run it with `mergekit-yaml best_config.yaml OUT`)"]
+        files += ["`best_model/` (with a model card describing this search)"] if exported else []
+        files += ["`history.jsonl`", "`evolve.log`", "`report.html` (this report with the pictures and a sortable "
+                  "history)", "`fitness.png`", "`genome_heatmap.png`", "`gene_spread.png`"]
+        lines += ["", "Files: " + ", ".join(files) + ".", ""]
     return "\n".join(lines)

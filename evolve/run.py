@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -12,11 +15,14 @@ from merge_engine.options import MergeOptions
 from .config import EvolveConfig
 from .evaluator import Evaluator, InProcessEvaluator, WorkerSettings, make_scorer
 from .export import export_recipe, exported_yaml
+from .html_report import render_html
+from .pictures import held_out_points, plot_fitness, plot_gene_spread, plot_genome_heatmap
 from .preflight import preflight
 from .record import Candidate
-from .report import plot_fitness, render_report
+from .report import render_report, resolved_settings
 from .scoring import LmEvalScorer, Score
 from .search import SearchResult, SearchSettings, run_search
+from .search_card import render_search_section
 from .storage import Storage
 
 log = logging.getLogger(__name__)
@@ -101,9 +107,10 @@ def evolve(config: EvolveConfig, options: RunOptions, evaluator: Evaluator | Non
     scorer = make_scorer(settings) if evaluator is None else None  # unknown task / metric / filter: ValueError
     directions = scorer.higher_is_better if scorer else {}
     run_settings = {k: v for k, v in asdict(search_settings).items() if k not in ("progress", "max_fevals", "timeout")}
-    log.info("genome: %d genes over %d layer group(s), %d candidates per generation", checked.genome.dimension,
-             checked.genome.num_groups, checked.popsize)
-    with Storage(options.storage_path).open(config, run_settings, options.resume) as storage:
+    with Storage(options.storage_path).open(config, run_settings, options.resume) as storage, \
+            log_to_file(storage.path / LOG_FILE):
+        log.info("genome: %d genes over %d layer group(s), %d candidates per generation", checked.genome.dimension,
+                 checked.genome.num_groups, checked.popsize)
         wandb = None
         if options.wandb:
             from .wandb_log import WandbLogger
@@ -118,9 +125,22 @@ def evolve(config: EvolveConfig, options: RunOptions, evaluator: Evaluator | Non
         finally:
             if own_evaluator:
                 evaluator.close()
-        plot_fitness(result.candidates, storage.path / "fitness.png")
-        report = render_report(result, validation, config, directions, run_settings)
+        held = held_out_points(validation)
+        settings = resolved_settings(run_settings, checked.genome.dimension)
+        pictures = [(plot_fitness(result.candidates, storage.path / "fitness.png", held),
+                     "fitness of every candidate, best so far, generations and held-out scores")]
+        if result.best is not None:
+            pictures += [
+                (plot_genome_heatmap(checked.genome.genes, result.best.genome, storage.path / "genome_heatmap.png",
+                                     f"best genome (evaluation {result.best.index}, fitness "
+                                     f"{result.best.score.fitness:.4f})"),
+                 "best genome: each parameter per layer group and model"),
+                (plot_gene_spread(checked.genome.genes, result.candidates, storage.path / "gene_spread.png"),
+                 "spread of each gene over the last generations")]
+        report = render_report(result, validation, config, directions, settings,
+                               exported=options.export_model and result.best is not None)
         storage.write_text("report.md", report)
+        storage.write_text("report.html", render_html(report, result.candidates, held, pictures))
         if result.best is None:
             raise NoSuccessfulCandidate(
                 f"no candidate merged and scored ({len(result.candidates)} failed; see the `error` field in "
@@ -132,11 +152,38 @@ def evolve(config: EvolveConfig, options: RunOptions, evaluator: Evaluator | Non
             "Runs from any directory: model paths are absolute. random_seed (evomerge's field; mergekit ignores it)\n"
             "is the seed randomized methods were scored with; mergekit-yaml --random-seed overrides it.")))
         if options.export_model:
-            run_merge(best_recipe, storage.path / "best_model",
-                      merge.model_copy(update={"progress": search_settings.progress, "write_model_card": True}))
+            log.info("exporting best_model/")
+            card = render_search_section(config, result.candidates, held, settings, options.search.max_fevals)
+            out = run_merge(best_recipe, storage.path / "best_model",
+                            merge.model_copy(update={"progress": search_settings.progress, "write_model_card": True,
+                                                     "card_extra": card}))
+            shutil.copyfile(storage.path / "fitness.png", out / "fitness.png")  # the card shows it
         if wandb is not None:
             wandb.finish(storage.path / "best_config.yaml")
     return EvolveResult(result, result.best, validation, report)
+
+
+LOG_FILE = "evolve.log"
+
+
+@contextmanager
+def log_to_file(path: Path) -> Iterator[None]:
+    """Everything evolve and the merge engine log at INFO and above also goes to `path` (appended, so a
+    resumed search continues the same log)."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    loggers = [logging.getLogger(n) for n in ("evolve", "merge_engine")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(min(lg.getEffectiveLevel(), logging.INFO))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+        handler.close()
 
 
 def _validate_top(result: SearchResult, evaluator: Evaluator, config: EvolveConfig, top: int) -> list[Validation]:

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -20,6 +21,9 @@ from .merge import plan_merge, run_merge
 from .methods import REGISTRY
 from .options import MergeOptions, parse_size, resolve_device
 from .plan import PlanError
+from .publish import UploadError, check_upload_target, upload_model
+from .summary import dumps, model_summary, peak_rss_mib
+from .version import evomerge_version
 
 # mergekit-yaml flags that change nothing here, and why (also shown in --help).
 NO_EFFECT = {
@@ -99,7 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "of the same name are replaced (each named in a warning), the others kept")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     p.add_argument("--print-plan", action="store_true", help="print the per-tensor plan and exit without writing")
+    p.add_argument("--upload", metavar="REPO_ID", default=None,
+                   help="after merging, push the model to this Hugging Face Hub repo (created if missing; token "
+                        "from HF_TOKEN or `hf auth login`)")
+    p.add_argument("--private", action="store_true", help="with --upload: create the repo private")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON summary on stdout (output path, tensors, bytes, seconds, peak memory)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (mergekit's -v, repeatable)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {evomerge_version()}")
     return p
 
 
@@ -137,10 +148,16 @@ class _Signals:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.private and not args.upload:
+        parser.error("--private only applies with --upload REPO_ID")
+    started = time.perf_counter()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     with _Signals() as signals:
         try:
+            if args.upload:
+                check_upload_target(args.upload)
             if args.unsafe_truncate_embeddings:
                 raise ValueError("--unsafe-truncate-embeddings is not supported; merge models with the same "
                                  "vocabulary, or pick the vocabulary with tokenizer_source")
@@ -150,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             device = resolve_device(args.device or ("cuda" if args.cuda or args.gpu_rich else "cpu"))
             apply_threads(args.num_threads)
             config = load_recipe(args.config_file)
+            recipe_text = Path(args.config_file).read_text()
             options = MergeOptions(
                 device=device, copy_tokenizer=args.copy_tokenizer, out_shard_size=args.out_shard_size,
                 allow_crimes=args.allow_crimes, trust_remote_code=args.trust_remote_code,
@@ -157,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                 write_model_card=args.write_model_card, progress=args.progress and not args.quiet,
                 transformers_cache=args.transformers_cache, lora_merge_dtype=args.lora_merge_dtype,
                 lora_merge_cache=args.lora_merge_cache, write_into_existing=args.write_into_existing,
+                recipe_text=recipe_text,
             )
             if args.print_plan:
                 plan, _ = plan_merge(config, options)
@@ -165,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             out = run_merge(config, args.out_path, options, protect=[Path(args.config_file)])
         except KeyboardInterrupt as e:
             return _interrupted(args.out_path, signals.received or signal.SIGINT, getattr(e, "committed", False))
-        except (RecipeError, ModelLoadError, PlanError, MergeError, OutputError, ValueError) as e:
+        except (RecipeError, ModelLoadError, PlanError, MergeError, OutputError, UploadError, ValueError) as e:
             if signals.received is not None:  # a signal that a library turned into its own error
                 return _interrupted(args.out_path, signals.received, False)
             return _error(str(e))
@@ -174,8 +193,18 @@ def main(argv: list[str] | None = None) -> int:
                 return _interrupted(args.out_path, signals.received, False)
             what = f"{e.strerror}: {e.filename}" if e.filename else str(e)
             return _error(f"{what} (check the path and its permissions)")
-    if not args.quiet:
-        print(f"merged model written to {out}")
+    seconds = time.perf_counter() - started
+    uploaded = None
+    if args.upload:
+        try:
+            uploaded = upload_model(out, args.upload, private=args.private)
+        except UploadError as e:
+            return _error(str(e), 1)
+    if args.json:
+        print(dumps({**model_summary(out), "seconds": round(seconds, 3), "peak_rss_mib": peak_rss_mib(),
+                     "uploaded": uploaded}))
+    elif not args.quiet:
+        print(f"merged model written to {out}" + (f"; uploaded to {args.upload} ({uploaded})" if uploaded else ""))
     return 0
 
 

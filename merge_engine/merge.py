@@ -113,6 +113,7 @@ def run_merge(config: MergeConfig, out_path: str | Path, options: MergeOptions |
         artifacts.copy_generation_config(tmp, reference)
         if copy_tokenizer:
             write_tokenizer(tmp, tokenizer, config.chat_template)
-        artifacts.write_card_and_recipe(tmp, config, options.write_model_card)
+        artifacts.write_card_and_recipe(tmp, config, options.write_model_card, options.recipe_text,
+                                        options.card_extra)
     log.info("wrote %d tensors, %d layers to %s", len(plan.jobs), plan.num_output_layers, out_path)
     return out_path

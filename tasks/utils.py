@@ -26,3 +26,18 @@ def load_addition(**kwargs: object) -> datasets.DatasetDict:
 
 def load_reversal(**kwargs: object) -> datasets.DatasetDict:
     return load_local("reversal")
+
+
+def load_splits(name: str, splits: tuple[str, ...]) -> datasets.DatasetDict:
+    """Only the splits a task has (the worked example has no train split)."""
+    out = {}
+    for split in splits:
+        path = DATA / f"{name}.{split}.jsonl"
+        if not path.exists():
+            raise FileNotFoundError(f"task data {path} is missing; run `python tasks/make_{name}.py`")
+        out[split] = datasets.Dataset.from_list([json.loads(line) for line in path.read_text().splitlines()])
+    return datasets.DatasetDict(out)
+
+
+def load_subtraction_choice(**kwargs: object) -> datasets.DatasetDict:
+    return load_splits("subtraction_choice", ("validation", "test"))

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config
 
-from demo.tokenizer import VOCAB_SIZE, char_tokenizer
+from evolve.demo.tokenizer import VOCAB_SIZE, char_tokenizer
 
 
 def tiny_config(arch: str = "llama", layers: int = 2, hidden: int = 32, tie: bool = False):
@@ -66,7 +66,7 @@ def memorised_docs(task: str, n: int = 8) -> list[tuple[str, str]]:
 def teach(path: Path, base: Path, docs: list[tuple[str, str]], seed: int, max_steps: int = 400) -> Path:
     """Fine-tune `base` until every answer token of `docs` is the greedy next token (lm-eval's `acc` for the
     bundled loglikelihood tasks), then save it at `path`. Seconds on one CPU core."""
-    from demo.build_models import batch_tensors
+    from evolve.demo.build_models import batch_tensors
 
     torch.manual_seed(seed)
     tok = char_tokenizer()

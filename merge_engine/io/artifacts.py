@@ -8,6 +8,8 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+import yaml
+
 from ..card import render_model_card
 from ..config import MergeConfig
 from .chat_templates import CHAT_TEMPLATES
@@ -51,7 +53,22 @@ def copy_generation_config(out: Path, source: ModelSource) -> None:
         shutil.copyfile(gen, out / "generation_config.json")
 
 
-def write_card_and_recipe(out: Path, config: MergeConfig, write_card: bool) -> None:
-    (out / "mergekit_config.yml").write_text(config.to_yaml())
+RESOLVED_RECIPE = "mergekit_config.resolved.yml"
+
+
+def write_card_and_recipe(out: Path, config: MergeConfig, write_card: bool, recipe_text: str | None = None,
+                          card_extra: str | None = None) -> None:
+    """mergekit_config.yml: the recipe text as written when there is one (comments kept), else the resolved
+    recipe; when the text means something other than its resolved form (aliases, defaults filled in), the
+    resolved form goes beside it in mergekit_config.resolved.yml."""
+    resolved = config.to_yaml()
+    if recipe_text is None:
+        (out / "mergekit_config.yml").write_text(resolved)
+    else:
+        (out / "mergekit_config.yml").write_text(recipe_text)
+        if yaml.safe_load(recipe_text) != yaml.safe_load(resolved):
+            (out / RESOLVED_RECIPE).write_text(
+                "# the recipe of mergekit_config.yml as evomerge resolved it (aliases and defaults spelled out)\n"
+                + resolved)
     if write_card:
-        (out / "README.md").write_text(render_model_card(config))
+        (out / "README.md").write_text(render_model_card(config, recipe_text, card_extra))

@@ -23,7 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from .tokenizer import EOS_ID, PAD_ID, VOCAB_SIZE, char_tokenizer
 
-TASKS_DATA = Path(__file__).resolve().parent.parent / "tasks" / "data"
+TASKS_DATA = Path(__file__).resolve().parents[2] / "tasks" / "data"
 DEFAULT_CACHE = Path(".cache") / "demo_models"
 RECIPE = {  # bump "version" whenever the training code changes, so stale caches are rebuilt
     "version": 4, "hidden": 128, "layers": 4, "heads": 4, "intermediate": 384, "batch": 64, "seed": 0,
@@ -145,7 +145,7 @@ def build_models(cache_dir: Path = DEFAULT_CACHE, force: bool = False) -> dict[s
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m demo.build_models",
+    ap = argparse.ArgumentParser(prog="python -m evolve.demo.build_models",
                                  description="Build (or reuse) the demo's base and specialist models.")
     ap.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the models are kept")
     ap.add_argument("--force", action="store_true", help="retrain even if cached models exist")

@@ -1,6 +1,6 @@
 """The README's main command: build the demo models, evolve a merge, compare on held-out data.
 
-    python -m demo [--max-fevals 100] [--random-seed 0] [--storage-path runs/demo]
+    python -m evolve.demo [--max-fevals 100] [--random-seed 0] [--storage-path runs/demo]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from merge_engine import MergeOptions, load_recipe, parse_recipe
 
 from .build_models import DEFAULT_CACHE, build_models
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository: configs/, tasks/
 TASKS = {"addition": "evo_addition", "reversal": "evo_reversal"}
 
 
@@ -68,7 +68,7 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m demo",
+    ap = argparse.ArgumentParser(prog="python -m evolve.demo",
                                  description="Run the bundled benchmark: build the tiny base and specialists, "
                                              "evolve a merge of them, and compare on the held-out test split.")
     ap.add_argument("--search", type=Path, default=ROOT / "configs" / "search.yml", help="search definition")

@@ -1,0 +1,117 @@
+"""What a search leaves for a person: pictures, report.md, report.html, evolve.log, the evolved
+model's card, and --json, on a real (small, in-process) search."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard
+from PIL import Image
+
+from evolve.cli import main as evolve_main
+from evolve.genome import Genome
+from evolve.pictures import genome_table
+from evolve.run import RunOptions, evolve
+from evolve.search import SearchSettings
+from tests.test_evolve import ROOT, TASKS, in_process, search_config, settings, trained  # noqa: F401 (fixtures)
+
+
+def _search(models, in_process, path: Path, export: bool):  # noqa: F811
+    options = RunOptions(storage_path=str(path), search=SearchSettings(max_fevals=20, sigma0=0.3, random_seed=1,
+                                                                       progress=False),
+                         task_search_path=[str(ROOT / "tasks")], export_model=export)
+    return evolve(search_config(models, layer_granularity=2, filters=["mlp"]), options, evaluator=in_process)
+
+
+@pytest.fixture(scope="module")
+def searched(trained, in_process, tmp_path_factory):  # noqa: F811
+    path = tmp_path_factory.mktemp("report") / "s"
+    return path, _search(trained, in_process, path, export=True)
+
+
+@pytest.mark.slow
+def test_pictures_exist_and_are_real_images(searched):
+    path, _ = searched
+    for name in ("fitness.png", "genome_heatmap.png", "gene_spread.png"):
+        with Image.open(path / name) as im:
+            assert im.format == "PNG" and im.width >= 400 and im.height >= 250
+            colours = len(set(im.convert("RGB").getdata()))
+            assert colours > 50, f"{name} looks blank ({colours} colours)"
+
+
+@pytest.mark.slow
+def test_report_md_has_no_none_and_names_only_written_files(searched, trained, in_process, tmp_path):  # noqa: F811
+    path, out = searched
+    text = (path / "report.md").read_text()
+    assert "None" not in text
+    popsize = re.search(r"popsize (\d+)", text)
+    gen0 = sum(1 for c in out.search.candidates if c.generation == 0)
+    assert popsize and int(popsize[1]) == gen0  # cma's default for this many genes, as the search used it
+    assert "`best_model/`" in text
+    quiet = _search(trained, in_process, tmp_path / "noexport", export=False)
+    assert "best_model" not in quiet.report and not (tmp_path / "noexport" / "best_model").exists()
+
+
+@pytest.mark.slow
+def test_report_html_is_self_contained_and_sortable(searched):
+    path, out = searched
+    page = (path / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3
+    assert not re.search(r"""(src|href)=["'](https?:|//)""", page)  # nothing fetched from elsewhere
+    assert "<script>" in page and "sortable" in page
+    rows = re.findall(r"<tr class=\"[^\"]*\"><td>(\d+)</td>", page.split('id="history"')[1])
+    assert sorted(map(int, rows)) == [c.index for c in out.search.candidates]
+
+
+@pytest.mark.slow
+def test_log_file_in_storage_path(searched):
+    path, _ = searched
+    log = (path / "evolve.log").read_text()
+    assert "genome:" in log and "exporting best_model/" in log
+
+
+@pytest.mark.slow
+def test_evolved_model_card_describes_the_search(searched):
+    path, out = searched
+    card = ModelCard.load(path / "best_model" / "README.md")
+    assert card.data.to_dict()["library_name"] == "transformers"
+    text = card.text
+    best = out.best
+    assert "## How this recipe was found" in text
+    assert f"{best.score.fitness:.4f}" in text and "`evo_reversal` (acc, 2)" in text
+    assert "held-out score" in text and "budget | 20 evaluations" in text
+    assert "![fitness over the search](fitness.png)" in text and (path / "best_model" / "fitness.png").exists()
+
+
+def test_genome_heatmap_table_places_each_gene(zoo):
+    genome = Genome.for_models(search_config(zoo, layer_granularity=1, filters=["mlp"]).genome)
+    values = [round(0.01 * i, 2) for i in range(genome.dimension)]
+    tables = genome_table(genome.genes, values)
+    assert set(tables) == {"weight"}
+    rows, cols, grid = tables["weight"]
+    assert cols == ["a", "b"] and rows[:2] == ["group 0 / mlp", "group 0 / other"]
+    for gene, v in zip(genome.genes, values, strict=True):
+        label = f"group {gene.group} / {gene.filter or 'other'}"
+        assert grid[rows.index(label), cols.index(Path(gene.model).name)] == v
+
+
+@pytest.mark.slow
+def test_evolve_json_summary(zoo, tmp_path):
+    search = tmp_path / "search.yml"
+    search.write_text(json.dumps(search_config(zoo).model_dump(mode="json")))
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = evolve_main([str(search), "--storage-path", str(tmp_path / "s"), "--num-workers", "0",
+                          "--max-fevals", "4", "--popsize", "4", "--task-search-path", str(ROOT / "tasks"),
+                          "--no-export", "--no-progress", "--json"])
+    assert rc == 0
+    summary = json.loads(buf.getvalue())
+    assert summary["evaluations"] == 4 and summary["best_model"] is None
+    assert Path(summary["report_html"]).exists() and Path(summary["log"]).exists()
+    assert isinstance(summary["best_fitness"], float) and summary["peak_rss_mib"] > 50
