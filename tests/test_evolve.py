@@ -116,9 +116,10 @@ def test_decoded_genome_is_an_ordinary_recipe(zoo, tmp_path):
 def test_in_memory_and_on_disk_candidates_score_the_same(trained, tmp_path):
     dare = Genome(definition(trained, method="dare_ties"), 4).decode(np.full(4, 0.7))  # seeded random drops
     recipes = [*specialist_recipes(trained)[:2], dare]
-    in_mem = InProcessEvaluator(settings(trained, random_seed=3)).evaluate(recipes)
+    seeded = MergeOptions(random_seed=3, progress=False, write_model_card=False)
+    in_mem = InProcessEvaluator(settings(trained, merge=seeded)).evaluate(recipes)
     on_disk = InProcessEvaluator(settings(trained, in_memory=False, scratch_dir=str(tmp_path),
-                                          random_seed=3)).evaluate(recipes)
+                                          merge=seeded)).evaluate(recipes)
     assert all(s.ok for s in in_mem + on_disk)
     assert distinct(in_mem)
     assert [s.per_task for s in in_mem] == [s.per_task for s in on_disk]
