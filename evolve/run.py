@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -111,6 +112,12 @@ def evolve(config: EvolveConfig, options: RunOptions, evaluator: Evaluator | Non
             log_to_file(storage.path / LOG_FILE):
         log.info("genome: %d genes over %d layer group(s), %d candidates per generation", checked.genome.dimension,
                  checked.genome.num_groups, checked.popsize)
+        if search_settings.progress:  # what is about to run, before the first bar
+            workers = f"{options.num_workers} Ray worker(s)" if options.num_workers else "in this process"
+            print(f"mergekit-evolve: {checked.genome.dimension} genes ({checked.genome.num_groups} layer group(s)), "
+                  f"popsize {checked.popsize}, up to {search_settings.max_fevals // checked.popsize} generations "
+                  f"({search_settings.max_fevals} evaluations), {workers}, tasks: "
+                  + ", ".join(f"{t.name}/{t.metric}" for t in config.tasks), file=sys.stderr)
         wandb = None
         if options.wandb:
             from .wandb_log import WandbLogger

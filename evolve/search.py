@@ -98,6 +98,7 @@ def run_search(genome: Genome, evaluator: Evaluator, storage: Storage, settings:
     bar = tqdm(total=settings.max_fevals, initial=min(spent, settings.max_fevals), desc="search",
                unit="candidate", disable=not settings.progress)
     best: Candidate | None = None
+    shown: float | None = None  # the bar's best so far, candidate by candidate
     generation = scored = stalled = 0  # stalled: generations in a row proposing only recipes already met
     reason = "CMA-ES stopped"
     while not es.stop():
@@ -120,6 +121,9 @@ def run_search(genome: Genome, evaluator: Evaluator, storage: Storage, settings:
             storage.append(cand)  # on disk before the next candidate is handled
             seen[k] = cand
             next_index, spent, scored = next_index + 1, spent + 1, scored + 1
+            if score.ok and (shown is None or score.fitness > shown):
+                shown = score.fitness
+            bar.set_postfix(best="-" if shown is None else f"{shown:.4f}", gen=generation, refresh=False)
             bar.update(1)
         if todo:
             log.info("generation %d: %d candidates in %.1fs", generation, len(todo), time.perf_counter() - t0)
@@ -139,7 +143,8 @@ def run_search(genome: Genome, evaluator: Evaluator, storage: Storage, settings:
                 best = c
         storage.write_state({"generation": generation, "evaluations": spent,
                              "best": best.to_json() if best else None, "sigma": float(es.sigma)})
-        bar.set_postfix(best=f"{best.score.fitness:.4f}" if best else "-", gen=generation)
+        shown = best.score.fitness if best else shown
+        bar.set_postfix(best="-" if shown is None else f"{shown:.4f}", gen=generation)
         generation += 1
     bar.close()
     return SearchResult(list(seen.values()), best, generation, scored, reason)
