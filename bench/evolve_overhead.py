@@ -53,8 +53,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=100)
     args = ap.parse_args()
     os.chdir(ROOT)
-    from evolve.demo.build_models import build_models
     from evolve.config import load_search
+    from evolve.demo.build_models import build_models
     from evolve.evaluator import CandidateEvaluator, WorkerSettings
     from evolve.genome import Genome
 
