@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from lm_eval.tasks import TaskManager, get_task_dict
 
 from evolve.config import TaskDefinition
@@ -16,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TASK = "evo_subtraction_choice"
 
 
+@pytest.mark.slow  # lm-eval scoring
 def test_example_task_loads_with_its_splits_and_choices():
     task = get_task_dict([TASK], TaskManager(include_path=str(ROOT / "tasks")))[TASK]
     # no test_split declared: lm-eval's eval docs (the search's fitness) are the validation split
