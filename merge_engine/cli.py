@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import logging
 import signal
 import sys
@@ -153,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.private and not args.upload:
         parser.error("--private only applies with --upload REPO_ID")
     started = time.perf_counter()
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 PID` prints every thread's stack: where a slow merge is
+        with contextlib.suppress(AttributeError, ValueError, OSError):  # stderr without a file (captured)
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     with _Signals() as signals:
         try:

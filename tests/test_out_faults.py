@@ -92,7 +92,14 @@ def spawn(*args: str, cwd: Path | None = None, umask: int | None = None) -> subp
 
 
 def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
-    _, err = proc.communicate(timeout=timeout)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # a hang: fail with every thread's stack (the CLI registers SIGUSR1)
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"mergekit-yaml still running after {timeout} s; its threads:\n{err[-20000:]}")
     return proc.returncode, err
 
 
