@@ -77,11 +77,11 @@ def plot_fitness(records: Sequence[Any], out: Path, held_out: Sequence[HeldOut] 
     if failed:
         ax.scatter(failed, [min((f for _, f in ok), default=0.0)] * len(failed), marker="x", color="k",
                    label="failed")
-    scored = [h for h in held_out if h.validation is not None]
+    scored = [(h.index, h.fitness, h.validation) for h in held_out if h.validation is not None]
     if scored:
-        for h in scored:
-            ax.plot([h.index, h.index], [h.fitness, h.validation], color="C2", lw=0.8, alpha=0.7)
-        ax.scatter([h.index for h in scored], [h.validation for h in scored], marker="D", s=36, color="C2",
+        for index, fitness, validation in scored:
+            ax.plot([index, index], [fitness, validation], color="C2", lw=0.8, alpha=0.7)
+        ax.scatter([i for i, _, _ in scored], [v for _, _, v in scored], marker="D", s=36, color="C2",
                    edgecolor="k", zorder=3, label="held-out score (top candidates)")
     ax.set_xlabel("evaluation (dotted lines: generations)")
     ax.set_ylabel("fitness")

@@ -133,7 +133,7 @@ def evolve(config: EvolveConfig, options: RunOptions, evaluator: Evaluator | Non
             if own_evaluator:
                 evaluator.close()
         held = held_out_points(validation)
-        settings = resolved_settings(run_settings, checked.genome.dimension)
+        as_run = resolved_settings(run_settings, checked.genome.dimension)
         pictures = [(plot_fitness(result.candidates, storage.path / "fitness.png", held),
                      "fitness of every candidate, best so far, generations and held-out scores")]
         if result.best is not None:
@@ -144,7 +144,7 @@ def evolve(config: EvolveConfig, options: RunOptions, evaluator: Evaluator | Non
                  "best genome: each parameter per layer group and model"),
                 (plot_gene_spread(checked.genome.genes, result.candidates, storage.path / "gene_spread.png"),
                  "spread of each gene over the last generations")]
-        report = render_report(result, validation, config, directions, settings,
+        report = render_report(result, validation, config, directions, as_run,
                                exported=options.export_model and result.best is not None)
         storage.write_text("report.md", report)
         storage.write_text("report.html", render_html(report, result.candidates, held, pictures))
@@ -160,7 +160,7 @@ def evolve(config: EvolveConfig, options: RunOptions, evaluator: Evaluator | Non
             "is the seed randomized methods were scored with; mergekit-yaml --random-seed overrides it.")))
         if options.export_model:
             log.info("exporting best_model/")
-            card = render_search_section(config, result.candidates, held, settings, options.search.max_fevals)
+            card = render_search_section(config, result.candidates, held, as_run, options.search.max_fevals)
             out = run_merge(best_recipe, storage.path / "best_model",
                             merge.model_copy(update={"progress": search_settings.progress, "write_model_card": True,
                                                      "card_extra": card}))

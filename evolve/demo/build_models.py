@@ -17,6 +17,7 @@ import random
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -25,7 +26,7 @@ from .tokenizer import EOS_ID, PAD_ID, VOCAB_SIZE, char_tokenizer
 
 TASKS_DATA = Path(__file__).resolve().parents[2] / "tasks" / "data"
 DEFAULT_CACHE = Path(".cache") / "demo_models"
-RECIPE = {  # bump "version" whenever the training code changes, so stale caches are rebuilt
+RECIPE: dict[str, Any] = {  # bump "version" whenever the training code changes, so stale caches are rebuilt
     "version": 4, "hidden": 128, "layers": 4, "heads": 4, "intermediate": 384, "batch": 64, "seed": 0,
     # base: copying, all of the addition data and a sliver of reversal: middling at both tasks
     "base_steps": 1500, "lr": 3e-3, "base_addition": 6000, "base_reversal": 300,
