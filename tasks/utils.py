@@ -11,13 +11,7 @@ DATA = Path(__file__).parent / "data"
 
 
 def load_local(name: str, **_: object) -> datasets.DatasetDict:
-    splits = {}
-    for split in ("train", "validation", "test"):
-        path = DATA / f"{name}.{split}.jsonl"
-        if not path.exists():
-            raise FileNotFoundError(f"task data {path} is missing; run `python tasks/generate_data.py`")
-        splits[split] = datasets.Dataset.from_list([json.loads(line) for line in path.read_text().splitlines()])
-    return datasets.DatasetDict(splits)
+    return load_splits(name, ("train", "validation", "test"), generator="generate_data.py")
 
 
 def load_addition(**kwargs: object) -> datasets.DatasetDict:
@@ -28,13 +22,14 @@ def load_reversal(**kwargs: object) -> datasets.DatasetDict:
     return load_local("reversal")
 
 
-def load_splits(name: str, splits: tuple[str, ...]) -> datasets.DatasetDict:
-    """Only the splits a task has (the worked example has no train split)."""
+def load_splits(name: str, splits: tuple[str, ...], generator: str | None = None) -> datasets.DatasetDict:
+    """The given splits of a task's JSONL data (the worked example has no train split); a missing file
+    names the script that makes it (default: make_<name>.py)."""
     out = {}
     for split in splits:
         path = DATA / f"{name}.{split}.jsonl"
         if not path.exists():
-            raise FileNotFoundError(f"task data {path} is missing; run `python tasks/make_{name}.py`")
+            raise FileNotFoundError(f"task data {path} is missing; run `python tasks/{generator or f'make_{name}.py'}`")
         out[split] = datasets.Dataset.from_list([json.loads(line) for line in path.read_text().splitlines()])
     return datasets.DatasetDict(out)
 
