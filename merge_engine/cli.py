@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch
 
+from . import interrupts
 from .config import RecipeError, load_recipe
 from .dtypes import RECIPE_DTYPES
 from .executor import MergeError
 from .io.loader import ModelLoadError
-from .io.output import FLAG, OutputError, Terminated
+from .io.output import FLAG, OutputError
 from .merge import plan_merge, run_merge
 from .methods import REGISTRY
 from .options import MergeOptions, parse_size, resolve_device
@@ -125,29 +126,6 @@ def apply_threads(num_threads: int | None) -> None:
         torch.set_num_interop_threads(num_threads)
 
 
-class _Signals:
-    """SIGINT and SIGTERM raise (KeyboardInterrupt, Terminated) so that the output's cleanup runs; the
-    signal is also recorded, since a library may wrap the exception in its own error on the way up."""
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._previous: dict[int, object] = {}
-
-    def _raise(self, signum: int, frame: object) -> None:
-        self.received = signum
-        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
-
-    def __enter__(self) -> _Signals:  # noqa: PYI034
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # not the main thread: leave the process's handlers alone
-                self._previous[sig] = signal.signal(sig, self._raise)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -158,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(AttributeError, ValueError, OSError):  # stderr without a file (captured)
             faulthandler.register(signal.SIGUSR1, all_threads=True)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    with _Signals() as signals:
+    with interrupts.handled():
         try:
             if args.upload:
                 check_upload_target(args.upload)
@@ -187,14 +165,14 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             out = run_merge(config, args.out_path, options, protect=[Path(args.config_file)])
         except KeyboardInterrupt as e:
-            return _interrupted(args.out_path, signals.received or signal.SIGINT, getattr(e, "committed", False))
+            return _interrupted(args.out_path, interrupts.received() or signal.SIGINT, getattr(e, "committed", False))
         except (RecipeError, ModelLoadError, PlanError, MergeError, OutputError, UploadError, ValueError) as e:
-            if signals.received is not None:  # a signal that a library turned into its own error
-                return _interrupted(args.out_path, signals.received, False)
+            if (signum := interrupts.received()) is not None:  # a signal a library turned into its own error
+                return _interrupted(args.out_path, signum, False)
             return _error(str(e))
         except OSError as e:
-            if signals.received is not None:
-                return _interrupted(args.out_path, signals.received, False)
+            if (signum := interrupts.received()) is not None:
+                return _interrupted(args.out_path, signum, False)
             what = f"{e.strerror}: {e.filename}" if e.filename else str(e)
             return _error(f"{what} (check the path and its permissions)")
     seconds = time.perf_counter() - started

@@ -24,6 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from tqdm.auto import tqdm
 
+from . import interrupts
 from .errors import MergeError
 from .io.loader import ModelSource
 from .io.writer import TensorSink
@@ -150,9 +151,10 @@ def execute_plan(jobs: Iterable[TensorJob], sources: Mapping[str, ModelSource], 
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-write")
     pending: deque[Future] = deque()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), interrupts.deferred():  # Ctrl-C/SIGTERM stop it between tensors, never mid-bookkeeping
             next_inputs = reader.submit(read_inputs, jobs[0], sources)
             for i, job in enumerate(tqdm(jobs, desc="merging", unit="tensor", disable=not progress)):
+                interrupts.check()
                 inputs = next_inputs.result()  # re-raises the reader's error
                 if i + 1 < len(jobs):
                     next_inputs = reader.submit(read_inputs, jobs[i + 1], sources)
@@ -163,6 +165,7 @@ def execute_plan(jobs: Iterable[TensorJob], sources: Mapping[str, ModelSource], 
                 pending.append(writer.submit(sink.write, job.output_name, merged))
                 del merged
             while pending:
+                interrupts.check()
                 pending.popleft().result()
     finally:
         for f in pending:

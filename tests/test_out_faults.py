@@ -24,6 +24,7 @@ import yaml
 from factory import make_model
 from safetensors.torch import load_file, save_file
 
+from merge_engine import interrupts
 from merge_engine.cli import main as cli_main
 from merge_engine.io import output
 
@@ -465,6 +466,33 @@ def test_two_merges_into_one_out_dir(big_recipe, tmp_path):
     assert code2 == 2
     one_error(err2, "being written by another process", f"pid {first.pid}", "merge_engine.cli")
     assert len(list(out.glob("model-*.safetensors"))) > 1 and leftovers(tmp_path) == []
+
+
+def test_a_signal_inside_a_deferred_region_waits_for_the_chosen_point():
+    """The executor's threads must never see an exception raised mid-bookkeeping: inside deferred() a
+    signal is recorded and raised at check() (or the region's end); outside, at once."""
+    reached = []
+    with interrupts.handled():
+        with pytest.raises(interrupts.Terminated):
+            with interrupts.deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.2)  # the handler has run by now, and only recorded the signal
+                reached.append("after the signal")
+                interrupts.check()
+                reached.append("after check")
+        assert reached == ["after the signal"] and interrupts.received() == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts.deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)
+                reached.append("end of region")
+        assert reached[-1] == "end of region"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # outside a region the signal interrupts at once
+            reached.append("not reached")
+    assert reached[-1] == "end of region"
+    assert signal.getsignal(signal.SIGTERM) is not interrupts._handler  # restored
 
 
 @pytest.mark.slow

@@ -32,13 +32,14 @@ import os
 import secrets
 import shlex
 import shutil
-import signal
 import socket
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from .. import interrupts
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +52,6 @@ FLAG = "--write-into-existing"
 
 class OutputError(ValueError):
     """OUT_DIR cannot be written as asked; the message says why and what to do."""
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so that the same cleanup runs."""
 
 
 @dataclass(frozen=True)
@@ -386,16 +383,6 @@ def _recover_switch(out: Path) -> None:
 
 
 @contextlib.contextmanager
-def _signals_blocked() -> Iterator[None]:
-    sigs = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-@contextlib.contextmanager
 def output_directory(target: OutputTarget, needed_bytes: int = 0) -> Iterator[Path]:
     """Lock OUT_DIR, tidy what killed runs left, yield an empty staging directory to write the model
     into; on success switch it into place, on any error or interrupt remove it and leave OUT_DIR as it
@@ -411,7 +398,7 @@ def output_directory(target: OutputTarget, needed_bytes: int = 0) -> Iterator[Pa
                        _make_partial(target.path.parent, f".{target.path.name}.partial-"))
             try:
                 yield staging
-                with _signals_blocked():
+                with interrupts.deferred():  # the switch is never cut short by a signal
                     if target.exists:
                         _switch_in_place(staging, target)
                     else:
