@@ -473,19 +473,17 @@ def test_a_signal_inside_a_deferred_region_waits_for_the_chosen_point():
     signal is recorded and raised at check() (or the region's end); outside, at once."""
     reached = []
     with interrupts.handled():
-        with pytest.raises(interrupts.Terminated):
-            with interrupts.deferred():
-                os.kill(os.getpid(), signal.SIGTERM)
-                time.sleep(0.2)  # the handler has run by now, and only recorded the signal
-                reached.append("after the signal")
-                interrupts.check()
-                reached.append("after check")
+        with pytest.raises(interrupts.Terminated), interrupts.deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # the handler has run by now, and only recorded the signal
+            reached.append("after the signal")
+            interrupts.check()
+            reached.append("after check")
         assert reached == ["after the signal"] and interrupts.received() == signal.SIGTERM
-        with pytest.raises(KeyboardInterrupt):
-            with interrupts.deferred():
-                os.kill(os.getpid(), signal.SIGINT)
-                time.sleep(0.2)
-                reached.append("end of region")
+        with pytest.raises(KeyboardInterrupt), interrupts.deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+            reached.append("end of region")
         assert reached[-1] == "end of region"
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
