@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -76,9 +76,17 @@ class TaskDefinition(_Frozen):
         return {"name": v} if isinstance(v, str) else v
 
 
+class FitnessDefinition(_Frozen):
+    """How per-task scores become one fitness (evolve/fitness.py explains the choices)."""
+
+    aggregate: Literal["mean", "min", "harmonic", "geometric"] = "mean"
+    normalize: bool = False  # divide each task's score by the best source model's score on that task
+
+
 class EvolveConfig(_Frozen):
     genome: GenomeDefinition
     tasks: list[TaskDefinition] = Field(min_length=1)
+    fitness: FitnessDefinition = FitnessDefinition()  # evomerge's; mergekit has no such field
     limit: int | None = Field(default=None, ge=1)
     num_fewshot: int | None = Field(default=None, ge=0)
     random_init: bool = False  # start CMA-ES from a random genome (seeded) instead of the middle of the ranges

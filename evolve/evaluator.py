@@ -23,8 +23,9 @@ from merge_engine.config import MergeConfig, parse_recipe
 from merge_engine.options import MergeOptions
 
 from .config import TaskDefinition
+from .fitness import FitnessRule
 from .materialize import InMemoryMaterializer, OnDiskMaterializer
-from .scoring import LmEvalScorer, Score, combine
+from .scoring import LmEvalScorer, Score
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +125,9 @@ class CandidateEvaluator:
                                 time.perf_counter() - t1)
         finally:
             self.materializer.release()
-        tasks = [t for t in self.settings.tasks if t.name in per_task]
-        return Score(combine(tasks, per_task, self.scorer.higher_is_better), per_task, True, None, merge_s,
-                     time.perf_counter() - t1)
+        plain = FitnessRule({t.name: t.weight for t in self.settings.tasks if t.name in per_task},
+                            self.scorer.higher_is_better)  # the search applies the search file's rule
+        return Score(plain(per_task), per_task, True, None, merge_s, time.perf_counter() - t1)
 
 
 def make_vllm(path, settings: WorkerSettings):

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from .config import EvolveConfig
 
 if TYPE_CHECKING:
+    from .fitness import FitnessRule
     from .run import Validation
     from .search import SearchResult
 
@@ -34,14 +35,16 @@ def fitness_formula(config: EvolveConfig, higher_is_better: dict[str, bool]) -> 
 
 
 def render_report(result: SearchResult, validation: list[Validation], config: EvolveConfig,
-                  higher_is_better: dict[str, bool], settings: dict[str, Any], exported: bool = True) -> str:
+                  higher_is_better: dict[str, bool], settings: dict[str, Any], rule: FitnessRule | None = None,
+                  exported: bool = True) -> str:
     candidates = result.candidates
     ok = [c for c in candidates if c.score.ok]
     best = result.best
     lines = ["# Merge search report", "",
              f"- evaluations: {len(candidates)} ({len(candidates) - len(ok)} failed), {result.generations} "
              f"generations; stopped by {result.stop_reason}",
-             f"- fitness (maximised): {fitness_formula(config, higher_is_better)}"]
+             "- fitness (maximised): " + (rule.describe({t.name: t.metric for t in config.tasks}) if rule else
+                                          fitness_formula(config, higher_is_better))]
     if higher_is_better:
         lines.append("- metric directions (from lm-eval's higher_is_better): " + ", ".join(
             f"{t.name}/{t.metric} {'higher' if higher_is_better.get(t.name, True) else 'lower'} is better"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import sys
@@ -13,9 +14,10 @@ from pathlib import Path
 from merge_engine.merge import run_merge
 from merge_engine.options import MergeOptions
 
-from .config import EvolveConfig
+from .config import EvolveConfig, FitnessDefinition
 from .evaluator import Evaluator, InProcessEvaluator, WorkerSettings, make_scorer
 from .export import export_recipe, exported_yaml
+from .fitness import FitnessRule, best_per_task, check_references, source_recipes
 from .html_report import render_html
 from .pictures import held_out_points, plot_fitness, plot_gene_spread, plot_genome_heatmap
 from .preflight import preflight
@@ -127,8 +129,15 @@ def evolve(config: EvolveConfig, options: RunOptions, evaluator: Evaluator | Non
         own_evaluator = evaluator is None
         evaluator = evaluator or make_evaluator(settings, options, scorer)
         try:
-            result = run_search(checked.genome, evaluator, storage, search_settings)
+            rule = None
+            if config.fitness != FitnessDefinition():
+                rule = _fitness_rule(config, directions, evaluator, storage, validation=False)
+                log.info("fitness: %s", rule.describe({t.name: t.metric for t in config.tasks}))
+            result = run_search(checked.genome, evaluator, storage, search_settings, rule)
             validation = _validate_top(result, evaluator, config, options.validate_top)
+            if rule is not None and validation and all(t.validation_split for t in config.tasks):
+                held_rule = _fitness_rule(config, directions, evaluator, storage, validation=True)
+                validation = [Validation(v.candidate, held_rule.rescore(v.score)) for v in validation]
         finally:
             if own_evaluator:
                 evaluator.close()
@@ -144,7 +153,7 @@ def evolve(config: EvolveConfig, options: RunOptions, evaluator: Evaluator | Non
                  "best genome: each parameter per layer group and model"),
                 (plot_gene_spread(checked.genome.genes, result.candidates, storage.path / "gene_spread.png"),
                  "spread of each gene over the last generations")]
-        report = render_report(result, validation, config, directions, as_run,
+        report = render_report(result, validation, config, directions, as_run, rule,
                                exported=options.export_model and result.best is not None)
         storage.write_text("report.md", report)
         storage.write_text("report.html", render_html(report, result.candidates, held, pictures))
@@ -201,3 +210,46 @@ def _validate_top(result: SearchResult, evaluator: Evaluator, config: EvolveConf
         return []
     scores = evaluator.evaluate([c.recipe for c in ranked], validation=True)
     return [Validation(c, s) for c, s in zip(ranked, scores, strict=True)]
+
+
+REFERENCES = "references.json"
+
+
+def _fitness_rule(config: EvolveConfig, directions: dict[str, bool], evaluator: Evaluator, storage: Storage,
+                  validation: bool) -> FitnessRule:
+    """The search file's fitness rule; with `normalize: true`, the source models are scored first (once per
+    storage path and split: references.json) and the best value per task becomes that task's reference."""
+    if config.fitness.aggregate in ("harmonic", "geometric") and not config.fitness.normalize:
+        lower = [t.name for t in config.tasks if not directions.get(t.name, True)]
+        if lower:
+            raise ValueError(f"fitness.aggregate: a {config.fitness.aggregate} mean needs positive task values, and "
+                             f"{', '.join(lower)} is lower-is-better (it enters negated); set fitness.normalize: true")
+    if not config.fitness.normalize:
+        return FitnessRule.of(config, directions)
+    references = best_per_task(_source_scores(config, evaluator, storage, validation), directions)
+    check_references(references, directions)
+    return FitnessRule.of(config, directions, references)
+
+
+def _source_scores(config: EvolveConfig, evaluator: Evaluator, storage: Storage,
+                   validation: bool) -> dict[str, dict[str, float]]:
+    """Per source model, its per-task scores on the fitness split (or the held-out split), cached."""
+    split = "held_out" if validation else "fitness"
+    recipes = source_recipes(config)
+    key = {"models": list(recipes), "tasks": [t.model_dump() for t in config.tasks], "limit": config.limit,
+           "num_fewshot": config.num_fewshot, "shuffle": config.shuffle}
+    path = storage.path / REFERENCES
+    cached = json.loads(path.read_text()) if path.exists() else {}
+    if cached.get("key") != key:
+        cached = {"key": key}
+    if split in cached:
+        return cached[split]
+    log.info("scoring the %d source models on the %s split (fitness.normalize)", len(recipes), split)
+    scores = evaluator.evaluate(list(recipes.values()), validation=validation)
+    for model, score in zip(recipes, scores, strict=True):
+        if not score.ok:
+            raise ValueError(f"fitness.normalize: source model {model} could not be scored: "
+                             f"{(score.error or '').splitlines()[0]}")
+    cached[split] = {m: s.per_task for m, s in zip(recipes, scores, strict=True)}
+    storage.write_text(REFERENCES, json.dumps(cached, indent=2))
+    return cached[split]

@@ -76,14 +76,6 @@ def split_metric(metric: str) -> tuple[str, str]:
     return name.strip(), filter_name.strip() or "none"
 
 
-def combine(tasks: list[TaskDefinition], per_task: dict[str, float], higher_is_better: dict[str, bool]) -> float:
-    """Fitness, always maximised: the weighted mean of the tasks' metric values, a metric whose lm-eval
-    `higher_is_better` is false (perplexity, bits_per_byte) entering negated (perplexity 12.5 adds -12.5)."""
-    total = sum(t.weight for t in tasks)
-    signed = {t.name: per_task[t.name] if higher_is_better.get(t.name, True) else -per_task[t.name] for t in tasks}
-    return sum(t.weight * signed[t.name] for t in tasks) / (total or 1.0)
-
-
 class LmEvalScorer:
     """Runs the search's lm-eval tasks on a model object (HF backend) or a path (vLLM)."""
 

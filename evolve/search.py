@@ -7,7 +7,9 @@ Identical recipes are never scored twice, in one run or across resumes. Each
 candidate is appended to the history the moment it finishes, so a kill inside a
 generation loses no finished candidate.
 
-Fitness is maximised (lower-is-better metrics enter it negated, see scoring.combine).
+Fitness is maximised. With a FitnessRule (evolve/fitness.py: the search file's `fitness:` section) the
+search computes each candidate's fitness from its per-task scores, also for candidates replayed from
+history.jsonl; without one, the evaluator's fitness stands.
 A failed candidate keeps its error in the history and is never the best; CMA-ES is
 told a penalty below every successful candidate met so far.
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import cma
@@ -25,9 +27,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .evaluator import Evaluator, scores_as_completed
+from .fitness import FitnessRule
 from .genome import Genome, recipe_key
 from .record import Candidate
-from .scoring import PENALTY
+from .scoring import PENALTY, Score
 from .storage import Storage
 
 log = logging.getLogger(__name__)
@@ -88,9 +91,14 @@ def penalty(met: dict[str, Candidate]) -> float:
     return min(PENALTY, min(ok) - 1.0) if ok else PENALTY
 
 
-def run_search(genome: Genome, evaluator: Evaluator, storage: Storage, settings: SearchSettings) -> SearchResult:
+def run_search(genome: Genome, evaluator: Evaluator, storage: Storage, settings: SearchSettings,
+               fitness: FitnessRule | None = None) -> SearchResult:
     """Run (or resume) the search until the budget, CMA-ES's own stop, or convergence."""
-    known = {c.key: c for c in storage.load_history()}
+
+    def rescored(score: Score) -> Score:
+        return fitness.rescore(score) if fitness is not None else score
+
+    known = {c.key: replace(c, score=rescored(c.score)) for c in storage.load_history()}
     spent = len(known)  # evaluations so far, counted against --max-fevals
     next_index = max((c.index for c in known.values()), default=-1) + 1
     seen: dict[str, Candidate] = {}  # candidates met in this run: scored now or replayed from history
@@ -116,7 +124,7 @@ def run_search(genome: Genome, evaluator: Evaluator, storage: Storage, settings:
             break
         t0 = time.perf_counter()
         for j, score in scores_as_completed(evaluator, [recipes[first[k]] for k in todo]):
-            k = todo[j]
+            k, score = todo[j], rescored(score)
             cand = Candidate(next_index, generation, k, recipes[first[k]], genome.values(xs[first[k]]), score)
             storage.append(cand)  # on disk before the next candidate is handled
             seen[k] = cand

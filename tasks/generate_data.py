@@ -36,6 +36,23 @@ def reversal_problems(rng: random.Random) -> list[dict]:
     return out
 
 
+def subtraction_problems(rng: random.Random) -> list[dict]:
+    pairs = [(a, b) for a in range(100) for b in range(a + 1)]
+    rng.shuffle(pairs)
+    return [{"prompt": f"{a}-{b}=", "answer": str(a - b)} for a, b in pairs]
+
+
+def sorting_problems(rng: random.Random) -> list[dict]:
+    seen: set[str] = set()
+    out = []
+    while len(out) < TRAIN_SIZE + sum(SIZES.values()):
+        word = "".join(rng.sample(string.ascii_lowercase, rng.randint(3, 6)))
+        if word not in seen:
+            seen.add(word)
+            out.append({"prompt": f"{word}=", "answer": "".join(sorted(word))})
+    return out
+
+
 def split(problems: list[dict]) -> dict[str, list[dict]]:
     v, t = SIZES["validation"], SIZES["test"]
     return {"validation": problems[:v], "test": problems[v:v + t], "train": problems[v + t:v + t + TRAIN_SIZE]}
@@ -43,7 +60,9 @@ def split(problems: list[dict]) -> dict[str, list[dict]]:
 
 def main() -> None:
     DATA.mkdir(exist_ok=True)
-    for name, make in (("addition", addition_problems), ("reversal", reversal_problems)):
+    tasks = (("addition", addition_problems), ("reversal", reversal_problems),  # the demo's pair
+             ("subtraction", subtraction_problems), ("sorting", sorting_problems))  # bench/search_quality.py's second
+    for name, make in tasks:
         splits = split(make(random.Random(f"{SEED}-{name}")))
         prompts = [{d["prompt"] for d in docs} for docs in splits.values()]
         assert not (prompts[0] & prompts[1] or prompts[0] & prompts[2] or prompts[1] & prompts[2])

@@ -22,6 +22,14 @@ def load_reversal(**kwargs: object) -> datasets.DatasetDict:
     return load_local("reversal")
 
 
+def load_subtraction(**kwargs: object) -> datasets.DatasetDict:
+    return load_local("subtraction")
+
+
+def load_sorting(**kwargs: object) -> datasets.DatasetDict:
+    return load_local("sorting")
+
+
 def load_splits(name: str, splits: tuple[str, ...], generator: str | None = None) -> datasets.DatasetDict:
     """The given splits of a task's JSONL data (the worked example has no train split); a missing file
     names the script that makes it (default: make_<name>.py)."""

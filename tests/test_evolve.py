@@ -298,3 +298,25 @@ def test_random_init_starts_elsewhere_reproducibly(zoo):
     b = make_optimizer(g, SearchSettings(random_init=True, random_seed=3)).mean
     c = make_optimizer(g, SearchSettings(random_seed=3)).mean
     assert np.allclose(a, b) and not np.allclose(a, c) and np.allclose(c, 0.5)
+
+
+@pytest.mark.slow
+def test_normalized_min_fitness_on_real_models(trained, in_process, tmp_path):
+    config = search_config(trained, layer_granularity=2)
+    config = EvolveConfig.model_validate({**config.model_dump(), "fitness": {"normalize": True, "aggregate": "min"}})
+    options = RunOptions(storage_path=str(tmp_path / "run"), export_model=False, validate_top=0,
+                         search=SearchSettings(max_fevals=8, popsize=4, progress=False, random_seed=1))
+    result = evolve(config, options, evaluator=in_process)
+
+    refs = json.loads((tmp_path / "run" / "references.json").read_text())
+    sources = refs["fitness"]  # each source model scored alone, on the fitness split
+    assert sources[str(trained["a"])] == {"evo_addition": 1.0, "evo_reversal": 0.0}
+    assert sources[str(trained["b"])] == {"evo_addition": 0.0, "evo_reversal": 1.0}
+    assert set(sources) == {str(trained["a"]), str(trained["b"]), str(trained["base"])}
+    ok = [c for c in result.search.candidates if c.score.ok]
+    assert any(len(set(c.score.per_task.values())) > 1 for c in ok)  # the minimum differs from the mean
+    for c in ok:
+        assert c.score.fitness == pytest.approx(min(c.score.per_task.values()))
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert [h["fitness"] for h in history] == pytest.approx([c.score.fitness for c in result.search.candidates])
+    assert "minimum of (evo_addition/acc / 1, evo_reversal/acc / 1)" in result.report

@@ -34,6 +34,17 @@ RECIPE: dict[str, Any] = {  # bump "version" whenever the training code changes,
     # each skill), not so much that no merge keeps both
     "addition_steps": 400, "addition_lr": 1e-3, "reversal_steps": 200, "reversal_lr": 1e-3,
 }
+# bench/search_quality.py's second pair, trained the same way; never used to choose any search setting
+SECOND_RECIPE: dict[str, Any] = {
+    **{k: v for k, v in RECIPE.items() if not k.startswith(("base_addition", "base_reversal", "addition_",
+                                                             "reversal_"))},
+    "base_subtraction": 6000, "base_sorting": 300,
+    "subtraction_steps": 400, "subtraction_lr": 1e-3, "sorting_steps": 200, "sorting_lr": 1e-3,
+}
+PAIRS: dict[str, tuple[tuple[str, str], dict[str, Any]]] = {  # name -> (the two tasks, training recipe)
+    "demo": (("addition", "reversal"), RECIPE),
+    "second": (("subtraction", "sorting"), SECOND_RECIPE),
+}
 
 
 def load_train(name: str) -> list[tuple[str, str]]:
@@ -89,59 +100,60 @@ def greedy_accuracy(model, tok, name: str, split: str = "validation", n: int = 1
     return correct / len(rows)
 
 
-def stamp(name: str) -> dict:
+def stamp(name: str, pair: str = "demo") -> dict:
     """The settings a model depends on: a specialist is rebuilt when its own or the base's change."""
-    keys = [k for k in RECIPE if not k.startswith(("addition_", "reversal_"))]
+    tasks, recipe = PAIRS[pair]
+    keys = [k for k in recipe if not k.startswith(tuple(f"{t}_" for t in tasks))]
     if name != "base":
         keys += [f"{name}_steps", f"{name}_lr"]
-    return {k: RECIPE[k] for k in keys}
+    return {k: recipe[k] for k in keys}
 
 
-def save(model, tok, path: Path) -> None:
+def save(model, tok, path: Path, pair: str = "demo") -> None:
     tmp = path.with_name(path.name + ".partial")
     model.save_pretrained(str(tmp), safe_serialization=True)
     tok.save_pretrained(str(tmp))
-    (tmp / "build.json").write_text(json.dumps(stamp(path.name)))
+    (tmp / "build.json").write_text(json.dumps(stamp(path.name, pair)))
     if path.exists():
         shutil.rmtree(path)
     tmp.rename(path)
 
 
-def is_built(path: Path) -> bool:
+def is_built(path: Path, pair: str = "demo") -> bool:
     built = path / "build.json"
-    return built.exists() and json.loads(built.read_text()) == stamp(path.name)
+    return built.exists() and json.loads(built.read_text()) == stamp(path.name, pair)
 
 
-def build_models(cache_dir: Path = DEFAULT_CACHE, force: bool = False) -> dict[str, Path]:
+def build_models(cache_dir: Path = DEFAULT_CACHE, force: bool = False, pair: str = "demo") -> dict[str, Path]:
+    """The pair's base and its two specialists (named after their tasks) under cache_dir."""
+    tasks, recipe = PAIRS[pair]
     cache_dir = Path(cache_dir)
-    paths = {name: cache_dir / name for name in ("base", "addition", "reversal")}
-    if not force and all(is_built(p) for p in paths.values()):
+    paths = {name: cache_dir / name for name in ("base", *tasks)}
+    if not force and all(is_built(p, pair) for p in paths.values()):
         return paths
     cache_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(RECIPE["seed"])
+    torch.manual_seed(recipe["seed"])
     tok = char_tokenizer()
-    data = {name: load_train(name) for name in ("addition", "reversal")}
-    rebuilt_base = force or not is_built(paths["base"])
+    data = {name: load_train(name) for name in tasks}
+    rebuilt_base = force or not is_built(paths["base"], pair)
     if rebuilt_base:
-        config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=RECIPE["hidden"], num_hidden_layers=RECIPE["layers"],
-                             num_attention_heads=RECIPE["heads"], num_key_value_heads=RECIPE["heads"],
-                             intermediate_size=RECIPE["intermediate"], max_position_embeddings=64,
+        config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=recipe["hidden"], num_hidden_layers=recipe["layers"],
+                             num_attention_heads=recipe["heads"], num_key_value_heads=recipe["heads"],
+                             intermediate_size=recipe["intermediate"], max_position_embeddings=64,
                              bos_token_id=1, eos_token_id=EOS_ID, pad_token_id=PAD_ID, tie_word_embeddings=False)
         base = LlamaForCausalLM(config)
         print("pretraining the base on the copying mixture", flush=True)
-        copying = [(p[:-1] + "|", p[:-1]) for p, _ in data["addition"] + data["reversal"]]
-        mixture = (copying + data["addition"][: RECIPE["base_addition"]]
-                   + data["reversal"][: RECIPE["base_reversal"]])
-        train(base, tok, mixture, RECIPE["base_steps"], RECIPE["lr"], RECIPE["seed"], "base")
-        save(base, tok, paths["base"])
-    for i, name in enumerate(("addition", "reversal")):
-        if force or not is_built(paths[name]) or rebuilt_base:
-            torch.manual_seed(RECIPE["seed"] + i + 1)
+        copying = [(p[:-1] + "|", p[:-1]) for t in tasks for p, _ in data[t]]
+        mixture = copying + [ex for t in tasks for ex in data[t][: recipe[f"base_{t}"]]]
+        train(base, tok, mixture, recipe["base_steps"], recipe["lr"], recipe["seed"], "base")
+        save(base, tok, paths["base"], pair)
+    for i, name in enumerate(tasks):
+        if force or not is_built(paths[name], pair) or rebuilt_base:
+            torch.manual_seed(recipe["seed"] + i + 1)
             model = LlamaForCausalLM.from_pretrained(str(paths["base"]))
             print(f"fine-tuning the {name} specialist", flush=True)
-            train(model, tok, data[name], RECIPE[f"{name}_steps"], RECIPE[f"{name}_lr"],
-                  RECIPE["seed"] + i + 1, name)
-            save(model, tok, paths[name])
+            train(model, tok, data[name], recipe[f"{name}_steps"], recipe[f"{name}_lr"], recipe["seed"] + i + 1, name)
+            save(model, tok, paths[name], pair)
     return paths
 
 
@@ -151,15 +163,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the models are kept")
     ap.add_argument("--force", action="store_true", help="retrain even if cached models exist")
     ap.add_argument("--report", action="store_true", help="print greedy accuracies on the validation split")
+    ap.add_argument("--pair", choices=sorted(PAIRS), default="demo",
+                    help="which task pair: demo (addition, reversal) or second (subtraction, sorting; "
+                         "bench/search_quality.py)")
     args = ap.parse_args(argv)
     t0 = time.time()
-    paths = build_models(args.cache_dir, args.force)
+    paths = build_models(args.cache_dir, args.force, args.pair)
     print(f"models ready in {time.time() - t0:.0f}s: {', '.join(str(p) for p in paths.values())}")
     if args.report:
         tok = char_tokenizer()
         for name, path in paths.items():
             model = LlamaForCausalLM.from_pretrained(str(path)).eval()
-            accs = {t: greedy_accuracy(model, tok, t) for t in ("addition", "reversal")}
+            accs = {t: greedy_accuracy(model, tok, t) for t in PAIRS[args.pair][0]}
             print(f"  {name:10s} " + "  ".join(f"{t} {a:.2f}" for t, a in accs.items()))
 
 
