@@ -10,11 +10,13 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from merge_engine.merge import run_merge
 from merge_engine.options import MergeOptions
 
 from .config import EvolveConfig
-from .evaluator import Evaluator, InProcessEvaluator, WorkerSettings, make_scorer
+from .evaluator import Evaluator, InProcessEvaluator, WorkerSettings, make_scorer, scores_as_completed
 from .export import export_recipe, exported_yaml
 from .html_report import render_html
 from .pictures import held_out_points, plot_fitness, plot_gene_spread, plot_genome_heatmap
@@ -128,7 +130,7 @@ def evolve(config: EvolveConfig, options: RunOptions, evaluator: Evaluator | Non
         evaluator = evaluator or make_evaluator(settings, options, scorer)
         try:
             result = run_search(checked.genome, evaluator, storage, search_settings)
-            validation = _validate_top(result, evaluator, config, options.validate_top)
+            validation = _validate_top(result, evaluator, config, options.validate_top, search_settings.progress)
         finally:
             if own_evaluator:
                 evaluator.close()
@@ -193,11 +195,16 @@ def log_to_file(path: Path) -> Iterator[None]:
         handler.close()
 
 
-def _validate_top(result: SearchResult, evaluator: Evaluator, config: EvolveConfig, top: int) -> list[Validation]:
+def _validate_top(result: SearchResult, evaluator: Evaluator, config: EvolveConfig, top: int,
+                  progress: bool) -> list[Validation]:
     if not any(t.validation_split for t in config.tasks) or top <= 0:
         return []
     ranked = sorted((c for c in result.candidates if c.score.ok), key=lambda c: -c.score.fitness)[:top]
     if not ranked:
         return []
-    scores = evaluator.evaluate([c.recipe for c in ranked], validation=True)
-    return [Validation(c, s) for c, s in zip(ranked, scores, strict=True)]
+    scores: dict[int, Score] = {}
+    with tqdm(total=len(ranked), desc="held-out", unit="candidate", disable=not progress) as bar:
+        for i, score in scores_as_completed(evaluator, [c.recipe for c in ranked], validation=True):
+            scores[i] = score
+            bar.update(1)
+    return [Validation(c, scores[i]) for i, c in enumerate(ranked)]
