@@ -8,7 +8,9 @@ import os
 import signal
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from merge_engine.config import RecipeError
 from merge_engine.publish import UploadError, check_upload_target, upload_model
@@ -17,6 +19,9 @@ from merge_engine.version import evomerge_version
 
 from .config import load_search
 from .extra import require_evolve_extra
+
+if TYPE_CHECKING:  # the search's packages load only once the evolve extra is checked (main)
+    from .run import RunOptions
 
 
 class Terminated(BaseException):
@@ -142,6 +147,22 @@ def check_flags(args: argparse.Namespace) -> tuple[str, int]:
     return device, workers
 
 
+def run_options(args: argparse.Namespace, device: str, workers: int) -> RunOptions:
+    """The parsed flags as the run's settings, in one place: every flag whose dest is named as a field of
+    RunOptions or SearchSettings fills that field, so a new setting is its field plus its add_argument. The
+    values that depend on other flags (check_flags' device and worker count, on-disk for --vllm) are given
+    here; the search file's settings (random_init) come from the search file."""
+    from .run import RunOptions
+    from .search import SearchSettings
+
+    given = vars(args) | {"device": device, "num_workers": workers, "in_memory": args.in_memory and not args.vllm}
+
+    def fill(cls: type) -> dict[str, Any]:
+        return {f.name: given[f.name] for f in fields(cls) if f.name in given}
+
+    return RunOptions(**fill(RunOptions), search=SearchSettings(**fill(SearchSettings)))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -160,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:
         print(f"mergekit-evolve: error: {e}", file=sys.stderr)
         return 2
-    from .run import NoSuccessfulCandidate, RunOptions, evolve  # the search's packages from here on
-    from .search import SearchFailed, SearchSettings
+    from .run import NoSuccessfulCandidate, evolve  # the search's packages from here on
+    from .search import SearchFailed
 
     previous_handler = signal.signal(signal.SIGTERM, _on_sigterm)
     stdin, sys.stdin = sys.stdin, open(os.devnull)  # noqa: SIM115 - closed in finally; nothing may stop a search to ask (transformers' [y/N])
@@ -170,18 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             check_upload_target(args.upload)
         device, workers = check_flags(args)
         config = load_search(args.search_config)
-        options = RunOptions(
-            storage_path=args.storage_path,
-            search=SearchSettings(max_fevals=args.max_fevals, sigma0=args.sigma0, popsize=args.popsize,
-                                  random_seed=args.random_seed, progress=args.progress, timeout=args.timeout),
-            task_search_path=args.task_search_path, batch_size=args.batch_size,
-            in_memory=args.in_memory and not args.vllm, vllm=args.vllm, ray_address=args.ray_address,
-            num_workers=workers, device=device, resume=args.resume,
-            allow_benchmark_test_sets=args.allow_benchmark_test_sets, validate_top=args.validate_top,
-            export_model=args.export_model, trust_remote_code=args.trust_remote_code,
-            allow_crimes=args.allow_crimes, wandb=args.wandb, wandb_project=args.wandb_project,
-            wandb_entity=args.wandb_entity)
-        result = evolve(config, options)
+        result = evolve(config, run_options(args, device, workers))
     except (RecipeError, UploadError, ValueError) as e:
         print(f"mergekit-evolve: error: {e}", file=sys.stderr)
         return 2

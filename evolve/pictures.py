@@ -95,8 +95,10 @@ def plot_fitness(records: Sequence[Any], out: Path, held_out: Sequence[HeldOut] 
     return out
 
 
-def _row_label(gene: Gene, has_filters: bool) -> str:
-    return f"group {gene.group}" + (f" / {gene.filter}" if gene.filter else (" / other" if has_filters else ""))
+def place_label(gene: Gene, has_filters: bool) -> str:
+    """Where a gene acts: its layer group, and its filter when the genome has filters (`other`: the
+    catch-all genes for every tensor no filter names). The heatmap's rows and the spread's ticks."""
+    return f"group {gene.group}" + (f" / {gene.filter or 'other'}" if has_filters else "")
 
 
 def genome_table(genes: Sequence[Gene], values: Sequence[float]) -> dict[str, tuple[list[str], list[str],
@@ -106,11 +108,11 @@ def genome_table(genes: Sequence[Gene], values: Sequence[float]) -> dict[str, tu
     tables: dict[str, tuple[list[str], list[str], np.ndarray]] = {}
     for param in dict.fromkeys(g.param for g in genes):
         sel = [(g, v) for g, v in zip(genes, values, strict=True) if g.param == param]
-        rows = list(dict.fromkeys(_row_label(g, has_filters) for g, _ in sel))
+        rows = list(dict.fromkeys(place_label(g, has_filters) for g, _ in sel))
         cols = list(dict.fromkeys(short_name(g.model) for g, _ in sel))
         grid = np.full((len(rows), len(cols)), np.nan)
         for g, v in sel:
-            grid[rows.index(_row_label(g, has_filters)), cols.index(short_name(g.model))] = v
+            grid[rows.index(place_label(g, has_filters)), cols.index(short_name(g.model))] = v
         tables[param] = (rows, cols, grid)
     return tables
 
@@ -157,16 +159,17 @@ def plot_gene_spread(genes: Sequence[Gene], records: Sequence[Any], out: Path, l
         best = max(ok, key=lambda r: r["fitness"])
         ax.scatter(range(1, len(genes) + 1), (np.array(best["genome"]) - low) / span, marker="*", s=60,
                    color="C3", zorder=3, label=f"best (evaluation {best['index']})")
-        ax.legend(loc="upper right", fontsize=8)
-    labels = [f"{g.param} {short_name(g.model)} g{g.group}" + (f" {g.filter}" if g.filter else "") for g in genes]
+        ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)  # above the boxes
+    has_filters = any(g.filter for g in genes)
+    labels = [f"{g.param} {short_name(g.model)} {place_label(g, has_filters)}" for g in genes]
     ax.set_xticks(range(1, len(genes) + 1), labels, rotation=90, fontsize=7)
     ax.set_ylim(-0.05, 1.05)
     ax.set_ylabel("gene value, 0-1 of its range")
-    gen_text = f"generations {gens[0]}-{gens[-1]}" if gens else "no generation"
-    ax.set_title(f"spread of each gene over the last {len(gens)} generation(s) ({gen_text}, {len(window)} "
-                 "candidates)", fontsize=10)
+    gen_text = (f"generation {gens[0]}" if len(gens) == 1 else f"generations {gens[0]}-{gens[-1]}") if gens \
+        else "no successful candidate"
+    ax.set_title(f"gene spread, {gen_text} ({len(window)} candidates)", fontsize=10, loc="left")
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    fig.savefig(out)
+    fig.savefig(out, bbox_inches="tight")  # nothing clipped, whatever the labels' length
     plt.close(fig)
     return out

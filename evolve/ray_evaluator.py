@@ -14,6 +14,7 @@ import os
 import signal
 from collections import deque
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -28,6 +29,8 @@ from .scoring import Score
 log = logging.getLogger(__name__)
 ATTEMPTS = 2  # a candidate whose worker dies is tried on a fresh worker once more, then penalised
 READY_NOTICE_S = 30.0  # while workers wait for cluster resources, say so this often
+TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+TOKEN_AUTH_NOTICE = "Token authentication is enabled for this Ray cluster"
 
 
 class WorkerSetupError(ValueError):
@@ -50,6 +53,25 @@ class _Worker:
         return self.evaluator.evaluate_one(recipe, validation)
 
 
+class _DropTokenAuthNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(TOKEN_AUTH_NOTICE)
+
+
+@contextmanager
+def _quiet_default_token_auth() -> Iterator[None]:
+    """Recent Ray turns on token authentication for every new local cluster and says so on stderr at each
+    start ("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out").
+    For the private cluster this run starts, that is Ray working as intended: the notice is dropped while
+    our own ray.init runs, and nothing else (the warning that auth is *disabled* still shows)."""
+    logger, notice = logging.getLogger(TOKEN_AUTH_LOGGER), _DropTokenAuthNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
+
+
 def _first_line(error: BaseException) -> str:
     lines = [line for line in str(error).splitlines() if line.strip()]
     return lines[0] if lines else type(error).__name__
@@ -67,8 +89,9 @@ class RayEvaluator:
                 ray.init(address=address, log_to_driver=True)
             else:
                 cpus = os.cpu_count() or 1
-                ray.init(num_cpus=max(cpus, num_workers), include_dashboard=False,
-                         object_store_memory=256 * 1024**2, log_to_driver=True)
+                with _quiet_default_token_auth():
+                    ray.init(num_cpus=max(cpus, num_workers), include_dashboard=False,
+                             object_store_memory=256 * 1024**2, log_to_driver=True)
             if callable(handler):
                 signal.signal(signal.SIGTERM, handler)
         self._check_cluster(num_workers, gpus_per_worker, address)

@@ -11,11 +11,13 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from merge_engine.merge import run_merge
 from merge_engine.options import MergeOptions
 
 from .config import EvolveConfig, FitnessDefinition
-from .evaluator import Evaluator, InProcessEvaluator, WorkerSettings, make_scorer
+from .evaluator import Evaluator, InProcessEvaluator, WorkerSettings, make_scorer, scores_as_completed
 from .export import export_recipe, exported_yaml
 from .fitness import FitnessRule, best_per_task, check_references, source_recipes
 from .html_report import render_html
@@ -134,7 +136,8 @@ def evolve(config: EvolveConfig, options: RunOptions, evaluator: Evaluator | Non
                 rule = _fitness_rule(config, directions, evaluator, storage, validation=False)
                 log.info("fitness: %s", rule.describe({t.name: t.metric for t in config.tasks}))
             result = run_search(checked.genome, evaluator, storage, search_settings, rule)
-            validation = _validate_top(result, evaluator, config, options.validate_top)
+            validation = _validate_top(result, evaluator, config, options.validate_top,
+                                       search_settings.progress)
             if rule is not None and validation and all(t.validation_split for t in config.tasks):
                 held_rule = _fitness_rule(config, directions, evaluator, storage, validation=True)
                 validation = [Validation(v.candidate, held_rule.rescore(v.score)) for v in validation]
@@ -202,14 +205,19 @@ def log_to_file(path: Path) -> Iterator[None]:
         handler.close()
 
 
-def _validate_top(result: SearchResult, evaluator: Evaluator, config: EvolveConfig, top: int) -> list[Validation]:
+def _validate_top(result: SearchResult, evaluator: Evaluator, config: EvolveConfig, top: int,
+                  progress: bool) -> list[Validation]:
     if not any(t.validation_split for t in config.tasks) or top <= 0:
         return []
     ranked = sorted((c for c in result.candidates if c.score.ok), key=lambda c: -c.score.fitness)[:top]
     if not ranked:
         return []
-    scores = evaluator.evaluate([c.recipe for c in ranked], validation=True)
-    return [Validation(c, s) for c, s in zip(ranked, scores, strict=True)]
+    scores: dict[int, Score] = {}
+    with tqdm(total=len(ranked), desc="held-out", unit="candidate", disable=not progress) as bar:
+        for i, score in scores_as_completed(evaluator, [c.recipe for c in ranked], validation=True):
+            scores[i] = score
+            bar.update(1)
+    return [Validation(c, scores[i]) for i, c in enumerate(ranked)]
 
 
 REFERENCES = "references.json"

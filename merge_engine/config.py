@@ -171,12 +171,6 @@ class MergeConfig(_Frozen):
         """The merge method's spec, looked up once."""
         return get_method(self.merge_method)
 
-    @property
-    def tokenizer_source_name(self) -> str:
-        if self.tokenizer is not None:
-            return self.tokenizer.source
-        return self.tokenizer_source or "base"
-
     def referenced_models(self) -> list[str]:
         """Every model path the recipe names, in first-mention order."""
         names: list[str] = []

@@ -27,3 +27,7 @@ class PlanError(EngineError):
 
 class MergeError(EngineError):
     """A tensor could not be merged (non-finite result, method failure)."""
+
+
+class TokenizerError(EngineError):
+    """The recipe's tokenizer settings do not fit the models (tokenizer.tokens sources, missing rows)."""

@@ -16,7 +16,6 @@ written are alive at a time.
 from __future__ import annotations
 
 import ctypes
-import keyword
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,15 +27,12 @@ from . import interrupts
 from .errors import MergeError
 from .io.loader import ModelSource
 from .io.writer import TensorSink
+from .methods.spec import kwarg_name
 from .plan import TensorJob
 
 WRITE_QUEUE = 2  # merged tensors waiting for the writer before compute waits for it
 
 __all__ = ["MergeError", "execute_job", "execute_plan"]
-
-
-def _kwarg(name: str) -> str:
-    return f"{name}_" if keyword.iskeyword(name) else name
 
 
 def read_inputs(job: TensorJob, sources: Mapping[str, ModelSource]) -> list[torch.Tensor | None]:
@@ -78,9 +74,9 @@ def merge_tensors(job: TensorJob, stored: list[torch.Tensor | None], sources: Ma
         models = [r.model for r in job.inputs] + ([job.base.model] if job.base else [])
         aligned = job.vocab.align(models, tensors + ([base] if base is not None else []))
         tensors, base = aligned[: len(job.inputs)], (aligned[-1] if base is not None else None)
-    kwargs = {_kwarg(k): v for k, v in job.global_params.items()}
+    kwargs = {kwarg_name(k): v for k, v in job.global_params.items()}
     for p in spec.per_model_params:
-        kwargs[_kwarg(p.name)] = [m[p.name] for m in job.per_model_params]
+        kwargs[kwarg_name(p.name)] = [m[p.name] for m in job.per_model_params]
     generator = None
     if job.seed is not None:
         generator = torch.Generator(device=device)

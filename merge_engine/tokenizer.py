@@ -35,6 +35,7 @@ from typing import Any, Literal
 import torch
 
 from .config import MergeConfig, ModelTokenSource, ZeroTokenSource
+from .errors import TokenizerError
 from .io.loader import ModelSource, resolve_model_path
 from .io.preflight import load_tokenizer
 
@@ -44,10 +45,6 @@ TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenize
                    "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "spiece.model",
                    "chat_template.jinja", "chat_template.json")
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
-
-
-class TokenizerError(ValueError):
-    """The recipe's tokenizer settings do not fit the models."""
 
 
 @dataclass(frozen=True)

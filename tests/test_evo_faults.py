@@ -370,7 +370,8 @@ def test_killed_ray_worker_is_replaced_and_its_candidate_retried(models, task_di
                           limit=4)
     storage = tmp_path / "s"
     cmd = cli(search, storage, task_dir, "--max-fevals", "8", "--popsize", "4", "--num-workers", "2")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env())
+    unset = {k: v for k, v in env().items() if k != "RAY_AUTH_MODE"}  # Ray's default mode, with its notice
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=unset)
     wait_for_lines(storage, 1, proc)
     workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
                if "_Worker" in " ".join(p.cmdline() or [p.name()])]
@@ -378,12 +379,40 @@ def test_killed_ray_worker_is_replaced_and_its_candidate_retried(models, task_di
     workers[0].kill()
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "Token authentication" not in err
     assert "a Ray worker died while scoring candidate" in err and "retrying it on a fresh worker" in err
     records = [json.loads(line) for line in lines(storage)]
     assert len(records) == 8 and len({r["recipe_hash"] for r in records}) == 8
     assert all(r["ok"] for r in records)  # the retried candidate scored on the fresh worker
     assert (storage / "best_config.yaml").exists()
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_rays_default_token_auth_notice_is_dropped_while_we_start_our_own_cluster():
+    from evolve.ray_evaluator import TOKEN_AUTH_LOGGER, _quiet_default_token_auth
+
+    ray_log = logging.getLogger(TOKEN_AUTH_LOGGER)  # what Ray's ray.init logs it with ("ray" does not propagate)
+    enabled = ("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out. For "
+               "more information, see https://docs.ray.io/en/latest/ray-security/token-auth.html")
+    disabled = "Token authentication is disabled for this Ray cluster. Anyone with network access ..."
+    seen = _Collect()
+    ray_log.addHandler(seen)
+    try:
+        with _quiet_default_token_auth():
+            ray_log.warning(enabled)
+            ray_log.warning(disabled)  # actionable: never hidden
+        ray_log.warning(enabled)  # the user's own ray.init, later: Ray's notice as Ray wrote it
+    finally:
+        ray_log.removeHandler(seen)
+    assert seen.messages == [disabled, enabled]
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 import types
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 import yaml
 
 from evolve import run as run_module
-from evolve.cli import build_parser, check_flags
+from evolve.cli import build_parser, check_flags, run_options
 from evolve.cli import main as evolve_main
 from evolve.config import EvolveConfig, GenomeDefinition, TaskDefinition, load_search
 from evolve.run import RunOptions, evolve
@@ -50,6 +51,30 @@ def test_flags_map_to_their_meaning():
     assert check_flags(a) == ("cpu", 1)
     assert parse().sigma0 == pytest.approx(1 / 6)  # mergekit's default
     assert parse("--save-final-model").export_model and not parse("--no-export").export_model
+
+
+def test_flags_fill_every_run_setting():
+    a = parse("--max-fevals", "40", "--sigma0", "0.3", "--popsize", "5", "--random-seed", "9", "--timeout", "60",
+              "--resume", "--task-search-path", "t", "--batch-size", "8", "--vllm", "--validate-top", "2",
+              "--allow-benchmark-test-sets", "--ray-address", "ray://h:1", "--trust-remote-code", "--allow-crimes",
+              "--no-export", "--wandb", "--wandb-project", "p", "--wandb-entity", "e", "--no-progress")
+    assert run_options(a, "cuda:1", 3) == RunOptions(
+        storage_path="s", search=SearchSettings(max_fevals=40, sigma0=0.3, popsize=5, random_seed=9, progress=False,
+                                                timeout=60.0),
+        task_search_path=["t"], batch_size=8, in_memory=False, vllm=True, ray_address="ray://h:1", num_workers=3,
+        device="cuda:1", resume=True, allow_benchmark_test_sets=True, validate_top=2, export_model=False,
+        trust_remote_code=True, allow_crimes=True, wandb=True, wandb_project="p", wandb_entity="e")
+    assert run_options(parse("--on-disk"), "cpu", 1).in_memory is False
+    assert run_options(parse(), "cpu", 0) == RunOptions(storage_path="s", num_workers=0, search=SearchSettings(
+        sigma0=1 / 6))  # the defaults of the flags are the settings' own, but mergekit's sigma0
+
+
+def test_every_run_setting_has_its_flag():
+    dests = {a.dest for a in build_parser()._actions}
+    from_search_file = {"random_init"}  # EvolveConfig's, not a flag
+    missing = [f.name for cls in (RunOptions, SearchSettings) for f in fields(cls)
+               if f.name not in dests | from_search_file | {"search"}]
+    assert missing == []  # a new setting needs an add_argument with dest=<field> (run_options fills it)
 
 
 def test_strategy_and_worker_count():

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from merge_engine.executor import _kwarg
 from merge_engine.methods import REGISTRY, get_method, sparsify
+from merge_engine.methods.spec import kwarg_name
 
 T = torch.tensor
 
@@ -18,7 +18,7 @@ def run(name, tensors, base=None, generator=None, **params):
     spec = get_method(name)
     return spec([T(x, dtype=torch.float32) for x in tensors],
                    None if base is None else T(base, dtype=torch.float32),
-                   generator=generator, **{_kwarg(k): v for k, v in params.items()})
+                   generator=generator, **{kwarg_name(k): v for k, v in params.items()})
 
 
 def close(a, b, tol=1e-5):
@@ -177,7 +177,7 @@ def default_args(spec, n_models, **overrides):
         value = overrides.get(p.name, 0.5 if p.required else p.default)
         if p.scope == "per_model" and not isinstance(value, list):
             value = [value] * n_models
-        kwargs[_kwarg(p.name)] = value
+        kwargs[kwarg_name(p.name)] = value
     return kwargs
 
 

@@ -7,13 +7,16 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from huggingface_hub import ModelCard
 from PIL import Image
 
+from evolve import pictures
 from evolve.cli import main as evolve_main
+from evolve.config import GenomeDefinition
 from evolve.genome import Genome
-from evolve.pictures import genome_table
+from evolve.pictures import genome_table, plot_gene_spread
 from evolve.run import RunOptions, evolve
 from evolve.search import SearchSettings
 from tests.test_evolve import ROOT, TASKS, in_process, search_config, settings, trained  # noqa: F401 (fixtures)
@@ -96,6 +99,30 @@ def test_genome_heatmap_table_places_each_gene(zoo):
     for gene, v in zip(genome.genes, values, strict=True):
         label = f"group {gene.group} / {gene.filter or 'other'}"
         assert grid[rows.index(label), cols.index(Path(gene.model).name)] == v
+
+
+def test_gene_spread_names_every_gene_like_the_heatmap_and_clips_nothing(tmp_path, monkeypatch):
+    definition = GenomeDefinition(models=["models/a", "models/b"], base_model="models/base",
+                                  merge_method="task_arithmetic", layer_granularity=2, filters=["mlp"])
+    genome = Genome(definition, num_layers=4)  # 8 genes: a narrow picture under a long title
+    rng = np.random.default_rng(0)
+    records = [{"index": i, "generation": i // 4, "ok": True, "fitness": float(rng.random()),
+                "genome": genome.values(rng.random(genome.dimension))} for i in range(12)]
+    figures: list = []
+    close = pictures.plt.close
+    monkeypatch.setattr(pictures.plt, "close", figures.append)  # keep the figure to read its labels
+    out = plot_gene_spread(genome.genes, records, tmp_path / "gene_spread.png")
+    ticks = [t.get_text() for t in figures[0].axes[0].get_xticklabels()]
+    close(figures[0])
+    assert ticks == [f"weight {Path(g.model or '').name} group {g.group} / {g.filter or 'other'}"
+                     for g in genome.genes]  # the catch-all genes too: "weight a group 0 / other"
+    rows = genome_table(genome.genes, [0.5] * genome.dimension)["weight"][0]
+    assert {t.split(" ", 2)[2] for t in ticks} == set(rows)  # named as the heatmap's rows
+    with Image.open(out) as im:
+        pixels = np.asarray(im.convert("RGB"))
+    border = np.concatenate([pixels[:3], pixels[-3:], pixels[:, :3].transpose(1, 0, 2),
+                             pixels[:, -3:].transpose(1, 0, 2)], axis=1)
+    assert (border >= 250).all(), "something (the title?) runs off the edge of gene_spread.png"
 
 
 @pytest.mark.slow

@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from evolve.config import GenomeDefinition
+from evolve.config import EvolveConfig, GenomeDefinition, TaskDefinition
 from evolve.genome import Genome, recipe_key
+from evolve.run import _validate_top
 from evolve.scoring import Score
 from evolve.search import SearchSettings, run_search
 from evolve.storage import Storage
@@ -126,3 +128,29 @@ def test_duplicates_are_never_scored_twice(tmp_path):
 def test_identical_candidates_are_scored_once_and_the_search_stops(tmp_path):
     evaluator = search(tmp_path, max_fevals=60, sigma0=1e-9)  # every candidate decodes to the middle
     assert evaluator.scored == [recipe_key(bowl_genome().decode(bowl_genome().x0()))]
+
+
+class LateFirstEvaluator(BowlEvaluator):
+    """Hands back held-out scores last-submitted first (as Ray may); the held-out score is the bowl's minus 1."""
+
+    def evaluate_iter(self, recipes: list[MergeConfig], validation: bool = False):
+        scores = self.evaluate(recipes, validation)
+        for i in reversed(range(len(recipes))):
+            yield i, replace(scores[i], fitness=scores[i].fitness - 1.0) if validation else scores[i]
+
+
+def test_validate_top_shows_a_bar_and_pairs_scores_with_their_candidates(tmp_path, capsys):
+    tmp_path.mkdir(exist_ok=True)
+    result = run_search(bowl_genome(), BowlEvaluator(), Storage(tmp_path),
+                        SearchSettings(max_fevals=12, sigma0=0.25, popsize=6, progress=False))
+    config = EvolveConfig(genome=bowl_genome().definition,
+                          tasks=[TaskDefinition(name="bowl", validation_split="validation")])
+    capsys.readouterr()
+    validation = _validate_top(result, LateFirstEvaluator(), config, 3, progress=True)
+    assert [v.candidate.score.fitness for v in validation] == sorted(
+        (c.score.fitness for c in result.candidates), reverse=True)[:3]
+    assert all(v.score.fitness == v.candidate.score.fitness - 1.0 for v in validation)
+    err = capsys.readouterr().err
+    assert "held-out" in err and "3/3" in err
+    _validate_top(result, LateFirstEvaluator(), config, 3, progress=False)
+    assert capsys.readouterr().err == ""

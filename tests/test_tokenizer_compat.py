@@ -19,7 +19,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2TokenizerFast
 
 from merge_engine import MergeOptions, run_merge
+from merge_engine import tokenizer as tokenizer_module
+from merge_engine.cli import main as merge_main
 from merge_engine.config import parse_recipe
+from merge_engine.errors import EngineError, TokenizerError
 from merge_engine.io.artifacts import CHAT_TEMPLATES
 from merge_engine.plan import PlanError
 
@@ -228,10 +231,16 @@ def test_union_with_a_base_model_uses_the_bases_row_for_missing_tokens(tz, tmp_p
         torch.testing.assert_close(wo[EMBED][vo[t]], wf[EMBED][va[t]] + wb[EMBED][vb[t]] - wa[EMBED][va[t]])
 
 
-def test_a_token_source_that_does_not_exist_is_refused_before_writing(tz, tmp_path):
-    from merge_engine.tokenizer import TokenizerError
-
+def test_a_token_source_that_does_not_exist_is_refused_before_writing(tz, tmp_path, capsys):
+    recipe = {**_linear(tz["base"], tz["ft"]), "tokenizer": {"source": "union", "tokens": {
+        "<x>": {"source": {"kind": "model_token", "model": str(tz["base"]), "token": "<nope>"}}}}}
     with pytest.raises(TokenizerError, match=r"tokenizer.tokens.<x>.source.token: '<nope>' is not in the vocabulary"):
-        _merge(tmp_path, "out", **_linear(tz["base"], tz["ft"]), tokenizer={"source": "union", "tokens": {
-            "<x>": {"source": {"kind": "model_token", "model": str(tz["base"]), "token": "<nope>"}}}})
+        _merge(tmp_path, "out", **recipe)
     assert not (tmp_path / "out").exists()
+    (tmp_path / "recipe.yml").write_text(json.dumps(recipe))  # JSON is YAML
+    assert merge_main([str(tmp_path / "recipe.yml"), str(tmp_path / "cli"), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [  # one line, exit 2: a user's error, not a crash
+        f"mergekit-yaml: error: tokenizer.tokens.<x>.source.token: '<nope>' is not in the vocabulary of "
+        f"{str(tz['base'])!r}"]
+    assert not (tmp_path / "cli").exists()
+    assert issubclass(TokenizerError, EngineError) and TokenizerError is tokenizer_module.TokenizerError
