@@ -8,6 +8,9 @@ uniform merges on the held-out test split, and prints:
 
     pair | seed | evolved / specialist (task 1) | (task 2) | evolved - best uniform (mean) | evals | wall
 
+The same comparison on the validation split (the documents the fitness is computed on) is printed next to
+it: settings are chosen on those numbers, the test split is for reporting.
+
     python bench/search_quality.py [--pairs demo,second] [--seeds 0,1,2] [--max-fevals 100]
         [--aggregate mean|min|harmonic|geometric] [--normalize] [--method task_arithmetic] --tag NAME
 
@@ -68,7 +71,10 @@ def run_one(pair: str, seed: int, args: argparse.Namespace) -> dict:
     rows = held_out_table(recipes, str(paths["base"]), seed, tasks)
     (storage / "held_out.md").write_text(format_table(rows, tasks) + "\n")
     c = compare(rows, tasks)
+    # the same comparison on the validation split (the fitness documents): settings are chosen on these
+    v = compare(held_out_table(recipes, str(paths["base"]), seed, tasks, split="validation"), tasks)
     return {"pair": pair, "seed": seed, "tasks": list(tasks), "ratios": c["ratios"], "margin": c["margin"],
+            "validation_ratios": v["ratios"], "validation_margin": v["margin"],
             "evolved_mean": c["evolved_mean"], "best_uniform": c["best_uniform"],
             "best_uniform_mean": c["best_uniform_mean"], "evaluations": len(result.search.candidates),
             "best_at": result.best.index if result.best else None, "search_seconds": round(search_s, 1),
@@ -77,11 +83,14 @@ def run_one(pair: str, seed: int, args: argparse.Namespace) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = ["| pair | seed | evolved / specialist, task 1 | task 2 | evolved minus best uniform (mean, points) "
-             "| evaluations (best at) | search wall |", "|---|---|---|---|---|---|---|"]
+             "| validation split: task 1, task 2, margin | evaluations (best at) | search wall |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t1, t2 = r["tasks"]
+        val = r["validation_ratios"]
         lines.append(f"| {r['pair']} ({t1}, {t2}) | {r['seed']} | {r['ratios'][t1]:.1%} | {r['ratios'][t2]:.1%} | "
                      f"{100 * r['margin']:+.1f} (vs {r['best_uniform'].removeprefix('uniform ')}) | "
+                     f"{val[t1]:.1%}, {val[t2]:.1%}, {100 * r['validation_margin']:+.1f} | "
                      f"{r['evaluations']} ({r['best_at']}) | {r['search_seconds']:.0f} s |")
     for pair in dict.fromkeys(r["pair"] for r in rows):
         mine = [r for r in rows if r["pair"] == pair]

@@ -49,10 +49,10 @@ def baselines(paths: dict[str, Path], tasks: dict[str, str] = TASKS) -> dict[str
     }
 
 
-def held_out_table(recipes: dict[str, dict], reference: str, seed: int,
-                   tasks: dict[str, str] = TASKS) -> dict[str, dict[str, float]]:
-    """Each recipe's per-task accuracy on the test split (the search never saw it)."""
-    definitions = [TaskDefinition(name=t, metric="acc", validation_split="test") for t in tasks.values()]
+def held_out_table(recipes: dict[str, dict], reference: str, seed: int, tasks: dict[str, str] = TASKS,
+                   split: str = "test") -> dict[str, dict[str, float]]:
+    """Each recipe's per-task accuracy on the test split (the search never saw it), or on another split."""
+    definitions = [TaskDefinition(name=t, metric="acc", validation_split=split) for t in tasks.values()]
     evaluator = InProcessEvaluator(WorkerSettings(tasks=definitions, reference_model=reference, batch_size=64,
                                                   task_search_path=[str(ROOT / "tasks")],
                                                   merge=MergeOptions(random_seed=seed, progress=False)))
