@@ -132,6 +132,7 @@ def env() -> dict[str, str]:
 
 # --- metric direction ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_lower_is_better_metric_exports_the_lowest_perplexity(models, task_dir, tmp_path):
     tasks = [TaskDefinition(name="evo_ppl", metric="word_perplexity")]
     config = EvolveConfig(genome=genome(models), tasks=tasks, limit=4)
@@ -228,6 +229,7 @@ def test_model_needing_remote_code_is_refused_without_a_prompt(models, tmp_path)
 
 # --- history ------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_damaged_history_lines_are_skipped_with_their_line_numbers(models, task_dir, tmp_path, caplog):
     config = EvolveConfig(genome=genome(models), tasks=[TaskDefinition(name="evo_ppl", metric="word_perplexity")],
                           limit=2)

@@ -173,6 +173,7 @@ def small_search(zoo, **kw) -> EvolveConfig:
                         tasks=[TaskDefinition(name="evo_addition")], **kw)
 
 
+@pytest.mark.slow
 def test_timeout_stops_starting_generations(zoo, tmp_path):
     fake = FakeEvaluator(delay=0.4)
     options = RunOptions(storage_path=str(tmp_path / "s"), export_model=False, search=SearchSettings(

@@ -32,6 +32,7 @@ def test_example_task_loads_with_its_splits_and_choices():
     assert task.higher_is_better() == {"acc": True}
 
 
+@pytest.mark.slow
 def test_example_task_is_scored_by_the_search(zoo):
     tasks = [TaskDefinition(name=TASK, metric="acc", validation_split="test")]
     evaluator = InProcessEvaluator(WorkerSettings(tasks=tasks, reference_model=str(zoo["base"]), limit=20,

@@ -113,6 +113,7 @@ def test_executor_output_is_bit_identical_to_reference(method, zoo, tmp_path, mo
     assert changed > 0 or method == "passthrough", "the merge must actually change the tensors"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "breadcrumbs_ties", "dare_linear"])
 def test_chunked_task_vectors_match_stacked_on_large_tensors(method):
     """Big enough for several real (default-size) chunks and a ragged end."""
