@@ -1,9 +1,10 @@
 """Plan -> tensors: run each job's merge method and hand the result to a sink.
 
 Three stages overlap, each on its own thread, with at most one job of slack between them:
-  read     a prefetch thread reads the next job's input tensors (storage dtype, e.g. bf16);
+  read     a prefetch thread reads the next job's input tensors (storage dtype, e.g. bf16) and, for
+           jobs of small tensors on CPU, already makes the compute step's float32 copies;
   compute  this thread rounds the inputs to the recipe's `dtype` if it gives one (as
-           mergekit casts its inputs), casts them to float32 on the compute device
+           mergekit casts its inputs; compute_inputs), casts them to float32 on the compute device
            (half-precision arithmetic on CPU is slow and lossy), runs the method, checks
            the result is finite, rounds it to `dtype` again (mergekit's methods return
            their inputs' dtype) and casts it to the job's output dtype;
@@ -19,6 +20,7 @@ import ctypes
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -31,6 +33,10 @@ from .methods.spec import kwarg_name
 from .plan import TensorJob
 
 WRITE_QUEUE = 2  # merged tensors waiting for the writer before compute waits for it
+# jobs whose every input is at most this big in float32 are converted by the reader thread, one job ahead
+# (the copies overlap the arithmetic; the large embeddings are converted on the compute thread, so the
+# one job of look-ahead never holds their float32 copies)
+PREFETCH_CONVERT_BYTES = 32 << 20
 
 __all__ = ["MergeError", "execute_job", "execute_plan"]
 
@@ -47,6 +53,37 @@ def _float32(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return out.copy_(t)
 
 
+def compute_inputs(job: TensorJob, stored: list[torch.Tensor | None],
+                   device: torch.device) -> list[torch.Tensor | None]:
+    """The stored inputs as the method sees them: rounded to the recipe's `dtype` (if it gives one), then
+    float32 copies on `device`. `stored` is emptied: each stored tensor is freed once its copy exists."""
+    converted = []
+    while stored:
+        t = stored.pop(0)
+        if t is not None and job.input_dtype is not None:
+            t = t.to(job.input_dtype)
+        converted.append(_float32(t, device) if t is not None else None)
+        del t
+    return converted
+
+
+@dataclass
+class Prefetched:
+    """A job's inputs from the reader thread: as stored, or already converted by compute_inputs (small
+    CPU jobs: the conversion then overlaps the previous job's arithmetic)."""
+
+    tensors: list[torch.Tensor | None]
+    converted: bool
+
+
+def prefetch(job: TensorJob, sources: Mapping[str, ModelSource], device: torch.device) -> Prefetched:
+    stored = read_inputs(job, sources)
+    small = all(t is None or t.numel() * 4 <= PREFETCH_CONVERT_BYTES for t in stored)
+    if device.type == "cpu" and small:
+        return Prefetched(compute_inputs(job, stored, device), True)
+    return Prefetched(stored, False)
+
+
 def _is_finite(t: torch.Tensor) -> bool:
     """One reduction: a NaN or inf anywhere makes the sum non-finite. A finite tensor
     whose sum overflows is confirmed with the elementwise check."""
@@ -56,17 +93,14 @@ def _is_finite(t: torch.Tensor) -> bool:
 
 
 def merge_tensors(job: TensorJob, stored: list[torch.Tensor | None], sources: Mapping[str, ModelSource],
-                  device: torch.device) -> torch.Tensor:
-    """Run the job's method on its inputs as read (read_inputs); returns the result in the
-    output dtype. `stored` is emptied: each stored tensor is freed once its float32 copy exists."""
+                  device: torch.device, ready: bool = False) -> torch.Tensor:
+    """Run the job's method on its inputs as read (read_inputs), or as compute_inputs made them
+    (ready=True); returns the result in the output dtype. `stored` is emptied."""
     spec = job.method
-    converted = []
-    while stored:
-        t = stored.pop(0)
-        if t is not None and job.input_dtype is not None:
-            t = t.to(job.input_dtype)
-        converted.append(_float32(t, device) if t is not None else None)
-        del t
+    if ready:
+        converted, stored[:] = list(stored), []
+    else:
+        converted = compute_inputs(job, stored, device)
     base = converted[0]
     tensors: list[torch.Tensor] = [t for t in converted[1:] if t is not None]  # inputs are never None
     del converted
@@ -148,13 +182,14 @@ def execute_plan(jobs: Iterable[TensorJob], sources: Mapping[str, ModelSource], 
     pending: deque[Future] = deque()
     try:
         with torch.no_grad(), interrupts.deferred():  # Ctrl-C/SIGTERM stop it between tensors, never mid-bookkeeping
-            next_inputs = reader.submit(read_inputs, jobs[0], sources)
+            next_inputs = reader.submit(prefetch, jobs[0], sources, device)
             for i, job in enumerate(tqdm(jobs, desc="merging", unit="tensor", disable=not progress)):
                 interrupts.check()
                 inputs = next_inputs.result()  # re-raises the reader's error
                 if i + 1 < len(jobs):
-                    next_inputs = reader.submit(read_inputs, jobs[i + 1], sources)
-                merged = merge_tensors(job, inputs, sources, device)
+                    next_inputs = reader.submit(prefetch, jobs[i + 1], sources, device)
+                merged = merge_tensors(job, inputs.tensors, sources, device, inputs.converted)
+                del inputs
                 _raise_first_error(pending)
                 while len(pending) >= WRITE_QUEUE:
                     pending.popleft().result()  # re-raises the writer's error

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from merge_engine import MergeOptions, parse_recipe, run_merge
+from merge_engine import MergeOptions, executor, parse_recipe, run_merge
 from merge_engine.executor import MergeError, execute_plan
 from merge_engine.io.loader import ModelLoadError, ModelSource
 from merge_engine.merge import plan_merge
@@ -94,8 +94,26 @@ def tiny_chunks(monkeypatch):
     monkeypatch.setattr(task_arithmetic, "CHUNK", 37)
 
 
+@pytest.fixture
+def split_prefetch(monkeypatch):
+    """The reader converts the zoo's jobs of tensors up to 4 KiB (float32) and leaves the larger ones to the
+    compute thread: one merge takes both paths."""
+    monkeypatch.setattr(executor, "PREFETCH_CONVERT_BYTES", 4096)
+    paths = []
+    real = executor.prefetch
+
+    def spy(*args):
+        fetched = real(*args)
+        paths.append(fetched.converted)
+        return fetched
+
+    monkeypatch.setattr(executor, "prefetch", spy)
+    return paths
+
+
 @pytest.mark.parametrize("method", sorted(REGISTRY))
-def test_executor_output_is_bit_identical_to_reference(method, zoo, tmp_path, monkeypatch, tiny_chunks):
+def test_executor_output_is_bit_identical_to_reference(method, zoo, tmp_path, monkeypatch, tiny_chunks,
+                                                       split_prefetch):
     config = parse_recipe(recipe_for(method, zoo))
     plan, sources = plan_merge(config, QUIET)
     out = run_merge(config, tmp_path / "out", QUIET)
@@ -111,6 +129,7 @@ def test_executor_output_is_bit_identical_to_reference(method, zoo, tmp_path, mo
         source = sources[job.inputs[0].model].get(job.inputs[0].name)
         changed += not torch.equal(expected, source.to(expected.dtype))
     assert changed > 0 or method == "passthrough", "the merge must actually change the tensors"
+    assert set(split_prefetch) == {True, False}  # inputs converted by the reader and by the compute thread
 
 
 @pytest.mark.slow
