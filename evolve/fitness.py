@@ -72,7 +72,13 @@ class FitnessRule:
         return replace(score, fitness=self(score.per_task)) if score.ok else score
 
     def describe(self, metrics: Mapping[str, str]) -> str:
-        """e.g. `harmonic mean of (evo_addition/acc / 0.94, evo_reversal/acc / 0.81), weights 1, 1`."""
+        """The plain rule as its formula, e.g. `(1 * evo_addition/acc - 2 * evo_ppl/word_perplexity) / 3` (a
+        lower-is-better metric enters negated); any other as e.g. `weighted harmonic mean of
+        (evo_addition/acc / 0.94, evo_reversal/acc / 0.81), weights 1, 1`."""
+        if self.references is None and self.aggregate == "mean":
+            signed = " ".join(f"{'+' if self.higher_is_better.get(name, True) else '-'} {w:g} * {name}/{metrics[name]}"
+                              for name, w in self.weights.items())
+            return f"({signed.removeprefix('+ ')}) / {sum(self.weights.values()) or 1.0:g}"
         terms = []
         for name in self.weights:
             up = self.higher_is_better.get(name, True)

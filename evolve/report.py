@@ -7,9 +7,9 @@ from statistics import mean
 from typing import TYPE_CHECKING, Any
 
 from .config import EvolveConfig
+from .fitness import FitnessRule
 
 if TYPE_CHECKING:
-    from .fitness import FitnessRule
     from .run import Validation
     from .search import SearchResult
 
@@ -22,18 +22,6 @@ def resolved_settings(settings: dict[str, Any], dimension: int) -> dict[str, Any
     return out
 
 
-def fitness_formula(config: EvolveConfig, higher_is_better: dict[str, bool]) -> str:
-    """How the per-task metrics enter the fitness, e.g. `(1.0 * evo_addition/acc - 2.0 * evo_ppl/word_perplexity)
-    / 3.0`: a lower-is-better metric enters negated."""
-    total = sum(t.weight for t in config.tasks) or 1.0
-    terms = []
-    for t in config.tasks:
-        sign = "-" if not higher_is_better.get(t.name, True) else "+"
-        terms.append(f"{sign} {t.weight:g} * {t.name}/{t.metric}")
-    text = " ".join(terms).removeprefix("+ ")
-    return f"({text}) / {total:g}"
-
-
 def render_report(result: SearchResult, validation: list[Validation], config: EvolveConfig,
                   higher_is_better: dict[str, bool], settings: dict[str, Any], rule: FitnessRule | None = None,
                   exported: bool = True) -> str:
@@ -43,8 +31,8 @@ def render_report(result: SearchResult, validation: list[Validation], config: Ev
     lines = ["# Merge search report", "",
              f"- evaluations: {len(candidates)} ({len(candidates) - len(ok)} failed), {result.generations} "
              f"generations; stopped by {result.stop_reason}",
-             "- fitness (maximised): " + (rule.describe({t.name: t.metric for t in config.tasks}) if rule else
-                                          fitness_formula(config, higher_is_better))]
+             "- fitness (maximised): " + (rule or FitnessRule.of(config, higher_is_better)).describe(
+                 {t.name: t.metric for t in config.tasks})]
     if higher_is_better:
         lines.append("- metric directions (from lm-eval's higher_is_better): " + ", ".join(
             f"{t.name}/{t.metric} {'higher' if higher_is_better.get(t.name, True) else 'lower'} is better"

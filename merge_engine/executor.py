@@ -97,8 +97,9 @@ def merge_tensors(job: TensorJob, stored: list[torch.Tensor | None], sources: Ma
     """Run the job's method on its inputs as read (read_inputs), or as compute_inputs made them
     (ready=True); returns the result in the output dtype. `stored` is emptied."""
     spec = job.method
-    if ready:
-        converted, stored[:] = list(stored), []
+    if ready:  # prefetch already made the float32 copies: take them over
+        converted = stored[:]
+        stored.clear()
     else:
         converted = compute_inputs(job, stored, device)
     base = converted[0]

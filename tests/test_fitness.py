@@ -52,3 +52,13 @@ def test_the_search_file_fitness_section_is_validated():
         FitnessDefinition.model_validate({"aggregate": "median"})
     with pytest.raises(ValueError, match="normalise"):
         FitnessDefinition.model_validate({"normalise": True})
+
+
+def test_the_report_states_each_rule():
+    metrics = {"acc": "acc", "ppl": "word_perplexity"}
+    plain = FitnessRule({"acc": 1.0, "ppl": 2.0}, {"acc": True, "ppl": False})
+    assert plain.describe(metrics) == "(1 * acc/acc - 2 * ppl/word_perplexity) / 3"
+    normalized = FitnessRule({"acc": 1.0, "ppl": 2.0}, {"acc": True, "ppl": False}, "harmonic",
+                             {"acc": 0.9, "ppl": 10.0})
+    assert normalized.describe(metrics) == ("weighted harmonic mean of (acc/acc / 0.9, 10 / ppl/word_perplexity), "
+                                            "weights 1, 2")
