@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from merge_engine.config import RecipeError, format_location, read_yaml
 from merge_engine.methods import REGISTRY, get_method
@@ -23,6 +23,9 @@ class _Frozen(BaseModel):
 
 
 class GenomeDefinition(_Frozen):
+    """Parameter-space genome (mergekit-evolve's): a merge method's numbers per layer group and model."""
+
+    kind: Literal["parameters"] = "parameters"
     models: list[str] = Field(min_length=1)
     merge_method: str
     base_model: str | None = None
@@ -64,6 +67,64 @@ class GenomeDefinition(_Frozen):
         return self
 
 
+RECIPE_SUFFIXES = (".yml", ".yaml")
+
+
+def is_recipe(model: str) -> bool:
+    """A layer-path source given as a merge recipe (hybrid search): built before the search."""
+    return model.endswith(RECIPE_SUFFIXES)
+
+
+class LayerPathDefinition(_Frozen):
+    """Layer-path genome (evomerge's; evolve/layer_path.py documents the encoding): which layer of which
+    source model comes next, and how the hidden state is rescaled where the path jumps."""
+
+    kind: Literal["layer_path"]
+    models: list[str] = Field(min_length=1)  # model references, or recipe files (.yml) built first (hybrid)
+    repeats: int = Field(default=2, ge=1)  # the layers of all models are laid out in sequence this many times
+    min_layers: int | None = Field(default=None, ge=1)  # output depth bounds; default: 1 .. every position
+    max_layers: int | None = Field(default=None, ge=1)
+    scales: Literal["transition", "layer", "none"] = "transition"
+    scale_range: tuple[float, float] = (0.5, 1.5)
+    tokenizer_source: str | None = None
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _references(cls, v):
+        return [m if isinstance(m, str) and is_recipe(m) else normalize_reference(m) for m in v] \
+            if isinstance(v, list) else v
+
+    @property
+    def base_model(self) -> None:
+        """A layer path has no base model (what the parameter-space genome's code reads)."""
+        return None
+
+    def recipes(self) -> list[str]:
+        return [m for m in self.models if is_recipe(m)]
+
+    @model_validator(mode="after")
+    def _bounds(self) -> LayerPathDefinition:
+        low, high = self.scale_range
+        if not (0 < low <= 1 <= high):
+            raise ValueError(f"genome.scale_range: {list(self.scale_range)} must hold 1.0 with a positive lower "
+                             "end, e.g. [0.5, 1.5]")
+        if self.min_layers and self.max_layers and self.min_layers > self.max_layers:
+            raise ValueError(f"genome.min_layers {self.min_layers} is above genome.max_layers {self.max_layers}")
+        return self
+
+
+GENOME_KINDS = ("parameters", "layer_path")
+
+
+def _genome_kind(v: Any) -> str:
+    return str(v.get("kind", "parameters") if isinstance(v, dict) else getattr(v, "kind", "parameters"))
+
+
+AnyGenome = Annotated[Annotated[GenomeDefinition, Tag("parameters")] | Annotated[LayerPathDefinition,
+                                                                                  Tag("layer_path")],
+                      Discriminator(_genome_kind)]
+
+
 class TaskDefinition(_Frozen):
     name: str
     weight: float = 1.0
@@ -84,7 +145,7 @@ class FitnessDefinition(_Frozen):
 
 
 class EvolveConfig(_Frozen):
-    genome: GenomeDefinition
+    genome: AnyGenome
     tasks: list[TaskDefinition] = Field(min_length=1)
     fitness: FitnessDefinition = FitnessDefinition()  # evomerge's; mergekit has no such field
     limit: int | None = Field(default=None, ge=1)
@@ -114,6 +175,11 @@ def load_search(path: str | Path) -> EvolveConfig:
     try:
         return EvolveConfig.model_validate(data)
     except ValidationError as e:
-        lines = [f"{format_location(err['loc'])}: {str(err['msg']).removeprefix('Value error, ')}"
+        lines = [f"{format_location(_without_kind(err['loc']))}: {str(err['msg']).removeprefix('Value error, ')}"
                  for err in e.errors()]
         raise RecipeError(f"{path}: invalid search definition:\n  " + "\n  ".join(lines)) from None
+
+
+def _without_kind(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """genome.parameters.layer_granularity -> genome.layer_granularity (the union's tag is not a field)."""
+    return loc[:1] + loc[2:] if loc[:1] == ("genome",) and len(loc) > 1 and loc[1] in GENOME_KINDS else loc

@@ -24,7 +24,7 @@ from merge_engine.options import MergeOptions
 
 from .config import TaskDefinition
 from .fitness import FitnessRule
-from .materialize import InMemoryMaterializer, OnDiskMaterializer
+from .materialize import InMemoryMaterializer, LayerPathMaterializer, OnDiskMaterializer
 from .scoring import LmEvalScorer, Score
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class WorkerSettings:
     num_fewshot: int | None = None
     batch_size: int = 32
     in_memory: bool = True
+    layer_path: bool = False  # candidates change the depth: in memory, each is a model of its own
     vllm: bool = False
     scratch_dir: str = "/tmp/evomerge-scratch"
     # device and random_seed of every candidate merge, the one settings bag the engine knows (run.merge_options)
@@ -85,9 +86,9 @@ class CandidateEvaluator:
         self.scorer = scorer or make_scorer(settings)
         m = settings.merge
         if settings.in_memory and not settings.vllm:
-            self.materializer: Any = InMemoryMaterializer(settings.reference_model, settings.tokenizer_source,
-                                                          m.device, m.random_seed, m.trust_remote_code,
-                                                          m.allow_crimes)
+            kind = LayerPathMaterializer if settings.layer_path else InMemoryMaterializer
+            self.materializer: Any = kind(settings.reference_model, settings.tokenizer_source, m.device,
+                                          m.random_seed, m.trust_remote_code, m.allow_crimes)
         else:
             self.materializer = OnDiskMaterializer(settings.scratch_dir, m.device, m.random_seed,
                                                    m.trust_remote_code, m.allow_crimes)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -33,6 +33,23 @@ class Gene:
     model: str | None  # None for global parameters
     low: float
     high: float
+
+
+class SearchGenome(Protocol):
+    """What the search needs of a genome: this module's parameter-space Genome, or layer_path's."""
+
+    genes: tuple[Gene, ...]
+
+    @property
+    def dimension(self) -> int: ...
+
+    def summary(self) -> str: ...
+
+    def x0(self) -> np.ndarray: ...
+
+    def values(self, x: np.ndarray) -> list[float]: ...
+
+    def decode(self, x: np.ndarray) -> MergeConfig: ...
 
 
 class Genome:
@@ -75,6 +92,9 @@ class Genome:
     @property
     def dimension(self) -> int:
         return len(self.genes)
+
+    def summary(self) -> str:
+        return f"{self.dimension} genes ({self.num_groups} layer group(s))"
 
     def x0(self) -> np.ndarray:
         return np.full(self.dimension, 0.5)

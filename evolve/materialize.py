@@ -1,9 +1,12 @@
 """Materializers: recipe -> candidate model, in memory or on disk.
 
-Both go through the engine's one path (``merge_engine.merge``: plan_merge, then
+All go through the engine's one path (``merge_engine.merge``: plan_merge, then
 write_plan into a sink). In memory: one model stays resident and the sink copies
 every merged tensor into its parameters (the input models' tensors are cached after
 the first candidate), so a candidate costs the merge arithmetic and nothing else.
+A layer path (a passthrough recipe, evolve/layer_path.py) changes the depth, so it gets a model of its
+own: LayerPathMaterializer assembles it from resident float32 copies of the source tensors, shared by
+every candidate, and only the tensors the recipe rescales are computed (by the engine) and new.
 On disk: the merge is written with run_merge and loaded back, as a user's final
 model would be.
 """
@@ -11,6 +14,7 @@ model would be.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -20,12 +24,14 @@ from typing import Any
 import torch
 
 from merge_engine.config import MergeConfig
+from merge_engine.dtypes import dtype_name
 from merge_engine.errors import PlanError
+from merge_engine.io.artifacts import output_config
 from merge_engine.io.loader import ModelSource
 from merge_engine.io.references import open_model
 from merge_engine.merge import open_sources, plan_merge, run_merge, write_plan
 from merge_engine.options import MergeOptions
-from merge_engine.plan import MergePlan
+from merge_engine.plan import MergePlan, TensorJob
 from merge_engine.tokenizer import OutputTokenizer, plan_output_tokenizer
 
 
@@ -89,6 +95,89 @@ class InMemoryMaterializer:
 
     def release(self) -> None:
         pass
+
+
+class DictSink:
+    """A TensorSink that collects merged tensors as float32 on `device` (what load_model would load)."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    @contextlib.contextmanager
+    def open(self, plan: MergePlan) -> Iterator[DictSink]:
+        yield self
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self.tensors[name] = tensor.to(self.device, torch.float32)
+
+
+class LayerPathMaterializer:
+    """In memory, for recipes that change the layer count (layer paths): each candidate is a new model
+    whose parameters are resident float32 tensors of the sources (one per source tensor and output
+    dtype, shared by every candidate that uses it), except the tensors the plan computes (scaled
+    ones), which the engine merges as for any recipe. The numbers equal loading the on-disk merge in
+    float32: a resident tensor is the stored one cast to the output dtype, then to float32."""
+
+    def __init__(self, reference_model: str, tokenizer_source: str | None = None, device: str = "cpu",
+                 random_seed: int | None = None, trust_remote_code: bool = False, allow_crimes: bool = False):
+        self.reference, self.tokenizer = load_model(open_model(reference_model).path, device, trust_remote_code)
+        if tokenizer_source and tokenizer_source != reference_model:
+            _, self.tokenizer = load_model(open_model(tokenizer_source).path, device, trust_remote_code)
+        self.options = MergeOptions(device=device, random_seed=random_seed, allow_crimes=allow_crimes,
+                                    trust_remote_code=trust_remote_code, progress=False)
+        self._sources: dict[str, ModelSource] = {}
+        self._tokenizers: dict[str, OutputTokenizer] = {}
+        self._resident: dict[tuple[str, str, torch.dtype], torch.Tensor] = {}
+        self.model: Any = None
+
+    def _resident_copy(self, job: TensorJob) -> torch.Tensor:
+        ref = job.inputs[0]
+        key = (ref.model, ref.name, job.out_dtype)
+        if key not in self._resident:
+            stored = self._sources[ref.model].get(ref.name)
+            self._resident[key] = stored.to(torch.float32).to(job.out_dtype).to(self.options.device, torch.float32)
+        return self._resident[key]
+
+    def materialize(self, config: MergeConfig) -> tuple[Any, Any]:
+        self.release()
+        self._sources = open_sources(config.referenced_models(), self.options, opened=self._sources)
+        key = repr((config.referenced_models(), config.tokenizer_source, config.tokenizer))
+        if key not in self._tokenizers:
+            self._tokenizers[key] = plan_output_tokenizer(config, self._sources, self.options.trust_remote_code)
+        tokenizer = self._tokenizers[key]
+        plan, _ = plan_merge(config, self.options, self._sources, tokenizer)
+        sink = DictSink(self.options.device)
+        computed = tuple(j for j in plan.jobs if not j.copies_input)
+        write_plan(dataclasses.replace(plan, jobs=computed), self._sources, sink.open, self.options)
+        state = {j.output_name: self._resident_copy(j) for j in plan.jobs if j.copies_input} | sink.tensors
+        vocab = tokenizer.alignment.size if tokenizer.alignment is not None else None
+        self.model = assemble_model(self.reference, plan, state, vocab)
+        return self.model, self.tokenizer
+
+    def release(self) -> None:
+        self.model = None
+
+
+def assemble_model(reference: Any, plan: MergePlan, state: dict[str, torch.Tensor], vocab_size: int | None) -> Any:
+    """A transformers model of the plan's shape (its layer count) whose parameters ARE the given tensors
+    (no copy). Buffers (rotary frequencies) are computed by the model's own constructor."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    cfg = output_config(reference.config.to_dict(), plan.architecture.num_layers_key, plan.output_layer_sources,
+                        dtype_name(torch.float32), vocab_size)
+    config = type(reference.config).from_dict(cfg)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if result.unexpected_keys or left:
+        raise PlanError(f"in-memory layer path: the assembled {type(model).__name__} does not match the plan "
+                        f"(no tensor for {left[:3]}, unused {result.unexpected_keys[:3]}); use --no-in-memory")
+    model.generation_config = reference.generation_config
+    return model.to(reference.device).eval()
 
 
 class OnDiskMaterializer:

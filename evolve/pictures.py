@@ -142,7 +142,29 @@ def plot_genome_heatmap(genes: Sequence[Gene], values: Sequence[float], out: Pat
     return out
 
 
-def plot_gene_spread(genes: Sequence[Gene], records: Sequence[Any], out: Path, last: int = 3) -> Path:
+def plot_layer_path(path: Sequence[tuple[str, int]], models: Sequence[str], out: Path, title: str = "") -> Path:
+    """The best layer path: one row per source model, one column per depth; a filled cell is that model's
+    layer (its number written in it) at that depth."""
+    rows = list(dict.fromkeys([*models, *(m for m, _ in path)]))
+    grid = np.full((len(rows), len(path)), np.nan)
+    for depth, (model, _) in enumerate(path):
+        grid[rows.index(model), depth] = rows.index(model)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(path) + 2.5), 0.6 * len(rows) + 1.6), dpi=100)
+    ax.imshow(grid, cmap="tab10", vmin=0, vmax=9, aspect="auto")
+    for depth, (model, layer) in enumerate(path):
+        ax.text(depth, rows.index(model), str(layer), ha="center", va="center", fontsize=8, color="white")
+    ax.set_yticks(range(len(rows)), [short_name(m) for m in rows], fontsize=8)
+    ax.set_xticks(range(len(path)), [str(d) for d in range(len(path))], fontsize=7)
+    ax.set_xlabel("depth in the merged model (the number in a cell: the source model's layer)")
+    ax.set_title(title or f"best layer path ({len(path)} layers)", fontsize=10, loc="left")
+    fig.tight_layout()
+    fig.savefig(out, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def plot_gene_spread(genes: Sequence[Gene], records: Sequence[Any], out: Path, last: int = 3,
+                     labels: Sequence[str] | None = None) -> Path:
     """Box plot of every gene over the candidates of the last `last` generations, in [0, 1] of its range:
     a narrow box is a gene the search has settled, a wide one a gene it is still exploring (or that does
     not matter). The best candidate's value is marked."""
@@ -160,8 +182,9 @@ def plot_gene_spread(genes: Sequence[Gene], records: Sequence[Any], out: Path, l
         ax.scatter(range(1, len(genes) + 1), (np.array(best["genome"]) - low) / span, marker="*", s=60,
                    color="C3", zorder=3, label=f"best (evaluation {best['index']})")
         ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)  # above the boxes
-    has_filters = any(g.filter for g in genes)
-    labels = [f"{g.param} {short_name(g.model)} {place_label(g, has_filters)}" for g in genes]
+    if labels is None:
+        has_filters = any(g.filter for g in genes)
+        labels = [f"{g.param} {short_name(g.model)} {place_label(g, has_filters)}" for g in genes]
     ax.set_xticks(range(1, len(genes) + 1), labels, rotation=90, fontsize=7)
     ax.set_ylim(-0.05, 1.05)
     ax.set_ylabel("gene value, 0-1 of its range")

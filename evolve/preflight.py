@@ -11,10 +11,13 @@ import importlib.util
 import math
 from dataclasses import dataclass
 
+from merge_engine.config import load_recipe
 from merge_engine.io.loader import ModelSource
+from merge_engine.merge import plan_merge
 
-from .config import EvolveConfig
+from .config import EvolveConfig, LayerPathDefinition, is_recipe
 from .genome import Genome
+from .layer_path import LayerPathGenome
 from .search import SearchSettings, default_popsize
 
 TOKENIZER_KEYWORDS = ("base", "union")  # mergekit's tokenizer_source values that are not a model
@@ -22,7 +25,7 @@ TOKENIZER_KEYWORDS = ("base", "union")  # mergekit's tokenizer_source values tha
 
 @dataclass(frozen=True)
 class Checked:
-    genome: Genome
+    genome: Genome | LayerPathGenome
     popsize: int
 
 
@@ -70,11 +73,20 @@ def check_models(config: EvolveConfig) -> None:
     if g.base_model:
         named.append(("genome.base_model", g.base_model))
     for field, model in named:
+        if is_recipe(model):  # a layer path's recipe source (hybrid search): plannable now, built later
+            try:
+                plan_merge(load_recipe(model))
+            except Exception as e:  # noqa: BLE001
+                raise ValueError(f"{field}: the recipe {model!r} cannot be merged: {str(e).splitlines()[0]}") \
+                    from None
+            continue
         try:
             ModelSource(model)
         except Exception as e:  # noqa: BLE001 - any reason it cannot be opened is the user's to fix
             raise ValueError(f"{field}: cannot open {model!r}: {str(e).splitlines()[0]}") from None
-    reference = g.base_model or g.models[0]
+    reference = g.base_model or next((m for m in g.models if not is_recipe(m)), None)
+    if reference is None:  # every source is a recipe: its models were checked by planning it
+        return
     tokenizer = g.tokenizer_source if g.tokenizer_source not in (None, *TOKENIZER_KEYWORDS) else reference
     _check_loads_without_remote_code(reference, tokenizer)
 
@@ -101,5 +113,6 @@ def preflight(config: EvolveConfig, settings: SearchSettings, allow_benchmark_te
     check_policy(config, allow_benchmark_test_sets, vllm)
     check_weights(config)
     check_models(config)
-    genome = Genome.for_models(config.genome)
+    genome = LayerPathGenome.for_models(config.genome) if isinstance(config.genome, LayerPathDefinition) \
+        else Genome.for_models(config.genome)
     return Checked(genome, check_search(settings, genome.dimension))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from statistics import mean
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,8 @@ def resolved_settings(settings: dict[str, Any], dimension: int) -> dict[str, Any
 
 def render_report(result: SearchResult, validation: list[Validation], config: EvolveConfig,
                   higher_is_better: dict[str, bool], settings: dict[str, Any], rule: FitnessRule | None = None,
-                  exported: bool = True) -> str:
+                  exported: bool = True, pictures: Sequence[str] = ("fitness.png", "genome_heatmap.png",
+                                                                     "gene_spread.png")) -> str:
     candidates = result.candidates
     ok = [c for c in candidates if c.score.ok]
     best = result.best
@@ -62,6 +64,6 @@ def render_report(result: SearchResult, validation: list[Validation], config: Ev
         files = ["`best_config.yaml` (run it with `mergekit-yaml best_config.yaml OUT`)"]
         files += ["`best_model/` (with a model card describing this search)"] if exported else []
         files += ["`history.jsonl`", "`evolve.log`", "`report.html` (this report with the pictures and a sortable "
-                  "history)", "`fitness.png`", "`genome_heatmap.png`", "`gene_spread.png`"]
+                  "history)", *(f"`{p}`" for p in pictures)]
         lines += ["", "Files: " + ", ".join(files) + ".", ""]
     return "\n".join(lines)

@@ -16,12 +16,13 @@ from tqdm.auto import tqdm
 from merge_engine.merge import run_merge
 from merge_engine.options import MergeOptions
 
-from .config import EvolveConfig, FitnessDefinition
+from .config import EvolveConfig, FitnessDefinition, LayerPathDefinition
 from .evaluator import Evaluator, InProcessEvaluator, WorkerSettings, make_scorer, scores_as_completed
 from .export import export_recipe, exported_yaml
 from .fitness import FitnessRule, best_per_task, check_references, source_recipes
 from .html_report import render_html
-from .pictures import held_out_points, plot_fitness, plot_gene_spread, plot_genome_heatmap
+from .layer_path import LayerPathGenome, build_recipe_sources, recipe_path
+from .pictures import held_out_points, plot_fitness, plot_gene_spread, plot_genome_heatmap, plot_layer_path
 from .preflight import preflight
 from .record import Candidate
 from .report import render_report, resolved_settings
@@ -86,6 +87,7 @@ def worker_settings(config: EvolveConfig, options: RunOptions, merge: MergeOptio
     g = config.genome
     return WorkerSettings(
         tasks=list(config.tasks), reference_model=g.base_model or g.models[0], tokenizer_source=g.tokenizer_source,
+        layer_path=isinstance(g, LayerPathDefinition),
         task_search_path=[str(Path(p).resolve()) for p in options.task_search_path], limit=config.limit,
         num_fewshot=config.num_fewshot, batch_size=options.batch_size, in_memory=options.in_memory,
         vllm=options.vllm, merge=merge, scratch_dir=str(Path(options.storage_path).resolve() / "scratch"),
@@ -114,12 +116,17 @@ def evolve(config: EvolveConfig, options: RunOptions, evaluator: Evaluator | Non
     run_settings = {k: v for k, v in asdict(search_settings).items() if k not in ("progress", "max_fevals", "timeout")}
     with Storage(options.storage_path).open(config, run_settings, options.resume) as storage, \
             log_to_file(storage.path / LOG_FILE):
-        log.info("genome: %d genes over %d layer group(s), %d candidates per generation", checked.genome.dimension,
-                 checked.genome.num_groups, checked.popsize)
+        genome = checked.genome
+        if isinstance(config.genome, LayerPathDefinition) and config.genome.recipes():
+            # hybrid: the recipe sources are built into the storage path, and candidates name those models
+            built = build_recipe_sources(config.genome, storage.path, merge)
+            config, genome = config.model_copy(update={"genome": built}), LayerPathGenome.for_models(built)
+            settings = worker_settings(config, options, merge)
+        log.info("genome: %s, %d candidates per generation", genome.summary(), checked.popsize)
         if search_settings.progress:  # what is about to run, before the first bar
             workers = f"{options.num_workers} Ray worker(s)" if options.num_workers else "in this process"
-            print(f"mergekit-evolve: {checked.genome.dimension} genes ({checked.genome.num_groups} layer group(s)), "
-                  f"popsize {checked.popsize}, up to {search_settings.max_fevals // checked.popsize} generations "
+            print(f"mergekit-evolve: {genome.summary()}, popsize {checked.popsize}, up to "
+                  f"{search_settings.max_fevals // checked.popsize} generations "
                   f"({search_settings.max_fevals} evaluations), {workers}, tasks: "
                   + ", ".join(f"{t.name}/{t.metric}" for t in config.tasks), file=sys.stderr)
         wandb = None
@@ -135,7 +142,7 @@ def evolve(config: EvolveConfig, options: RunOptions, evaluator: Evaluator | Non
             if config.fitness != FitnessDefinition():
                 rule = _fitness_rule(config, directions, evaluator, storage, validation=False)
                 log.info("fitness: %s", rule.describe({t.name: t.metric for t in config.tasks}))
-            result = run_search(checked.genome, evaluator, storage, search_settings, rule)
+            result = run_search(genome, evaluator, storage, search_settings, rule)
             validation = _validate_top(result, evaluator, config, options.validate_top,
                                        search_settings.progress)
             if rule is not None and validation and all(t.validation_split for t in config.tasks):
@@ -145,19 +152,25 @@ def evolve(config: EvolveConfig, options: RunOptions, evaluator: Evaluator | Non
             if own_evaluator:
                 evaluator.close()
         held = held_out_points(validation)
-        as_run = resolved_settings(run_settings, checked.genome.dimension)
+        as_run = resolved_settings(run_settings, genome.dimension)
         pictures = [(plot_fitness(result.candidates, storage.path / "fitness.png", held),
                      "fitness of every candidate, best so far, generations and held-out scores")]
         if result.best is not None:
-            pictures += [
-                (plot_genome_heatmap(checked.genome.genes, result.best.genome, storage.path / "genome_heatmap.png",
-                                     f"best genome (evaluation {result.best.index}, fitness "
-                                     f"{result.best.score.fitness:.4f})"),
-                 "best genome: each parameter per layer group and model"),
-                (plot_gene_spread(checked.genome.genes, result.candidates, storage.path / "gene_spread.png"),
-                 "spread of each gene over the last generations")]
+            title = f"best genome (evaluation {result.best.index}, fitness {result.best.score.fitness:.4f})"
+            if isinstance(genome, LayerPathGenome):
+                pictures.append((plot_layer_path(recipe_path(result.best.recipe), genome.models,
+                                                 storage.path / "layer_path.png", title.replace("genome", "path")),
+                                 "best path: which model's layer at each depth"))
+            else:
+                pictures.append((plot_genome_heatmap(genome.genes, result.best.genome,
+                                                     storage.path / "genome_heatmap.png", title),
+                                 "best genome: each parameter per layer group and model"))
+            pictures.append((plot_gene_spread(genome.genes, result.candidates, storage.path / "gene_spread.png",
+                                              labels=getattr(genome, "labels", None)),
+                             "spread of each gene over the last generations"))
         report = render_report(result, validation, config, directions, as_run, rule,
-                               exported=options.export_model and result.best is not None)
+                               exported=options.export_model and result.best is not None,
+                               pictures=[p.name for p, _ in pictures])
         storage.write_text("report.md", report)
         storage.write_text("report.html", render_html(report, result.candidates, held, pictures))
         if result.best is None:

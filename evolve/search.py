@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .evaluator import Evaluator, scores_as_completed
 from .fitness import FitnessRule
-from .genome import Genome, recipe_key
+from .genome import SearchGenome, recipe_key
 from .record import Candidate
 from .scoring import PENALTY, Score
 from .storage import Storage
@@ -66,7 +66,7 @@ def default_popsize(dimension: int) -> int:
     return int(4 + 3 * math.log(max(dimension, 1)))
 
 
-def make_optimizer(genome: Genome, settings: SearchSettings) -> cma.CMAEvolutionStrategy:
+def make_optimizer(genome: SearchGenome, settings: SearchSettings) -> cma.CMAEvolutionStrategy:
     rng = np.random.default_rng(settings.random_seed)  # CMA-ES samples only from this generator
     options: dict[str, Any] = {
         "bounds": [0.0, 1.0], "seed": settings.random_seed + 1, "verbose": -9,
@@ -91,7 +91,7 @@ def penalty(met: dict[str, Candidate]) -> float:
     return min(PENALTY, min(ok) - 1.0) if ok else PENALTY
 
 
-def run_search(genome: Genome, evaluator: Evaluator, storage: Storage, settings: SearchSettings,
+def run_search(genome: SearchGenome, evaluator: Evaluator, storage: Storage, settings: SearchSettings,
                fitness: FitnessRule | None = None) -> SearchResult:
     """Run (or resume) the search until the budget, CMA-ES's own stop, or convergence."""
 

@@ -29,6 +29,15 @@ KNOWN: dict[str, tuple[str, str, str]] = {
     "gpt2": ("n_layer", "transformer.wte.weight", "lm_head.weight"),
     "gpt_neox": ("num_hidden_layers", "gpt_neox.embed_in.weight", "embed_out.weight"),
 }
+# model_type -> the tensors of a layer that write into the residual stream (attention output, MLP down
+# projection), as tensor-name filters, for pre-norm architectures: scaling the stream before a layer equals
+# scaling these of that layer and the later ones by the inverse (evolve/layer_path.py). Post-norm families
+# (gemma2/3 normalise after them) and fused experts are left out.
+RESIDUAL_WRITERS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"), ("self_attn.o_proj", "mlp.down_proj")),
+    "gpt2": ("attn.c_proj", "mlp.c_proj"),
+    "gpt_neox": ("attention.dense.", "mlp.dense_4h_to_h"),
+}
 HEAD_NAMES = ("lm_head.weight", "embed_out.weight")  # output heads of architectures not listed above
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "embed_in.weight")
 
@@ -57,6 +66,7 @@ class Architecture:
     num_layers: int
     embedding_name: str | None  # the input embedding
     head_name: str  # the output head; a model without one (tied embeddings) reads the embedding
+    residual_writers: tuple[str, ...] = ()  # RESIDUAL_WRITERS; empty where unknown
 
     def is_pre_layer(self, tensor_name: str) -> bool:
         """Tensors before the decoder stack (embeddings); everything else outside the layers
@@ -89,4 +99,4 @@ def detect_architecture(config: dict, tensor_names: list[str], model: str) -> Ar
     if embedding is None or embedding not in tensor_names:
         embedding = next((n for n in tensor_names if n.endswith(EMBEDDING_SUFFIXES)), None)
     head = known[2] if known else next((n for n in HEAD_NAMES if n in tensor_names), HEAD_NAMES[0])
-    return Architecture(model_type, key, num_layers, embedding, head)
+    return Architecture(model_type, key, num_layers, embedding, head, RESIDUAL_WRITERS.get(model_type, ()))

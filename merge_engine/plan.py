@@ -64,6 +64,13 @@ class TensorJob:
     seed: int | None = None
     vocab: VocabAlignment | None = None  # embedding / head: rows mapped to the output vocabulary on read
 
+    @property
+    def copies_input(self) -> bool:
+        """The output is the one input tensor as stored, only cast to out_dtype (passthrough at scale 1):
+        a resident copy of the input can stand in for it."""
+        return (self.method.name == "passthrough" and self.vocab is None and self.input_dtype is None
+                and all(p.get("scale", 1.0) == 1.0 for p in self.per_model_params))
+
     def describe(self) -> str:
         srcs = ", ".join(f"{r.model}:{r.name}" for r in self.inputs)
         base = f" base={self.base.model}:{self.base.name}" if self.base else ""

@@ -16,11 +16,11 @@ from .chat_templates import CHAT_TEMPLATES
 from .loader import ModelSource
 
 
-def write_config(out: Path, reference_config: dict, num_layers_key: str, layer_sources: Sequence[int],
-                 out_dtype: str, vocab_size: int | None = None) -> None:
-    """The reference model's config.json with the output's layer count (and per-layer
-    `layer_types` following the layers each output layer came from), dtype and, when the
-    vocabulary was aligned, vocabulary size."""
+def output_config(reference_config: dict, num_layers_key: str, layer_sources: Sequence[int], out_dtype: str,
+                  vocab_size: int | None = None) -> dict:
+    """The reference model's config with the output's layer count (and per-layer `layer_types`
+    following the layers each output layer came from), dtype and, when the vocabulary was aligned,
+    vocabulary size."""
     cfg = dict(reference_config)
     layer_types = cfg.get("layer_types")
     if isinstance(layer_types, list) and len(layer_types) == cfg.get(num_layers_key):
@@ -31,6 +31,13 @@ def write_config(out: Path, reference_config: dict, num_layers_key: str, layer_s
     # the key(s) the input config uses; transformers >= 4.56 reads `dtype`
     for key in [k for k in ("torch_dtype", "dtype") if k in cfg] or ["dtype"]:
         cfg[key] = out_dtype
+    return cfg
+
+
+def write_config(out: Path, reference_config: dict, num_layers_key: str, layer_sources: Sequence[int],
+                 out_dtype: str, vocab_size: int | None = None) -> None:
+    """config.json of the output model (output_config)."""
+    cfg = output_config(reference_config, num_layers_key, layer_sources, out_dtype, vocab_size)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
