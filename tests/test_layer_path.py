@@ -128,11 +128,11 @@ def test_checkpoint_scaling_equals_scaling_the_hidden_state(tmp_path, arch):
     by each scale before its layer (forward pre-hooks), up to the norms' epsilon; and that scaling matters.
     The random tiny models' hidden states are small (std ~0.02), where an epsilon of 1e-5 is not negligible,
     so the norms' epsilon is set to 1e-12 here: what is left is the algebra."""
+    from factory import make_model
+
     from merge_engine.architecture import RESIDUAL_WRITERS
     from merge_engine.io.references import open_model
     from merge_engine.plan import build_plan
-
-    from factory import make_model
 
     src = make_model(tmp_path / arch, arch, seed=7, layers=4)
     cfg = json.loads((src / "config.json").read_text())
@@ -206,9 +206,9 @@ def path_search(models: list[str], **kw) -> EvolveConfig:
 
 
 def run(config: EvolveConfig, storage: Path, max_fevals=16, **kw):
-    options = RunOptions(storage_path=str(storage), num_workers=0, batch_size=16, task_search_path=[str(ROOT / "tasks")],
-                         search=SearchSettings(max_fevals=max_fevals, popsize=8, sigma0=0.3, random_seed=3,
-                                               progress=False), **kw)
+    search = SearchSettings(max_fevals=max_fevals, popsize=8, sigma0=0.3, random_seed=3, progress=False)
+    options = RunOptions(storage_path=str(storage), num_workers=0, batch_size=16,
+                         task_search_path=[str(ROOT / "tasks")], search=search, **kw)
     return evolve(config, options)
 
 

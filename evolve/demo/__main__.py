@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from evolve.config import TaskDefinition, load_search
+from evolve.config import LayerPathDefinition, TaskDefinition, load_search
 from evolve.evaluator import InProcessEvaluator, WorkerSettings
 from evolve.run import RunOptions, evolve
 from evolve.search import SearchSettings
@@ -50,11 +50,12 @@ def baselines(paths: dict[str, Path], tasks: dict[str, str] = TASKS) -> dict[str
 
 
 def held_out_table(recipes: dict[str, dict], reference: str, seed: int, tasks: dict[str, str] = TASKS,
-                   split: str = "test") -> dict[str, dict[str, float]]:
-    """Each recipe's per-task accuracy on the test split (the search never saw it), or on another split."""
+                   split: str = "test", layer_path: bool = False) -> dict[str, dict[str, float]]:
+    """Each recipe's per-task accuracy on the test split (the search never saw it), or on another split.
+    `layer_path`: some recipes change the depth (each candidate gets a model of its own)."""
     definitions = [TaskDefinition(name=t, metric="acc", validation_split=split) for t in tasks.values()]
     evaluator = InProcessEvaluator(WorkerSettings(tasks=definitions, reference_model=reference, batch_size=64,
-                                                  task_search_path=[str(ROOT / "tasks")],
+                                                  task_search_path=[str(ROOT / "tasks")], layer_path=layer_path,
                                                   merge=MergeOptions(random_seed=seed, progress=False)))
     scores = evaluator.evaluate([parse_recipe(r) for r in recipes.values()], validation=True)
     for name, s in zip(recipes, scores, strict=False):
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     recipes = baselines(paths)
     recipes[EVOLVED] = load_recipe(args.storage_path / "best_config.yaml").model_dump(
         mode="json", exclude_none=True)
-    rows = held_out_table(recipes, str(paths["base"]), args.random_seed)
+    rows = held_out_table(recipes, str(paths["base"]), args.random_seed,
+                          layer_path=isinstance(config.genome, LayerPathDefinition))
     table = format_table(rows)
     c = compare(rows)
     summary = (f"evolved / specialist on its own task: addition {c['ratios']['addition']:.1%}, reversal "
