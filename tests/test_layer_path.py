@@ -5,6 +5,7 @@ tiny specialists (conftest `specialists`), whose candidates score differently.""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -261,3 +262,28 @@ def test_hybrid_search_builds_the_recipe_source_once(trained_pair, specialists, 
     recipe.write_text(recipe.read_text().replace("weight: 1.0", "weight: 0.5"))
     with pytest.raises(ValueError, match="built from another recipe"):
         run(config, tmp_path / "store", max_fevals=8, resume=True)
+
+
+MERGEKIT_VENV = Path(os.environ.get("EVOMERGE_MERGEKIT_VENV", ROOT / ".cache" / "mergekit-0.1.5"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (MERGEKIT_VENV / "bin" / "mergekit-yaml").exists(),
+                    reason="mergekit 0.1.5 venv not available (EVOMERGE_MERGEKIT_VENV)")
+def test_mergekit_builds_a_scaled_path_recipe_the_same(trained_pair, tmp_path):
+    from safetensors.torch import load_file
+
+    a, b = trained_pair
+    recipe = path_recipe([Step(a, 0), Step(b, 1, 1.3), Step(b, 2), Step(a, 2, 0.6), Step(a, 3)], WRITERS)
+    (tmp_path / "r.yml").write_text(recipe.to_yaml())
+    run_merge(recipe, tmp_path / "ours", MergeOptions(progress=False))
+    subprocess.run([str(MERGEKIT_VENV / "bin" / "mergekit-yaml"), str(tmp_path / "r.yml"), str(tmp_path / "theirs")],
+                   check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+    def weights(out: Path) -> dict[str, torch.Tensor]:
+        return {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+    ours, theirs = weights(tmp_path / "ours"), weights(tmp_path / "theirs")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert not torch.equal(ours["model.layers.1.mlp.down_proj.weight"],
+                           weights(Path(b))["model.layers.1.mlp.down_proj.weight"])  # the scale was applied
