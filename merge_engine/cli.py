@@ -43,17 +43,8 @@ def _flag(p: argparse._ActionsContainer, name: str, help: str, default: bool = F
     p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=default, help=help)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="mergekit-yaml",
-        description="Merge Hugging Face models as a mergekit-style YAML recipe describes, streaming one tensor "
-                    "at a time. Models are local directories, hub ids (org/name[@revision], through the "
-                    "huggingface_hub cache) or base+lora_adapter references. Methods: "
-                    + ", ".join(sorted(REGISTRY)) + ".",
-    )
-    p.add_argument("config_file", help="the merge recipe (YAML)")
-    p.add_argument("out_path", help="output model directory: built aside and moved into place when complete; a "
-                                    "previous evomerge output there is replaced, other files are kept")
+def add_merge_options(p: argparse.ArgumentParser) -> None:
+    """The options of every merge (mergekit's add_merge_options): mergekit-yaml's and mergekit-multi's."""
     g = p.add_argument_group("device and performance")
     g.add_argument("--device", default=None, help="torch device for the arithmetic: cpu (default), cuda, cuda:N, "
                                                   "or auto (cuda when available, else cpu); an unavailable device "
@@ -98,6 +89,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-seed", type=int, default=None,
                    help="seed for randomized methods (dare_*, della*): same seed, same output; overrides the "
                         "recipe's random_seed")
+
+
+def merge_options(args: argparse.Namespace, recipe_text: str | None = None, progress: bool = True) -> MergeOptions:
+    """MergeOptions from add_merge_options' flags; ValueError for an unavailable device or thread count."""
+    if args.unsafe_truncate_embeddings:
+        raise ValueError("--unsafe-truncate-embeddings is not supported; merge models with the same "
+                         "vocabulary, or pick the vocabulary with tokenizer_source")
+    if not args.safe_serialization:
+        logging.warning("--no-safe-serialization: output is written as safetensors anyway (pickles can "
+                        "run arbitrary code when loaded)")
+    device = resolve_device(args.device or ("cuda" if args.cuda or args.gpu_rich else "cpu"))
+    apply_threads(args.num_threads)
+    return MergeOptions(
+        device=device, copy_tokenizer=args.copy_tokenizer, out_shard_size=args.out_shard_size,
+        allow_crimes=args.allow_crimes, trust_remote_code=args.trust_remote_code,
+        random_seed=args.random_seed, lazy_unpickle=args.lazy_unpickle, allow_pickle=args.allow_pickle,
+        write_model_card=args.write_model_card, progress=progress,
+        transformers_cache=args.transformers_cache, lora_merge_dtype=args.lora_merge_dtype,
+        lora_merge_cache=args.lora_merge_cache, recipe_text=recipe_text,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mergekit-yaml",
+        description="Merge Hugging Face models as a mergekit-style YAML recipe describes, streaming one tensor "
+                    "at a time. Models are local directories, hub ids (org/name[@revision], through the "
+                    "huggingface_hub cache) or base+lora_adapter references. Methods: "
+                    + ", ".join(sorted(REGISTRY)) + ".",
+    )
+    p.add_argument("config_file", help="the merge recipe (YAML)")
+    p.add_argument("out_path", help="output model directory: built aside and moved into place when complete; a "
+                                    "previous evomerge output there is replaced, other files are kept")
+    add_merge_options(p)
     p.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False,
                    help="no progress bar and no closing message")
     p.add_argument(FLAG, dest="write_into_existing", action="store_true",
@@ -140,25 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.upload:
                 check_upload_target(args.upload)
-            if args.unsafe_truncate_embeddings:
-                raise ValueError("--unsafe-truncate-embeddings is not supported; merge models with the same "
-                                 "vocabulary, or pick the vocabulary with tokenizer_source")
-            if not args.safe_serialization:
-                logging.warning("--no-safe-serialization: output is written as safetensors anyway (pickles can "
-                                "run arbitrary code when loaded)")
-            device = resolve_device(args.device or ("cuda" if args.cuda or args.gpu_rich else "cpu"))
-            apply_threads(args.num_threads)
             config = load_recipe(args.config_file)
-            recipe_text = Path(args.config_file).read_text()
-            options = MergeOptions(
-                device=device, copy_tokenizer=args.copy_tokenizer, out_shard_size=args.out_shard_size,
-                allow_crimes=args.allow_crimes, trust_remote_code=args.trust_remote_code,
-                random_seed=args.random_seed, lazy_unpickle=args.lazy_unpickle, allow_pickle=args.allow_pickle,
-                write_model_card=args.write_model_card, progress=args.progress and not args.quiet,
-                transformers_cache=args.transformers_cache, lora_merge_dtype=args.lora_merge_dtype,
-                lora_merge_cache=args.lora_merge_cache, write_into_existing=args.write_into_existing,
-                recipe_text=recipe_text,
-            )
+            options = merge_options(args, Path(args.config_file).read_text(), args.progress and not args.quiet)
+            options = options.model_copy(update={"write_into_existing": args.write_into_existing})
             if args.print_plan:
                 plan, _ = plan_merge(config, options)
                 print(plan.describe())
@@ -190,6 +199,65 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def build_multi_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mergekit-multi",
+        description="Run a set of merge recipes that build on each other: CONFIG_FILE holds several YAML "
+                    "documents (separated by ---), each a recipe; `name: X` makes a stage written to "
+                    "INTERMEDIATE_DIR/X that other documents may name as a model; the one document without a "
+                    "name is the final merge, written to --out-path. Stages run in dependency order, each "
+                    "written atomically; a stage already built from the same recipe and inputs is re-used.")
+    p.add_argument("config_file", help="multi-document YAML: one recipe per stage")
+    p.add_argument("--out-path", default=None, help="where the final (unnamed) merge goes; required when the file "
+                                                    "has one")
+    p.add_argument("--intermediate-dir", "-I", required=True,
+                   help="directory for the named stages' outputs (INTERMEDIATE_DIR/NAME)")
+    p.add_argument("--lazy", action=argparse.BooleanOptionalAction, default=True,
+                   help="re-use stages already built from the same recipe and inputs (default); --no-lazy "
+                        "merges every stage again")
+    add_merge_options(p)
+    p.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False,
+                   help="no progress bars and no stage messages")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log more")
+    p.add_argument("--version", action="version", version=f"%(prog)s {evomerge_version()}")
+    return p
+
+
+def multi_main(argv: list[str] | None = None) -> int:
+    """mergekit-multi."""
+    from .multi import load_stages, run_stages
+
+    args = build_multi_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    report = (lambda _: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    with interrupts.handled():
+        try:
+            options = merge_options(args, progress=args.progress and not args.quiet)
+            stages = load_stages(args.config_file, args.intermediate_dir)
+            if any(s.name is None for s in stages) and not args.out_path:
+                raise ValueError(f"{args.config_file} has a final merge (a document without a name): give "
+                                 "--out-path for it")
+            done = run_stages(stages, args.intermediate_dir, args.out_path, options, args.lazy,
+                              protect=(Path(args.config_file),), report=report)
+        except KeyboardInterrupt as e:
+            signum = interrupts.received() or signal.SIGINT
+            name, code = ("SIGTERM", 143) if signum == signal.SIGTERM else ("Ctrl-C", 130)
+            where = "just after a stage was complete (it is in place)" if getattr(e, "committed", False) else \
+                "the stage being merged was removed and its directory is as it was before this run"
+            return _error(f"interrupted ({name}): {where}; the stages completed before it are kept and are "
+                          "re-used by the next run", code, "mergekit-multi")
+        except (RecipeError, ModelLoadError, PlanError, MergeError, OutputError, ValueError) as e:
+            return _error(str(e), prog="mergekit-multi")
+        except OSError as e:
+            what = f"{e.strerror}: {e.filename}" if e.filename else str(e)
+            return _error(f"{what} (check the path and its permissions)", prog="mergekit-multi")
+    if not args.quiet:
+        final = done.get(None)
+        print(f"{len(done)} stage(s) done" + (f"; final merge in {final}" if final else ""))
+    return 0
+
+
 def _interrupted(out_path: str, signum: int, committed: bool) -> int:
     name, code = ("SIGTERM", 143) if signum == signal.SIGTERM else ("Ctrl-C", 130)
     if committed:
@@ -198,8 +266,8 @@ def _interrupted(out_path: str, signum: int, committed: bool) -> int:
                   "this run", code)
 
 
-def _error(message: str, code: int = 2) -> int:
-    print(f"mergekit-yaml: error: {message}", file=sys.stderr)
+def _error(message: str, code: int = 2, prog: str = "mergekit-yaml") -> int:
+    print(f"{prog}: error: {message}", file=sys.stderr)
     return code
 
 
