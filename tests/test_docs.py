@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from evolve.cli import build_parser as evolve_parser
+from merge_engine.cli import build_multi_parser as multi_parser
 from merge_engine.cli import build_parser as merge_parser
 from merge_engine.methods import REGISTRY
 
@@ -23,5 +24,5 @@ def test_every_method_and_parameter_is_documented():
 
 
 def test_every_cli_option_is_documented():
-    for opt in options(merge_parser()) | options(evolve_parser()):
+    for opt in options(merge_parser()) | options(evolve_parser()) | options(multi_parser()):
         assert opt in README, opt
