@@ -110,7 +110,12 @@ def main() -> None:
         lines.append("")
         print("\n".join(lines[-len(rows) - 4:]), flush=True)
     out = ROOT / "bench" / "results"
-    (out / "layer_path.md").write_text("\n".join(lines))
+    header = ["# Layer-path and hybrid search vs parameter-space search (bench/layer_path.py)", "",
+              f"Demo models and tasks, {args.max_fevals} evaluations at most, {args.num_workers} Ray worker(s); "
+              "accuracy on the held-out test split (300 problems per task); best fitness on the validation split "
+              "the searches optimise; depth: layers of the result. Wall times depend on what else the machine "
+              "runs.", ""]
+    (out / "layer_path.md").write_text("\n".join(header + lines))
     (out / "layer_path.json").write_text(json.dumps(results, indent=2))
     print(f"wrote {out / 'layer_path.md'}")
 
