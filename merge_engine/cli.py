@@ -96,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read pytorch_model.bin pickles (with torch's weights_only unpickler); only for files you "
                         "trust. By default only safetensors are read")
     p.add_argument("--random-seed", type=int, default=None,
-                   help="seed for randomized methods (dare_*, della*): same seed, same output; overrides the "
-                        "recipe's random_seed")
+                   help="seed for randomized methods (dare_*, della*, arcee_fusion above 1M entries): same seed, "
+                        "same output; overrides the recipe's random_seed")
     p.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False,
                    help="no progress bar and no closing message")
     p.add_argument(FLAG, dest="write_into_existing", action="store_true",
