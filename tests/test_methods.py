@@ -142,6 +142,9 @@ def test_ram_averages_shared_entries_and_keeps_unique_ones():
     assert close(run("ram", xs, base=base), [4.0, 2.5, 2.0, 1.0, 1.0])
     # epsilon 1.5 drops d1[1] = 1 and d3[2] = 1: entry 1 is d2's alone (2), entry 2 is (-2 + 4) / 2 = 1
     assert close(run("ram", xs, base=base, epsilon=1.5), [4.0, 3.0, 2.0, 1.0, 1.0])
+    # a change of exactly epsilon counts as none (|delta| > epsilon): d1 = [0.5, 2], d2 = [0, 0.5] with epsilon
+    # 0.5 leave entry 0 unchanged and entry 1 to d1 alone
+    assert close(run("ram", [[1.5, 3.0], [1.0, 1.5]], base=[1.0, 1.0], epsilon=0.5), [1.0, 3.0])
 
 
 def test_ramplus_tl_scales_unique_entries_by_the_shared_to_unique_ratio():
