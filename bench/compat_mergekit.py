@@ -108,6 +108,10 @@ METHODS: dict[str, MethodCase] = {
     "nuslerp": MethodCase(False, ["ft1", "ft2"], _w(0.7, 0.3), vary="weight"),
     "slerp": MethodCase(True, ["ft1"], [{}], {"t": 0.3}, vary="t"),
     "passthrough": MethodCase(False, ["ft1"], [{"scale": 0.8}], vary="scale"),
+    "arcee_fusion": MethodCase(True, ["ft1"], [{}]),
+    # task vectors are dense (randn * 0.01 .. 0.035): epsilon 0.02 leaves a mix of shared and unique entries
+    "ram": MethodCase(True, THREE, [{}, {}, {}], {"epsilon": 0.02}, vary="epsilon"),
+    "ramplus_tl": MethodCase(True, THREE, [{}, {}, {}], {"r": 0.5, "alpha": 0.5, "epsilon": 0.02}, vary="r"),
 }
 
 
@@ -161,6 +165,8 @@ def method_recipe(method: str, paths: dict[str, Path], form: str) -> dict[str, A
     elif form == "filter_nomatch":  # a filter list with no catch-all entry
         for p in per_model:
             p["weight"] = [{"filter": "self_attn", "value": p["weight"]}]
+    elif form == "defaults":  # the method's own defaults for its global parameters
+        glob = {}
     elif form == "filter_star":
         for p in per_model:
             p["weight"] = [{"filter": "*", "value": p["weight"]}]
@@ -179,7 +185,7 @@ EXTRA_FORMS = {
     "dare_ties": ["dense"], "dare_linear": ["dense"], "della": ["dense"], "della_linear": ["dense"],
     "karcher": ["with_base"], "multislerp": ["with_base"], "nuslerp": ["with_base", "row_wise"],
     "ties": ["rescale", "tiny_density"], "task_arithmetic": ["rescale"], "breadcrumbs": ["rescale"],
-    "linear": ["filter_nomatch", "filter_star"],
+    "linear": ["filter_nomatch", "filter_star"], "ram": ["defaults"], "ramplus_tl": ["defaults"],
 }
 
 
@@ -285,7 +291,7 @@ DTYPE_CASES = {
     "f32_out_bf16": {"dtype": "float32", "out_dtype": "bfloat16"},
     "bf16_out_f32": {"dtype": "bfloat16", "out_dtype": "float32"},
 }
-DTYPE_METHODS = ["linear", "task_arithmetic", "slerp"]
+DTYPE_METHODS = ["linear", "task_arithmetic", "slerp", "arcee_fusion", "ram", "ramplus_tl"]
 
 
 @dataclass
@@ -377,8 +383,11 @@ def compare_tensors(ours: Path, mk: Path) -> dict[str, Any]:
         if x.shape != y.shape:
             res["differs"].append({"name": name, "why": f"shape {list(x.shape)} vs {list(y.shape)}"})
             continue
-        if x.dtype != y.dtype:
-            res["differs"].append({"name": name, "why": f"dtype {x.dtype} vs {y.dtype}"})
+        if x.dtype != y.dtype:  # still say how far apart the values are
+            gap = float((x.double() - y.double()).abs().max()) if x.numel() else 0.0
+            res["max_abs"] = max(res["max_abs"], gap)
+            res["differs"].append({"name": name, "max_abs": gap,
+                                   "why": f"dtype {x.dtype} vs {y.dtype}, values max abs {gap:.3g}"})
             continue
         if torch.equal(x, y):
             res["identical"] += 1

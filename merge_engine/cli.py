@@ -87,8 +87,8 @@ def add_merge_options(p: argparse.ArgumentParser) -> None:
                    help="read pytorch_model.bin pickles (with torch's weights_only unpickler); only for files you "
                         "trust. By default only safetensors are read")
     p.add_argument("--random-seed", type=int, default=None,
-                   help="seed for randomized methods (dare_*, della*): same seed, same output; overrides the "
-                        "recipe's random_seed")
+                   help="seed for randomized methods (dare_*, della*, arcee_fusion above 1M entries): same seed, "
+                        "same output; overrides the recipe's random_seed")
 
 
 def merge_options(args: argparse.Namespace, recipe_text: str | None = None, progress: bool = True) -> MergeOptions:

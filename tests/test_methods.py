@@ -105,6 +105,61 @@ def test_passthrough_scale():
     assert close(run("passthrough", [[1, 2]], scale=[2.0]), [2, 4])
 
 
+def test_arcee_fusion_takes_the_upper_outliers_of_a_1d_tensor():
+    # 1-D: one softmax row, so importance = K * |delta| with one K > 0 (x's softmax is not the base's).
+    # |delta| sorted: 1 1 1 2 2 2 3 4.5 5.5 10 (n = 10, last index 9): Q1 = [2] = 1, Q2 = [4] = 2,
+    # Q3 = [6] = 3; fence = K * (2 + 1.5 * (3 - 1)) = 5K: the entries of magnitude 5.5 and 10 (here -10)
+    # are taken, 4.5 is not (a fence of Q2 + 1 IQR would take it, Q2 + 2 IQR would drop 5.5).
+    base = [0.5] * 10
+    delta = [2, -10, 1, 4.5, 3, 1, 2, 5.5, 1, 2]
+    out = run("arcee_fusion", [[b + d for b, d in zip(base, delta, strict=True)]], base=base)
+    assert close(out, [0.5, -9.5, 0.5, 0.5, 0.5, 0.5, 0.5, 6.0, 0.5, 0.5])
+
+
+def test_arcee_fusion_ignores_a_change_that_leaves_the_rows_softmax_alone():
+    # row 0 moves by +100 everywhere: softmax is shift-invariant, KL = 0, importance 0 (the largest |delta|,
+    # yet not taken). Rows 1 and 2 are the same change [1 1 1 1 1 4] (same K > 0): importance K * |delta|.
+    # All 18 scores sorted: six 0, ten K, two 4K (last index 17): Q1 = [4] = 0, Q2 = [8] = K, Q3 = [12] = K;
+    # fence = K + 1.5 * (K - 0) = 2.5K: only the two 4K entries are taken.
+    base = [[0.0] * 6] * 3
+    x = [[100.0] * 6, [1, 1, 1, 1, 1, 4], [1, 1, 1, 1, 1, 4]]
+    out = run("arcee_fusion", [x], base=base)
+    assert close(out, [[0.0] * 6, [0, 0, 0, 0, 0, 4], [0, 0, 0, 0, 0, 4]])
+
+
+def test_arcee_fusion_single_entry_and_unchanged_tensor():
+    # one entry: Q1 = Q2 = Q3 = s, fence s, s >= s: taken. No change: all scores 0 >= fence 0: the base.
+    assert close(run("arcee_fusion", [[3.0]], base=[1.0]), [3.0])
+    assert close(run("arcee_fusion", [[1.0, 2.0, 3.0]], base=[1.0, 2.0, 3.0]), [1.0, 2.0, 3.0])
+
+
+def test_ram_averages_shared_entries_and_keeps_unique_ones():
+    # task vectors (base 1): d1 = [3, 1, -2, 0, 0], d2 = [0, 2, 4, 0, 1e-6], d3 = [3, 0, 1, 0, 0]
+    # entry 0: d1, d3 changed -> (3 + 3) / 2 = 3;  entry 1: d1, d2 -> (1 + 2) / 2 = 1.5
+    # entry 2: all three -> (-2 + 4 + 1) / 3 = 1;  entry 3: none -> 0;  entry 4: 1e-6 <= epsilon 1e-5 -> 0
+    base = [1.0] * 5
+    xs = [[4, 2, -1, 1, 1], [1, 3, 5, 1, 1 + 1e-6], [4, 1, 2, 1, 1]]
+    assert close(run("ram", xs, base=base), [4.0, 2.5, 2.0, 1.0, 1.0])
+    # epsilon 1.5 drops d1[1] = 1 and d3[2] = 1: entry 1 is d2's alone (2), entry 2 is (-2 + 4) / 2 = 1
+    assert close(run("ram", xs, base=base, epsilon=1.5), [4.0, 3.0, 2.0, 1.0, 1.0])
+    # a change of exactly epsilon counts as none (|delta| > epsilon): d1 = [0.5, 2], d2 = [0, 0.5] with epsilon
+    # 0.5 leave entry 0 unchanged and entry 1 to d1 alone
+    assert close(run("ram", [[1.5, 3.0], [1.0, 1.5]], base=[1.0, 1.0], epsilon=0.5), [1.0, 3.0])
+
+
+def test_ramplus_tl_scales_unique_entries_by_the_shared_to_unique_ratio():
+    # d1 = [2, 4, 1, 2, 0, 0], d2 = [4, -2, 0, 0, 4, 0] (base 0): entries 0, 1 shared, 2, 3 d1's alone,
+    # 4 d2's alone. rho1 = 2 shared / 2 unique = 1, rho2 = 2 / 1 = 2.
+    # r 0.5, alpha 1.5: lambda1 = 1 + 0.5 * 1 = 1.5, lambda2 = 1 + 0.5 * min(2, 1.5) = 1.75
+    # -> [(2 + 4) / 2, (4 - 2) / 2, 1 * 1.5, 2 * 1.5, 4 * 1.75, 0]
+    xs = [[2, 4, 1, 2, 0, 0], [4, -2, 0, 0, 4, 0]]
+    assert close(run("ramplus_tl", xs, base=[0.0] * 6, r=0.5, alpha=1.5), [3.0, 1.0, 1.5, 3.0, 7.0, 0.0])
+    # defaults r 0.1, alpha 0.2: both rho above the cap, lambda = 1.02
+    assert close(run("ramplus_tl", xs, base=[0.0] * 6), [3.0, 1.0, 1.02, 2.04, 4.08, 0.0])
+    # r 0: RAM
+    assert close(run("ramplus_tl", xs, base=[0.0] * 6, r=0.0), [3.0, 1.0, 1.0, 2.0, 4.0, 0.0])
+
+
 # ---- identities -----------------------------------------------------------------
 
 def rand(*shape, seed=0):
@@ -193,7 +248,8 @@ def call(name, tensors, base, **overrides):
 
 
 # One model x = base + delta with weight 0.6 (density 1 where the method has one):
-# name -> (parameter overrides, c) with expected = base + c * delta; c = None: expected = x * scale (passthrough).
+# name -> (parameter overrides, c) with expected = base + c * delta; c = None: expected = x * scale (passthrough);
+# c = "fence": expected = fused_by_fence(base, x) (arcee_fusion keeps each entry of the base or of x).
 ONE_MODEL = {
     "linear": ({"weight": 0.6}, 1.0),  # normalised: the model itself
     "passthrough": ({"scale": 0.6}, None),
@@ -210,6 +266,9 @@ ONE_MODEL = {
     "nearswap": ({"t": 1e9}, 1.0),  # every entry is "close": take the other model
     "multislerp": ({"weight": 0.6}, 1.0),
     "karcher": ({"weight": 0.6}, 1.0),
+    "ram": ({}, 1.0),  # a lone model changed every entry alone: all unique, kept as they are
+    "ramplus_tl": ({}, 1.0),  # no shared entries: rho = 0, lambda = 1
+    "arcee_fusion": ({}, "fence"),  # entry by entry the base or the model: fused_by_fence below
 }
 # Two models whose task vectors point the same way (delta_2 = 2 delta_1) with weights 0.3 and 0.5: no sign
 # conflict, no spherical bend, so c follows from the weights alone. Normalising methods divide by 0.8.
@@ -228,6 +287,8 @@ ALIGNED = {
     "multislerp": 1.625,  # one direction; norm = weighted mean of the norms
     "karcher": 1.625,
     "nuslerp": 1.625,  # colinear: lerp with t = 0.5 / 0.8
+    "ram": 1.5,  # every entry changed by both: shared, plain mean (no weights)
+    "ramplus_tl": 1.5,  # no unique entries to rescale
 }
 ALIGNED_OVERRIDES = {"density": 1.0, "gamma": 0.0, "weight": [0.3, 0.5]}
 
@@ -245,6 +306,29 @@ def task_vector_base(spec) -> bool:
     """Whether the contract cases give this method a base to take task vectors from. karcher averages an
     optional base in as one more point (mergekit), so its cases run without one."""
     return spec.uses_base and spec.name != "karcher"
+
+
+def fused_by_fence(base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """arcee_fusion restated from its definition in Python floats (not our torch code): per last-dim row
+    KL(softmax(x) + 1e-8 || softmax(base) + 1e-8) times |x - base| per entry; take x where that score
+    reaches Q2 + 1.5 (Q3 - Q1), Qk the floor(k (n - 1) / 4)-th smallest score. The contract tensors are
+    random, so unlike the other rows no single c describes the result."""
+    def softmax(row):
+        top = max(row)
+        e = [math.exp(v - top) for v in row]
+        return [v / sum(e) + 1e-8 for v in e]
+
+    b_rows, x_rows = base.double().reshape(-1, base.shape[-1]).tolist(), x.double().reshape(-1, x.shape[-1]).tolist()
+    scores = []
+    for b_row, x_row in zip(b_rows, x_rows, strict=True):
+        p, q = softmax(x_row), softmax(b_row)
+        kl = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
+        scores += [abs(xv - bv) * kl for xv, bv in zip(x_row, b_row, strict=True)]
+    ordered, last = sorted(scores), len(scores) - 1
+    fence = ordered[2 * last // 4] + 1.5 * (ordered[3 * last // 4] - ordered[last // 4])
+    flat_b, flat_x = sum(b_rows, []), sum(x_rows, [])
+    fused = [xv if s >= fence else bv for s, xv, bv in zip(scores, flat_x, flat_b, strict=True)]
+    return torch.tensor(fused, dtype=torch.float32).reshape(base.shape)
 
 
 def test_contract_every_method_has_hand_computed_cases():
@@ -266,7 +350,12 @@ def test_contract_one_model(name, shape, dtype):
     x = base + delta if with_base else delta
     out = call(name, [x], base if with_base else None, **overrides)
     f32 = lambda t: t.to(torch.float32)  # noqa: E731
-    expected = f32(x) * overrides["scale"] if c is None else (f32(base) if with_base else 0) + c * f32(delta)
+    if c is None:
+        expected = f32(x) * overrides["scale"]
+    elif c == "fence":
+        expected = fused_by_fence(f32(base), f32(x))
+    else:
+        expected = (f32(base) if with_base else 0) + c * f32(delta)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert out.shape == x.shape
     assert torch.allclose(f32(out), expected, atol=tol, rtol=tol), (name, out, expected)

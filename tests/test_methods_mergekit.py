@@ -223,6 +223,92 @@ def test_model_stock_filter_wise_uses_last_dim_vectors():
     assert_close(out, torch.tensor([[[1.0, 0.0], [0.0, 0.0]]]))
 
 
+# ---- arcee_fusion, ram, ramplus_tl ------------------------------------------------------------
+
+def sparse_task_vectors(seed: int, shape, n: int = 3):
+    """base and n models whose task vectors are sparse (about 40% of entries) and overlap, plus a few
+    large outliers in the first: every branch of the three methods has entries to work on."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    xs = []
+    for k in range(n):
+        d = torch.randn(shape, generator=g) * 0.05 * (torch.rand(shape, generator=g) < 0.4)
+        if k == 0:
+            d = d + (torch.rand(shape, generator=g) < 0.05) * torch.randn(shape, generator=g)
+        xs.append(base + d)
+    return base, xs
+
+
+def mergekit_arcee_fusion(base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """mergekit 0.1.5 arcee_fusion (<= 1M entries), restated."""
+    diff = (x - base).abs()
+    p = torch.softmax(x, dim=-1) + 1e-8
+    q = torch.softmax(base, dim=-1) + 1e-8
+    importance = diff * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    ordered, _ = torch.sort(importance.reshape(-1))
+    q1, median, q3 = ordered[(torch.tensor([0.25, 0.5, 0.75]) * (ordered.numel() - 1)).long()]
+    mask = (importance >= median + 1.5 * (q3 - q1)).float()
+    return base + (x - base) * mask
+
+
+def mergekit_ram(base: torch.Tensor, xs, epsilon: float, plus: tuple[float, float] | None = None) -> torch.Tensor:
+    """mergekit 0.1.5 ram / ramplus_tl (plus = (r, alpha)), restated."""
+    tv = torch.stack([x - base for x in xs]).view(len(xs), -1)
+    nonzero = tv.abs() > epsilon
+    counts = nonzero.sum(dim=0, keepdim=True)
+    overlap, unique = counts > 1, counts == 1
+    lam = torch.ones(len(xs))
+    if plus is not None:
+        r, alpha = plus
+        rho = (nonzero & overlap).sum(dim=1) / (nonzero & unique).sum(dim=1).clamp(min=epsilon)
+        lam = 1 + r * rho.clamp(min=0, max=alpha)
+    tv_z = tv * nonzero
+    merged = (tv_z * unique * lam.unsqueeze(-1) + tv_z * overlap / counts.clamp(min=1)).sum(dim=0, keepdim=True)
+    return base + merged.reshape_as(base)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("shape", [(1,), (7,), (300,), (64, 48), (16, 8, 4)])
+def test_arcee_fusion_and_ram_are_bit_identical_to_mergekit(seed, shape):
+    # float32 and at most 4 models (torch's sum over a stack of up to 4 adds in order): the same bits
+    base, xs = sparse_task_vectors(seed, shape)
+    assert torch.equal(get_method("arcee_fusion")([xs[0]], base), mergekit_arcee_fusion(base, xs[0]))
+    for epsilon in (1e-5, 0.02):
+        assert torch.equal(get_method("ram")(xs, base, epsilon=epsilon), mergekit_ram(base, xs, epsilon))
+    for r, alpha, epsilon in ((0.1, 0.2, 1e-5), (0.7, 0.9, 0.01), (2.0, 5.0, 0.03)):
+        assert torch.equal(get_method("ramplus_tl")(xs, base, r=r, alpha=alpha, epsilon=epsilon),
+                           mergekit_ram(base, xs, epsilon, (r, alpha)))
+
+
+def test_ramplus_tl_model_without_unique_entries_and_without_shared_entries():
+    # d1 = [1, 1, 0], d2 = [1, 1, 2]: model 1 has 2 shared, 0 unique -> rho = 2 / epsilon, capped at alpha
+    # (no unique entry to scale); model 2 has 2 shared, 1 unique -> rho 2 -> lambda 1 + 0.5 * min(2, 3) = 2
+    out = merge("ramplus_tl", [[1.0, 1.0, 0.0], [1.0, 1.0, 2.0]], base=[0.0] * 3, r=0.5, alpha=3.0)
+    assert_close(out, [1.0, 1.0, 4.0])
+    # one model alone: nothing shared, rho 0, lambda 1 whatever r and alpha
+    assert_close(merge("ramplus_tl", [[1.0, -2.0]], base=[0.0, 0.0], r=5.0, alpha=5.0), [1.0, -2.0])
+
+
+def test_arcee_fusion_above_1m_entries_samples_the_quartiles_with_the_seeded_generator():
+    # |delta| = e^u, u evenly over [0, 4): exact quartiles e^1, e^2, e^3, fence e^2 + 1.5 (e^3 - e) = 33.5
+    # = e^3.51, so the top (4 - 3.51) / 4 = 12.2% are taken; 1M draws move the fence by a few entries.
+    n = 1_200_000
+    base = torch.zeros(n)
+    x = torch.exp(torch.arange(n, dtype=torch.float32) * (4.0 / n))
+    fuse = get_method("arcee_fusion")
+    out = fuse([x], base, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(out, fuse([x], base, generator=torch.Generator().manual_seed(1)))  # same seed, same
+    assert torch.equal(fuse([x], base), fuse([x], base, generator=torch.Generator().manual_seed(0)))  # default 0
+    taken = out != 0
+    assert torch.all(out[taken] == x[taken])
+    first = int(torch.nonzero(taken)[0])
+    assert torch.all(taken[first:])  # the largest entries, contiguous: the fence cuts once
+    fence_u = math.log(math.exp(2) + 1.5 * (math.exp(3) - math.exp(1)))
+    assert abs(first / n * 4.0 - fence_u) < 0.01
+    other = fuse([x], base, generator=torch.Generator().manual_seed(2))
+    assert 0 < int((other != out).sum()) < n // 1000  # another draw: a few entries near the fence
+
+
 # ---- schema strictness ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method", ["multislerp", "nuslerp"])

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import difflib
 
-from . import linear, sce, spherical, task_arithmetic
+from . import fusion, linear, ram, sce, spherical, task_arithmetic
 from .spec import MethodSpec, ParamSpec
 
 REGISTRY: dict[str, MethodSpec] = {
     spec.name: spec
-    for module in (linear, task_arithmetic, spherical, sce)
+    for module in (linear, task_arithmetic, spherical, sce, fusion, ram)
     for spec in module.SPECS
 }
 
