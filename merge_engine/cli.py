@@ -258,12 +258,126 @@ def multi_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _interrupted(out_path: str, signum: int, committed: bool) -> int:
+SURGEON = "mergekit-tokensurgeon"
+
+
+def build_surgeon_parser() -> argparse.ArgumentParser:
+    from .surgeon.approximate import UNSUPPORTED, WEIGHT_SCHEMES, Method
+    from .surgeon.surgery import MATCH_CHOICES
+
+    p = argparse.ArgumentParser(
+        prog=SURGEON,
+        description="Give MODEL the tokenizer of DONOR: rows of the input embedding (and of an untied output "
+                    "head) for tokens both vocabularies share are MODEL's own, matched by token text whatever "
+                    "their ids; rows of the DONOR's other tokens are approximated from the shared ones. Only the "
+                    "embedding and head matrices are held in memory; the output is written atomically.")
+    p.add_argument("model", help="the model to operate on (directory, hub id, base+lora)")
+    p.add_argument("donor", help="the model whose tokenizer the output gets")
+    p.add_argument("out_path", help="output model directory (built aside, moved into place when complete)")
+    g = p.add_argument_group("approximation")
+    g.add_argument("-a", "--approximation-method", default="omp", choices=[m.value for m in Method] + list(UNSUPPORTED),
+                   help="how rows of new tokens are made: omp (orthogonal matching pursuit over the shared tokens, "
+                        "default), common_interpolation (k nearest shared tokens), mean (the mean row), zero, randn, "
+                        "john_hewitt (samples of the rows' mean and covariance). "
+                        + ", ".join(UNSUPPORTED) + ": not supported (an error)")
+    g.add_argument("-k", "--k", type=int, default=64,
+                   help="shared tokens per new token for omp and common_interpolation (default 64)")
+    g.add_argument("-c", "--cosine-similarity", dest="cosine_similarity", action="store_true", default=False,
+                   help="common_interpolation: nearest tokens by cosine similarity")
+    g.add_argument("-nc", "--no-cosine-similarity", dest="cosine_similarity", action="store_false",
+                   help="common_interpolation: nearest tokens by euclidean distance (default)")
+    g.add_argument("-w", "--weight-scheme", default="distance_proportional", choices=WEIGHT_SCHEMES,
+                   help="common_interpolation: weights of the neighbours (default distance_proportional)")
+    g.add_argument("-s", "--subword-method", default="mean", choices=["mean", "sum", "weighted_mean", "first_last"],
+                   help="accepted for mergekit compatibility, no effect: only -a subword uses it, which is not "
+                        "supported")
+    g.add_argument("--batch-size", type=int, default=512,
+                   help="new tokens approximated per batch (default 512); -1: all at once")
+    g.add_argument("-pm", "--prefix-match", default="no", choices=MATCH_CHOICES,
+                   help="give a new token the row of its longest prefix MODEL has, in both matrices (yes), only "
+                        "the input embedding (embed) or only the head (lm_head); default no")
+    g.add_argument("-bm", "--byte-match", default="no", choices=MATCH_CHOICES,
+                   help="give a character the row of MODEL's byte token for it (and the reverse: <0x61> <-> a), "
+                        "in yes/embed/lm_head as --prefix-match; default no")
+    _flag(g, "magikarp", "filter out poorly trained tokens: not supported, --magikarp is an error")
+    g.add_argument("-nvn", "--new-vocab-noise", type=float, default=None,
+                   help="add gaussian noise of this standard deviation to new rows (seeded by --random-seed)")
+    g.add_argument("-nvs", "--new-vocab-scale", type=float, default=None, help="multiply new rows by this factor")
+    add_merge_options(p)
+    helps = {
+        "copy_tokenizer": "the output always has DONOR's tokenizer: --no-copy-tokenizer is an error",
+        "allow_crimes": "accepted for mergekit compatibility, no effect: MODEL and DONOR may differ in "
+                        "architecture and width anyway (only DONOR's embeddings are read)",
+        "random_seed": "seed of randn, john_hewitt and --new-vocab-noise (default 0: runs are reproducible)",
+        "write_model_card": "write README.md naming MODEL, DONOR and the method (default on)",
+        "device": "torch device for the approximation: cpu (default), cuda, cuda:N, or auto",
+    }
+    for action in p._actions:
+        action.help = helps.get(action.dest, action.help)
+    p.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False,
+                   help="no progress bar and no closing message")
+    p.add_argument(FLAG, dest="write_into_existing", action="store_true",
+                   help="write into a non-empty OUT_PATH that evomerge did not write, as mergekit does")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log more (the token breakdown)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {evomerge_version()}")
+    return p
+
+
+def surgeon_options(args: argparse.Namespace):
+    """SurgeryOptions from the command's flags; ValueError for what is not supported."""
+    from .surgeon.approximate import UNSUPPORTED, Approximation, Method
+    from .surgeon.surgery import SurgeryOptions
+
+    method = args.approximation_method
+    if method in UNSUPPORTED:
+        raise ValueError(f"-a {method} is not supported ({UNSUPPORTED[method]}); use one of "
+                         + ", ".join(m.value for m in Method))
+    if args.magikarp:
+        raise ValueError("--magikarp is not supported; run without it")
+    if not args.copy_tokenizer:
+        raise ValueError("--no-copy-tokenizer: the output's vocabulary is DONOR's, so its tokenizer is always "
+                         "written; run without the flag")
+    approx = Approximation(Method(method), args.k, args.cosine_similarity, args.weight_scheme,
+                           args.new_vocab_noise, args.new_vocab_scale)
+    return SurgeryOptions(approx, args.batch_size if args.batch_size > 0 else None, args.prefix_match,
+                          args.byte_match, args.random_seed if args.random_seed is not None else 0)
+
+
+def surgeon_main(argv: list[str] | None = None) -> int:
+    """mergekit-tokensurgeon."""
+    from .surgeon import run_tokensurgeon
+
+    args = build_surgeon_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    with interrupts.handled():
+        try:
+            surgery = surgeon_options(args)
+            options = merge_options(args, progress=args.progress and not args.quiet)
+            options = options.model_copy(update={"write_into_existing": args.write_into_existing})
+            out = run_tokensurgeon(args.model, args.donor, args.out_path, surgery, options)
+        except KeyboardInterrupt as e:
+            return _interrupted(args.out_path, interrupts.received() or signal.SIGINT, getattr(e, "committed", False),
+                                SURGEON)
+        except (ModelLoadError, PlanError, OutputError, ValueError) as e:
+            if (signum := interrupts.received()) is not None:
+                return _interrupted(args.out_path, signum, False, SURGEON)
+            return _error(str(e), prog=SURGEON)
+        except OSError as e:
+            what = f"{e.strerror}: {e.filename}" if e.filename else str(e)
+            return _error(f"{what} (check the path and its permissions)", prog=SURGEON)
+    if not args.quiet:
+        print(f"{args.model} with the tokenizer of {args.donor} written to {out}")
+    return 0
+
+
+def _interrupted(out_path: str, signum: int, committed: bool, prog: str = "mergekit-yaml") -> int:
     name, code = ("SIGTERM", 143) if signum == signal.SIGTERM else ("Ctrl-C", 130)
     if committed:
-        return _error(f"interrupted ({name}) just after {out_path} was complete; the new model is in place", code)
+        return _error(f"interrupted ({name}) just after {out_path} was complete; the new model is in place", code,
+                      prog)
     return _error(f"interrupted ({name}); the partial output was removed and {out_path} is as it was before "
-                  "this run", code)
+                  "this run", code, prog)
 
 
 def _error(message: str, code: int = 2, prog: str = "mergekit-yaml") -> int:

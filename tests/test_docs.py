@@ -7,6 +7,7 @@ from pathlib import Path
 from evolve.cli import build_parser as evolve_parser
 from merge_engine.cli import build_multi_parser as multi_parser
 from merge_engine.cli import build_parser as merge_parser
+from merge_engine.cli import build_surgeon_parser as surgeon_parser
 from merge_engine.methods import REGISTRY
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
@@ -24,5 +25,5 @@ def test_every_method_and_parameter_is_documented():
 
 
 def test_every_cli_option_is_documented():
-    for opt in options(merge_parser()) | options(evolve_parser()) | options(multi_parser()):
+    for opt in options(merge_parser()) | options(evolve_parser()) | options(multi_parser()) | options(surgeon_parser()):
         assert opt in README, opt
