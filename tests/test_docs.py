@@ -27,3 +27,11 @@ def test_every_method_and_parameter_is_documented():
 def test_every_cli_option_is_documented():
     for opt in options(merge_parser()) | options(evolve_parser()) | options(multi_parser()) | options(surgeon_parser()):
         assert opt in README, opt
+
+
+def test_every_extract_lora_option_is_documented():
+    from merge_engine.extract_lora import build_parser as extract_parser
+
+    section = README.split("## mergekit-extract-lora", 1)[1].split("\n## ", 1)[0]
+    for opt in options(extract_parser()):
+        assert f"`{opt}" in section, opt

@@ -22,7 +22,7 @@ from merge_engine.extract_lora import main
 from merge_engine.lowrank import decompose
 
 MERGEKIT_VENV = Path(os.environ.get("EVOMERGE_MERGEKIT_VENV", "/work/main/.cache/mergekit-0.1.5"))
-IDS = torch.randint(0, VOCAB_SIZE, (2, 16), generator=torch.Generator().manual_seed(0))
+IDS = torch.randint(0, VOCAB_SIZE, (8, 32), generator=torch.Generator().manual_seed(0))
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -43,6 +43,10 @@ def logits(model: Path, adapter: Path | None = None) -> torch.Tensor:
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
+
+
+def rms_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).square().mean().sqrt().item()
 
 
 def report(out: Path) -> dict:
@@ -67,10 +71,11 @@ def test_full_rank_reproduces_the_finetune(zoo, tmp_path, ft_logits):
 
 def test_lower_rank_degrades_as_the_kept_energy_says(zoo, tmp_path, ft_logits):
     """Per module, ||D - B A||^2 / ||D||^2 read back from the adapter is 1 - the reported kept fraction
-    (Eckart-Young); the total kept energy rises and the logit gap to the fine-tune falls with the rank."""
+    (Eckart-Young); the total kept energy rises and the RMS logit gap to the fine-tune falls with the rank (the
+    largest single logit error is too noisy to be monotone: 0.50 at rank 1, 0.54 at rank 2 on the zoo)."""
     base_t, ft_t = load_file(str(zoo["base"] / "model.safetensors")), load_file(str(zoo["a"] / "model.safetensors"))
     gaps, kept = [], []
-    for rank in (1, 4, 16, 32):
+    for rank in (1, 4, 8, 16, 32):
         out = tmp_path / f"r{rank}"
         assert extract(zoo["a"], zoo["base"], out, "--max-rank", str(rank)) == 0
         r, adapter = report(out), load_file(str(out / "adapter_model.safetensors"))
@@ -84,7 +89,7 @@ def test_lower_rank_degrades_as_the_kept_energy_says(zoo, tmp_path, ft_logits):
             assert m["rank"] == min(rank, *m["shape"])
             assert lost == pytest.approx(1 - m["kept_fraction"], abs=1e-5), (rank, name)
         kept.append(r["kept_fraction"])
-        gaps.append(max_diff(logits(zoo["base"], out), ft_logits))
+        gaps.append(rms_diff(logits(zoo["base"], out), ft_logits))
     assert kept == sorted(kept) and kept[0] < 0.5 and kept[-1] == pytest.approx(1.0, abs=1e-6), kept
     assert gaps == sorted(gaps, reverse=True) and gaps[-1] < 1e-4 < gaps[0], gaps
 
