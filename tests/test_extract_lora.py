@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import warnings
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 import torch
 from factory import make_model
 from peft import PeftModel
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from evolve.demo.tokenizer import VOCAB_SIZE
@@ -195,6 +196,16 @@ def test_bad_input_exits_2_and_writes_nothing(zoo, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("mergekit-extract-lora: error:") and words in err[0], err
         assert not out.exists() and not list(tmp_path.glob(".out*")), args
+    nan = tmp_path / "nan"  # fails mid-extraction, after the output directory was begun: rolled back
+    shutil.copytree(zoo["a"], nan)
+    t = load_file(str(nan / "model.safetensors"))
+    t["model.layers.3.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(t, str(nan / "model.safetensors"), metadata={"format": "pt"})
+    capsys.readouterr()
+    assert extract(nan, zoo["base"], out, "--max-rank", "4") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.layers.3.mlp.down_proj" in err[0] and "NaN" in err[0], err
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
