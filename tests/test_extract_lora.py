@@ -70,6 +70,7 @@ def test_full_rank_reproduces_the_finetune(zoo, tmp_path, ft_logits):
     assert base_gap > 0.1 and gap < 1e-4, (base_gap, gap)
 
 
+@pytest.mark.slow  # six extractions and peft loads: ~15 s
 def test_lower_rank_degrades_as_the_kept_energy_says(zoo, tmp_path, ft_logits):
     """Per module, ||D - B A||^2 / ||D||^2 read back from the adapter is 1 - the reported kept fraction
     (Eckart-Young); the total kept energy rises and the RMS logit gap to the fine-tune falls with the rank (the
