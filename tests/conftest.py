@@ -11,12 +11,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from factory import make_model  # noqa: E402
-
 
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory) -> dict[str, Path]:
     """A base Llama, two fine-tune-like variants, and tiny models of other architectures."""
+    from factory import make_model  # here, not at the top: under xdist the controller loads this file too and
+    # would spend seconds importing torch and transformers that only the workers use
+
     root = tmp_path_factory.mktemp("zoo")
     z = {"base": make_model(root / "base", "llama", seed=0, layers=4)}
     z["a"] = make_model(root / "a", base=z["base"], seed=1)
