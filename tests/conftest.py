@@ -37,3 +37,13 @@ def specialists(tmp_path_factory) -> dict[str, Path]:
     from factory import make_specialists
 
     return make_specialists(tmp_path_factory.mktemp("specialists"))
+
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist, each worker's torch gets its share of the cores (not all of them: N workers with N
+    threads each only add contention on small tensors). Tests that set torch's threads themselves still do."""
+    workers = getattr(config, "workerinput", {}).get("workercount")
+    if workers:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
