@@ -14,7 +14,9 @@ vector in [0, 1]^d as for the parameter-space genome:
 - scale genes (`scales:`): where the path jumps (any step other than a model's layer i to its own
   layer i + 1) the hidden state is multiplied by a scale. `transition`: one scale per kind of jump,
   from model i to model j (the paper's N x N matrix W); `layer`: one per position, applied when the
-  path jumps to it; `none`: no scaling. Scale genes span `scale_range` (default 0.5-1.5).
+  path jumps to it; `none`: no scaling. Scale genes span `scale_range` (default 0.5-1.5) on a grid of
+  `scale_step` (default 0.05; 0: continuous), so candidates differing by a hair of scale are one recipe,
+  scored once.
 
 The start vector decodes to the first model unchanged (its positions in the first repeat at 0.75,
 every other inclusion gene at 0.25, the scales at 1.0); put a parameter-space merge first to search
@@ -143,7 +145,11 @@ class LayerPathGenome:
 
     def values(self, x: np.ndarray) -> list[float]:
         x = np.clip(np.asarray(x, dtype=float), 0.0, 1.0)
-        return [round(g.low + xi * (g.high - g.low), DECIMALS) for g, xi in zip(self.genes, x, strict=True)]
+        out = [round(float(g.low + xi * (g.high - g.low)), DECIMALS) for g, xi in zip(self.genes, x, strict=True)]
+        step = self.definition.scale_step
+        if step:  # scales on a grid: paths that differ only by a hair of scale are one recipe, scored once
+            out[len(self.positions):] = [round(round(v / step) * step, DECIMALS) for v in out[len(self.positions):]]
+        return out
 
     def included(self, x: np.ndarray) -> list[int]:
         """The positions on the path, in order, after the depth repair."""

@@ -87,6 +87,15 @@ def test_repeats_revisit_layers_and_scale_per_layer():
     assert recipe_path(g.decode(x)) == [("a", 0), ("a", 1), ("a", 2), ("a", 1), ("a", 2)]
 
 
+def test_scales_on_the_grid():
+    on_grid, continuous = genome(), genome(scale_step=0)
+    x = vector(on_grid, [0, 1, 4, 5], {1: 1.23})
+    assert slices(on_grid, x) == [plain("a", 0, 2), scaled("b", 1, 3, 0.8)]  # 1.23 -> 1.25 -> 1 / 1.25
+    assert slices(continuous, x) == [plain("a", 0, 2), scaled("b", 1, 3, 0.813008)]  # 1 / 1.23
+    near = vector(on_grid, [0, 1, 4, 5], {1: 1.24})
+    assert on_grid.decode(near) == on_grid.decode(x) and continuous.decode(near) != continuous.decode(x)
+
+
 def test_no_scales_and_depth_repair():
     g = genome(scales="none", min_layers=3, max_layers=4)
     assert g.dimension == 6
