@@ -108,13 +108,19 @@ def main(argv: list[str] | None = None) -> int:
     print("[1/3] demo models", flush=True)
     paths = build_models(args.cache_dir)
     print(f"[2/3] evolving a merge ({args.max_fevals} evaluations at most)", flush=True)
-    config = load_search(args.search)
     options = RunOptions(storage_path=str(args.storage_path),
                          search=SearchSettings(max_fevals=args.max_fevals, sigma0=args.sigma0, popsize=args.popsize,
                                                random_seed=args.random_seed),
                          task_search_path=[str(ROOT / "tasks")], num_workers=args.num_workers, batch_size=64,
                          resume=True)
-    result = evolve(config, options)
+    try:
+        config = load_search(args.search)
+        result = evolve(config, options)
+    except ValueError as e:  # bad input (RecipeError is one): one line, as mergekit-evolve prints it
+        hint = " (configs/search_hybrid.yml reads the main demo's result: run `bash scripts/demo.sh` first)" \
+            if "runs/demo/best_config.yaml" in str(e) else ""
+        print(f"python -m evolve.demo: error: {' '.join(str(e).split())}{hint}", file=sys.stderr)
+        return 2
     print(result.report)
     print("[3/3] held-out comparison", flush=True)
     recipes = baselines(paths)
