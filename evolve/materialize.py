@@ -121,9 +121,15 @@ class LayerPathMaterializer:
 
     def __init__(self, reference_model: str, tokenizer_source: str | None = None, device: str = "cpu",
                  random_seed: int | None = None, trust_remote_code: bool = False, allow_crimes: bool = False):
-        self.reference, self.tokenizer = load_model(open_model(reference_model).path, device, trust_remote_code)
-        if tokenizer_source and tokenizer_source != reference_model:
-            _, self.tokenizer = load_model(open_model(tokenizer_source).path, device, trust_remote_code)
+        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+        path = open_model(reference_model).path  # its config and tokenizer only: the weights are the sources'
+        self.config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        self.generation_config = GenerationConfig.from_pretrained(str(path)) \
+            if (path / "generation_config.json").exists() else None
+        named = tokenizer_source not in (None, "base", "union")  # mergekit's keywords mean the reference's here
+        tokenizer_path = open_model(str(tokenizer_source)).path if named else path
+        self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path), trust_remote_code=trust_remote_code)
         self.options = MergeOptions(device=device, random_seed=random_seed, allow_crimes=allow_crimes,
                                     trust_remote_code=trust_remote_code, progress=False)
         self._sources: dict[str, ModelSource] = {}
@@ -152,22 +158,23 @@ class LayerPathMaterializer:
         write_plan(dataclasses.replace(plan, jobs=computed), self._sources, sink.open, self.options)
         state = {j.output_name: self._resident_copy(j) for j in plan.jobs if j.copies_input} | sink.tensors
         vocab = tokenizer.alignment.size if tokenizer.alignment is not None else None
-        self.model = assemble_model(self.reference, plan, state, vocab)
+        self.model = assemble_model(self.config, self.generation_config, plan, state, vocab, self.options.device)
         return self.model, self.tokenizer
 
     def release(self) -> None:
         self.model = None
 
 
-def assemble_model(reference: Any, plan: MergePlan, state: dict[str, torch.Tensor], vocab_size: int | None) -> Any:
+def assemble_model(reference_config: Any, generation_config: Any, plan: MergePlan, state: dict[str, torch.Tensor],
+                   vocab_size: int | None, device: str) -> Any:
     """A transformers model of the plan's shape (its layer count) whose parameters ARE the given tensors
     (no copy). Buffers (rotary frequencies) are computed by the model's own constructor."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    cfg = output_config(reference.config.to_dict(), plan.architecture.num_layers_key, plan.output_layer_sources,
+    cfg = output_config(reference_config.to_dict(), plan.architecture.num_layers_key, plan.output_layer_sources,
                         dtype_name(torch.float32), vocab_size)
-    config = type(reference.config).from_dict(cfg)
+    config = type(reference_config).from_dict(cfg)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     result = model.load_state_dict(state, strict=False, assign=True)
@@ -176,8 +183,9 @@ def assemble_model(reference: Any, plan: MergePlan, state: dict[str, torch.Tenso
     if result.unexpected_keys or left:
         raise PlanError(f"in-memory layer path: the assembled {type(model).__name__} does not match the plan "
                         f"(no tensor for {left[:3]}, unused {result.unexpected_keys[:3]}); use --no-in-memory")
-    model.generation_config = reference.generation_config
-    return model.to(reference.device).eval()
+    if generation_config is not None:
+        model.generation_config = generation_config
+    return model.to(device).eval()
 
 
 class OnDiskMaterializer:
