@@ -371,6 +371,57 @@ def surgeon_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def build_pytorch_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mergekit-pytorch",
+        description="Merge flat PyTorch state dicts (one .safetensors file, or a pickle with --allow-pickle, per "
+                    "model) as a mergekit-style recipe without slices says, tensor by tensor, into OUT_PATH.")
+    p.add_argument("config_file", help="the recipe: merge_method, models (state-dict files), parameters, "
+                                       "base_model, dtype, out_dtype")
+    p.add_argument("out_path", help="output directory (safetensors shards and index), built aside and moved into "
+                                    "place when complete")
+    missing = p.add_mutually_exclusive_group()
+    missing.add_argument("--tensor-intersection", "-i", action="store_true",
+                         help="only merge tensors present in every file")
+    missing.add_argument("--tensor-union", "-u", action="store_true",
+                         help="merge every tensor present in any file, from the files that have it")
+    add_merge_options(p)
+    p.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False, help="no progress bar")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    p.add_argument(FLAG, dest="write_into_existing", action="store_true",
+                   help="write into a non-empty OUT_PATH that evomerge did not write, as mergekit does")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log more")
+    p.add_argument("--version", action="version", version=f"%(prog)s {evomerge_version()}")
+    return p
+
+
+def pytorch_main(argv: list[str] | None = None) -> int:
+    """mergekit-pytorch."""
+    from .raw import Missing, load_raw_config, run_raw
+
+    args = build_pytorch_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    with interrupts.handled():
+        try:
+            options = merge_options(args, progress=args.progress and not args.quiet)
+            options = options.model_copy(update={"write_into_existing": args.write_into_existing})
+            config = load_raw_config(args.config_file)
+            missing: Missing = "intersection" if args.tensor_intersection else \
+                "union" if args.tensor_union else "error"
+            out = run_raw(config, args.out_path, options, missing, protect=(Path(args.config_file),))
+        except KeyboardInterrupt as e:
+            return _interrupted(args.out_path, interrupts.received() or signal.SIGINT, getattr(e, "committed", False),
+                                "mergekit-pytorch")
+        except (RecipeError, ModelLoadError, PlanError, MergeError, OutputError, ValueError) as e:
+            return _error(str(e), prog="mergekit-pytorch")
+        except OSError as e:
+            what = f"{e.strerror}: {e.filename}" if e.filename else str(e)
+            return _error(f"{what} (check the path and its permissions)", prog="mergekit-pytorch")
+    if not args.quiet:
+        print(f"merged state dict written to {out}")
+    return 0
+
+
 def _interrupted(out_path: str, signum: int, committed: bool, prog: str = "mergekit-yaml") -> int:
     name, code = ("SIGTERM", 143) if signum == signal.SIGTERM else ("Ctrl-C", 130)
     if committed:

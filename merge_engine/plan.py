@@ -238,10 +238,10 @@ def _make_job(config: MergeConfig, slot: _Slot, sources: Mapping[str, ModelSourc
     shape = _common_shape(slot.output_name, ([base] if base else []) + list(inputs), sources, aligned is not None)
     if aligned is not None:
         shape = (aligned.size, *shape[1:])
-    job_out_dtype, job_input_dtype = _job_dtypes(slot.output_name, spec, ([base] if base else []) + list(inputs),
+    job_out_dtype, job_input_dtype = job_dtypes(slot.output_name, spec, ([base] if base else []) + list(inputs),
                                                  per_model, sources, input_dtype, out_dtype)
     return TensorJob(slot.output_name, spec, inputs, base, global_params, per_model, shape, job_out_dtype,
-                     job_input_dtype, _seed(random_seed, slot.output_name) if spec.randomized else None, aligned)
+                     job_input_dtype, job_seed(random_seed, slot.output_name) if spec.randomized else None, aligned)
 
 
 def _tensors_to_read(slot: _Slot, sources: Mapping[str, ModelSource],
@@ -283,7 +283,7 @@ def _common_shape(output_name: str, refs: list[TensorRef], sources: Mapping[str,
     return shape
 
 
-def _job_dtypes(output_name: str, spec: MethodSpec, refs: list[TensorRef], per_model: tuple[dict[str, Any], ...],
+def job_dtypes(output_name: str, spec: MethodSpec, refs: list[TensorRef], per_model: tuple[dict[str, Any], ...],
                 sources: Mapping[str, ModelSource], input_dtype: torch.dtype | None,
                 out_dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype | None]:
     """(output dtype, input rounding dtype) of one job. Floating-point inputs are merged and
@@ -319,7 +319,7 @@ def _output_dtype(config: MergeConfig, ref: ModelSource, reference: str) -> torc
     return next(iter(counts), torch.float32)
 
 
-def _seed(random_seed: int | None, name: str) -> int | None:
+def job_seed(random_seed: int | None, name: str) -> int | None:
     if random_seed is None:
         return None
     digest = hashlib.sha256(f"{random_seed}:{name}".encode()).digest()

@@ -7,6 +7,7 @@ from pathlib import Path
 from evolve.cli import build_parser as evolve_parser
 from merge_engine.cli import build_multi_parser as multi_parser
 from merge_engine.cli import build_parser as merge_parser
+from merge_engine.cli import build_pytorch_parser as pytorch_parser
 from merge_engine.cli import build_surgeon_parser as surgeon_parser
 from merge_engine.methods import REGISTRY
 
@@ -25,7 +26,8 @@ def test_every_method_and_parameter_is_documented():
 
 
 def test_every_cli_option_is_documented():
-    for opt in options(merge_parser()) | options(evolve_parser()) | options(multi_parser()) | options(surgeon_parser()):
+    parsers = (merge_parser(), evolve_parser(), multi_parser(), surgeon_parser(), pytorch_parser())
+    for opt in set().union(*(options(p) for p in parsers)):
         assert opt in README, opt
 
 
