@@ -9,20 +9,19 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from . import interrupts
-from .config import RecipeError, load_recipe
+from .config import load_recipe
 from .dtypes import RECIPE_DTYPES
-from .executor import MergeError
-from .io.loader import ModelLoadError
+from .errors import EngineError
 from .io.output import FLAG, OutputError
 from .merge import plan_merge, run_merge
 from .methods import REGISTRY
 from .options import MergeOptions, parse_size, resolve_device
-from .plan import PlanError
 from .publish import UploadError, check_upload_target, upload_model
 from .summary import dumps, model_summary, peak_rss_mib
 from .version import evomerge_version
@@ -173,17 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(plan.describe())
                 return 0
             out = run_merge(config, args.out_path, options, protect=[Path(args.config_file)])
-        except KeyboardInterrupt as e:
-            return _interrupted(args.out_path, interrupts.received() or signal.SIGINT, getattr(e, "committed", False))
-        except (RecipeError, ModelLoadError, PlanError, MergeError, OutputError, UploadError, ValueError) as e:
-            if (signum := interrupts.received()) is not None:  # a signal a library turned into its own error
-                return _interrupted(args.out_path, signum, False)
-            return _error(str(e))
-        except OSError as e:
-            if (signum := interrupts.received()) is not None:
-                return _interrupted(args.out_path, signum, False)
-            what = f"{e.strerror}: {e.filename}" if e.filename else str(e)
-            return _error(f"{what} (check the path and its permissions)")
+        except (*STOPS, UploadError) as e:
+            return stopped(e, "mergekit-yaml", lambda signum, done: _interrupted(args.out_path, signum, done))
     seconds = time.perf_counter() - started
     uploaded = None
     if args.upload:
@@ -240,22 +230,20 @@ def multi_main(argv: list[str] | None = None) -> int:
                                  "--out-path for it")
             done = run_stages(stages, args.intermediate_dir, args.out_path, options, args.lazy,
                               protect=(Path(args.config_file),), report=report)
-        except KeyboardInterrupt as e:
-            signum = interrupts.received() or signal.SIGINT
-            name, code = ("SIGTERM", 143) if signum == signal.SIGTERM else ("Ctrl-C", 130)
-            where = "just after a stage was complete (it is in place)" if getattr(e, "committed", False) else \
-                "the stage being merged was removed and its directory is as it was before this run"
-            return _error(f"interrupted ({name}): {where}; the stages completed before it are kept and are "
-                          "re-used by the next run", code, "mergekit-multi")
-        except (RecipeError, ModelLoadError, PlanError, MergeError, OutputError, ValueError) as e:
-            return _error(str(e), prog="mergekit-multi")
-        except OSError as e:
-            what = f"{e.strerror}: {e.filename}" if e.filename else str(e)
-            return _error(f"{what} (check the path and its permissions)", prog="mergekit-multi")
+        except STOPS as e:
+            return stopped(e, "mergekit-multi", _stage_interrupted)
     if not args.quiet:
         final = done.get(None)
         print(f"{len(done)} stage(s) done" + (f"; final merge in {final}" if final else ""))
     return 0
+
+
+def _stage_interrupted(signum: int, committed: bool) -> int:
+    name, code = ("SIGTERM", 143) if signum == signal.SIGTERM else ("Ctrl-C", 130)
+    where = "just after a stage was complete (it is in place)" if committed else \
+        "the stage being merged was removed and its directory is as it was before this run"
+    return _error(f"interrupted ({name}): {where}; the stages completed before it are kept and are re-used by the "
+                  "next run", code, "mergekit-multi")
 
 
 SURGEON = "mergekit-tokensurgeon"
@@ -356,16 +344,8 @@ def surgeon_main(argv: list[str] | None = None) -> int:
             options = merge_options(args, progress=args.progress and not args.quiet)
             options = options.model_copy(update={"write_into_existing": args.write_into_existing})
             out = run_tokensurgeon(args.model, args.donor, args.out_path, surgery, options)
-        except KeyboardInterrupt as e:
-            return _interrupted(args.out_path, interrupts.received() or signal.SIGINT, getattr(e, "committed", False),
-                                SURGEON)
-        except (ModelLoadError, PlanError, OutputError, ValueError) as e:
-            if (signum := interrupts.received()) is not None:
-                return _interrupted(args.out_path, signum, False, SURGEON)
-            return _error(str(e), prog=SURGEON)
-        except OSError as e:
-            what = f"{e.strerror}: {e.filename}" if e.filename else str(e)
-            return _error(f"{what} (check the path and its permissions)", prog=SURGEON)
+        except STOPS as e:
+            return stopped(e, SURGEON, lambda signum, done: _interrupted(args.out_path, signum, done, SURGEON))
     if not args.quiet:
         print(f"{args.model} with the tokenizer of {args.donor} written to {out}")
     return 0
@@ -409,24 +389,35 @@ def pytorch_main(argv: list[str] | None = None) -> int:
             missing: Missing = "intersection" if args.tensor_intersection else \
                 "union" if args.tensor_union else "error"
             out = run_raw(config, args.out_path, options, missing, protect=(Path(args.config_file),))
-        except KeyboardInterrupt as e:
-            return _interrupted(args.out_path, interrupts.received() or signal.SIGINT, getattr(e, "committed", False),
-                                "mergekit-pytorch")
-        except (RecipeError, ModelLoadError, PlanError, MergeError, OutputError, ValueError) as e:
-            return _error(str(e), prog="mergekit-pytorch")
-        except OSError as e:
-            what = f"{e.strerror}: {e.filename}" if e.filename else str(e)
-            return _error(f"{what} (check the path and its permissions)", prog="mergekit-pytorch")
+        except STOPS as e:
+            return stopped(e, "mergekit-pytorch",
+                           lambda signum, done: _interrupted(args.out_path, signum, done, "mergekit-pytorch"))
     if not args.quiet:
         print(f"merged state dict written to {out}")
     return 0
 
 
-def _interrupted(out_path: str, signum: int, committed: bool, prog: str = "mergekit-yaml") -> int:
+# what a command stops on with one `PROG: error:` line: user-fixable problems (exit 2) and interrupts
+STOPS = (KeyboardInterrupt, EngineError, OutputError, ValueError, OSError)
+
+
+def stopped(e: BaseException, prog: str, interrupted: Callable[[int, bool], int]) -> int:
+    """The exit code and one error line for an exception in STOPS: an interrupt, or a signal a library turned
+    into its own error, goes to `interrupted(signum, committed)` (130 / 143); anything else is exit 2."""
+    signum = interrupts.received()
+    if isinstance(e, KeyboardInterrupt) or signum is not None:
+        return interrupted(signum or signal.SIGINT, isinstance(e, KeyboardInterrupt) and getattr(e, "committed", False))
+    if isinstance(e, OSError):
+        what = f"{e.strerror}: {e.filename}" if e.filename else str(e)
+        return _error(f"{what} (check the path and its permissions)", prog=prog)
+    return _error(str(e), prog=prog)
+
+
+def _interrupted(out_path: str, signum: int, committed: bool, prog: str = "mergekit-yaml",
+                 result: str = "the new model") -> int:
     name, code = ("SIGTERM", 143) if signum == signal.SIGTERM else ("Ctrl-C", 130)
     if committed:
-        return _error(f"interrupted ({name}) just after {out_path} was complete; the new model is in place", code,
-                      prog)
+        return _error(f"interrupted ({name}) just after {out_path} was complete; {result} is in place", code, prog)
     return _error(f"interrupted ({name}); the partial output was removed and {out_path} is as it was before "
                   "this run", code, prog)
 

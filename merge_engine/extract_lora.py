@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
-import signal
 import sys
 import time
 from pathlib import Path
@@ -18,9 +17,8 @@ import yaml
 
 from . import interrupts
 from .card import hub_ids
-from .cli import NO_EFFECT, _flag, apply_threads
+from .cli import NO_EFFECT, STOPS, _flag, _interrupted, apply_threads, stopped
 from .dtypes import RECIPE_DTYPES
-from .errors import EngineError
 from .io.adapter import (
     ADAPTER_CONFIG,
     ADAPTER_SAFE,
@@ -168,13 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             check_collisions(target, [ADAPTER_SAFE, ADAPTER_CONFIG, REPORT, CARD])
             with output_directory(target) as staging:
                 reports = _extract(staging, plan, model, base, options, args, device)
-        except KeyboardInterrupt as e:
-            return _interrupted(args.out_path, interrupts.received() or signal.SIGINT, getattr(e, "committed", False))
-        except (EngineError, ValueError) as e:
-            return _error(str(e))
-        except OSError as e:
-            what = f"{e.strerror}: {e.filename}" if e.filename else str(e)
-            return _error(f"{what} (check the path and its permissions)")
+        except STOPS as e:
+            return stopped(e, PROG, lambda signum, done: _interrupted(args.out_path, signum, done, PROG, "the adapter"))
     summary = energy_summary(reports)
     if args.json:
         print(dumps({"output_path": str(target.path), **summary, "max_rank": max(r.rank or 0 for r in reports),
@@ -239,19 +232,6 @@ def _input_paths(*sources: ModelSource) -> list[Path]:
         if adapter is not None:
             paths.append(adapter)
     return paths
-
-
-def _interrupted(out_path: str, signum: int, committed: bool) -> int:
-    name, code = ("SIGTERM", 143) if signum == signal.SIGTERM else ("Ctrl-C", 130)
-    if committed:
-        return _error(f"interrupted ({name}) just after {out_path} was complete; the adapter is in place", code)
-    return _error(f"interrupted ({name}); the partial output was removed and {out_path} is as it was before "
-                  "this run", code)
-
-
-def _error(message: str, code: int = 2) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    return code
 
 
 if __name__ == "__main__":
