@@ -313,25 +313,28 @@ def format_location(loc: tuple[Any, ...]) -> str:
     return out
 
 
+def validation_lines(e: ValidationError) -> list[str]:
+    """A schema's errors as `field.path: message` lines, each once (an unknown field says so)."""
+    lines: list[str] = []
+    for err in e.errors():
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        loc = format_location(err["loc"])
+        for line in msg.split("\n"):
+            text = line if (not loc or line.startswith(loc)) else f"{loc}: {line}"
+            if err["type"] == "extra_forbidden":
+                text = f"{loc}: unknown field (check its spelling)"
+            if text not in lines:
+                lines.append(text)
+    return lines
+
+
 def parse_recipe(data: Any, source: str = "<recipe>") -> MergeConfig:
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe must be a YAML mapping, got {type(data).__name__}")
     try:
         return MergeConfig.model_validate(data)
     except ValidationError as e:
-        lines = []
-        seen = set()
-        for err in e.errors():
-            msg = str(err["msg"]).removeprefix("Value error, ")
-            loc = format_location(err["loc"])
-            for line in msg.split("\n"):
-                text = line if (not loc or line.startswith(loc)) else f"{loc}: {line}"
-                if err["type"] == "extra_forbidden":
-                    text = f"{loc}: unknown field (check its spelling)"
-                if text not in seen:
-                    seen.add(text)
-                    lines.append(text)
-        raise RecipeError(f"{source}: invalid recipe:\n  " + "\n  ".join(lines)) from None
+        raise RecipeError(f"{source}: invalid recipe:\n  " + "\n  ".join(validation_lines(e))) from None
 
 
 class _Loader(yaml.SafeLoader):

@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from safetensors import safe_open
 
-from .config import Parameters, format_location
+from .config import Parameters, read_yaml, validation_lines
 from .dtypes import ARITHMETIC, BY_NAME, parse_recipe_dtype
 from .errors import ModelLoadError, PlanError, RecipeError
 from .executor import execute_plan
@@ -73,18 +72,13 @@ class RawConfig(_Frozen):
 
 def load_raw_config(path: str | Path) -> RawConfig:
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise RecipeError(f"recipe file not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    data = read_yaml(path, "recipe")
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}")
     try:
         return RawConfig.model_validate(data)
     except ValidationError as e:
-        lines = [f"{format_location(err['loc'])}: {str(err['msg']).removeprefix('Value error, ')}"
-                 for err in e.errors()]
-        raise RecipeError(f"{path}: invalid recipe:\n  " + "\n  ".join(lines)) from None
+        raise RecipeError(f"{path}: invalid recipe:\n  " + "\n  ".join(validation_lines(e))) from None
 
 
 class FileSource(ModelSource):
