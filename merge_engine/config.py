@@ -348,8 +348,9 @@ _Loader.add_implicit_resolver(
 )
 
 
-def read_yaml(path: Path, kind: str) -> Any:
-    """A YAML file's content; a missing, unreadable or broken file is a RecipeError naming the file."""
+def read_yaml(path: Path, kind: str, documents: bool = False) -> Any:
+    """A YAML file's content (with `documents`, the list of its `---`-separated documents); a missing,
+    unreadable or broken file is a RecipeError naming the file."""
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -362,8 +363,8 @@ def read_yaml(path: Path, kind: str) -> Any:
         raise RecipeError(f"{kind} file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
         raise RecipeError(f"{kind} file {path} cannot be read: {e.strerror}") from None
-    try:
-        return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
+    try:  # _Loader: a SafeLoader subclass
+        return list(yaml.load_all(text, Loader=_Loader)) if documents else yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML: {e}") from None
 

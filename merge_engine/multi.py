@@ -24,9 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .config import MergeConfig, RecipeError, parse_recipe
+from .config import MergeConfig, RecipeError, parse_recipe, read_yaml
 from .merge import run_merge
 from .options import MergeOptions
 from .reference import ModelPath, ModelReference, parse_reference
@@ -65,10 +63,7 @@ def load_stages(path: str | Path, intermediate_dir: str | Path) -> list[Stage]:
     """The stages of a multi-document recipe file, in the order they must run; RecipeError naming the
     document for a bad recipe, a duplicate name, two unnamed documents or a cycle."""
     path = Path(path)
-    try:
-        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    docs = [d for d in read_yaml(path, "recipe", documents=True) if d is not None]
     if not docs:
         raise RecipeError(f"{path}: no recipe documents (separate the stages with ---)")
     named: dict[str | None, dict] = {}

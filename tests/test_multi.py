@@ -152,3 +152,16 @@ def test_sigterm_keeps_finished_stages_and_the_next_run_reuses_them(models, tmp_
     assert not (tmp_path / "stages" / "big").exists() and not list((tmp_path / "stages").glob(".big.partial-*"))
     code, err = run(*args)
     assert code == 0 and "small: built already from this recipe, re-used" in err and "big: merged" in err, err
+
+
+def test_numbers_read_as_in_mergekit_yaml(models, tmp_path, run):
+    """`5e-1` is a number in a stage as in a recipe (YAML 1.1's safe_load would read a string)."""
+    m = {k: str(v) for k, v in models.items()}
+    config = tmp_path / "multi.yml"
+    config.write_text("name: half\nmerge_method: linear\nmodels:\n"
+                      f"  - model: {m['a']}\n    parameters: {{weight: 5e-1}}\n"
+                      f"  - model: {m['b']}\n    parameters: {{weight: 5e-1}}\n")
+    code, err = run(config, "-I", tmp_path / "stages", "--no-progress")
+    assert code == 0, err
+    a, b, out = weights(models["a"]), weights(models["b"]), weights(tmp_path / "stages" / "half")
+    torch.testing.assert_close(out["lm_head.weight"], (a["lm_head.weight"] + b["lm_head.weight"]) / 2)
