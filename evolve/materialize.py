@@ -71,6 +71,15 @@ def load_model(path: str | Path, device: str = "cpu", trust_remote_code: bool = 
     return model, tokenizer
 
 
+def planned_tokenizer(cache: dict[str, OutputTokenizer], config: MergeConfig, sources: dict[str, ModelSource],
+                      trust_remote_code: bool) -> OutputTokenizer:
+    """The output vocabulary's alignment for a recipe, planned once per model set (planning reads tokenizers)."""
+    key = repr((config.referenced_models(), config.base_model, config.tokenizer_source, config.tokenizer))
+    if key not in cache:
+        cache[key] = plan_output_tokenizer(config, sources, trust_remote_code)
+    return cache[key]
+
+
 class InMemoryMaterializer:
     def __init__(self, reference_model: str, tokenizer_source: str | None = None, device: str = "cpu",
                  random_seed: int | None = None, trust_remote_code: bool = False, allow_crimes: bool = False):
@@ -86,10 +95,8 @@ class InMemoryMaterializer:
 
     def materialize(self, config: MergeConfig) -> tuple[Any, Any]:
         self._sources = open_sources(config.referenced_models(), self.options, cache=True, opened=self._sources)
-        key = repr((config.referenced_models(), config.base_model, config.tokenizer_source, config.tokenizer))
-        if key not in self._tokenizers:
-            self._tokenizers[key] = plan_output_tokenizer(config, self._sources, self.options.trust_remote_code)
-        plan, _ = plan_merge(config, self.options, self._sources, self._tokenizers[key])
+        tokenizer = planned_tokenizer(self._tokenizers, config, self._sources, self.options.trust_remote_code)
+        plan, _ = plan_merge(config, self.options, self._sources, tokenizer)
         write_plan(plan, self._sources, self._sink.open, self.options)
         return self.model, self.tokenizer
 
@@ -148,10 +155,7 @@ class LayerPathMaterializer:
     def materialize(self, config: MergeConfig) -> tuple[Any, Any]:
         self.release()
         self._sources = open_sources(config.referenced_models(), self.options, opened=self._sources)
-        key = repr((config.referenced_models(), config.tokenizer_source, config.tokenizer))
-        if key not in self._tokenizers:
-            self._tokenizers[key] = plan_output_tokenizer(config, self._sources, self.options.trust_remote_code)
-        tokenizer = self._tokenizers[key]
+        tokenizer = planned_tokenizer(self._tokenizers, config, self._sources, self.options.trust_remote_code)
         plan, _ = plan_merge(config, self.options, self._sources, tokenizer)
         sink = DictSink(self.options.device)
         computed = tuple(j for j in plan.jobs if not j.copies_input)
