@@ -35,6 +35,12 @@ class Gene:
     high: float
 
 
+def gene_values(genes: tuple[Gene, ...], x: np.ndarray) -> list[float]:
+    """A vector in [0, 1]^d (clipped) as each gene's value in its range, rounded to DECIMALS."""
+    x = np.clip(np.asarray(x, dtype=float), 0.0, 1.0)
+    return [round(float(g.low + xi * (g.high - g.low)), DECIMALS) for g, xi in zip(genes, x, strict=True)]
+
+
 class SearchGenome(Protocol):
     """What the search needs of a genome: this module's parameter-space Genome, or layer_path's."""
 
@@ -100,8 +106,7 @@ class Genome:
         return np.full(self.dimension, 0.5)
 
     def values(self, x: np.ndarray) -> list[float]:
-        x = np.clip(np.asarray(x, dtype=float), 0.0, 1.0)
-        return [round(g.low + xi * (g.high - g.low), DECIMALS) for g, xi in zip(self.genes, x, strict=True)]
+        return gene_values(self.genes, x)
 
     def _layer_values(self, per_group: list[float]) -> list[float] | float:
         if len(set(per_group)) == 1:

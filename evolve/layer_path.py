@@ -47,7 +47,7 @@ from merge_engine.merge import plan_merge, run_merge
 from merge_engine.options import MergeOptions
 
 from .config import LayerPathDefinition, is_recipe
-from .genome import DECIMALS, Gene
+from .genome import DECIMALS, Gene, gene_values
 
 INCLUDED = 0.5  # an inclusion gene above this puts its layer on the path
 START_ON, START_OFF = 0.75, 0.25  # the start vector: the first model's layers on, the rest off
@@ -144,8 +144,7 @@ class LayerPathGenome:
         return x
 
     def values(self, x: np.ndarray) -> list[float]:
-        x = np.clip(np.asarray(x, dtype=float), 0.0, 1.0)
-        out = [round(float(g.low + xi * (g.high - g.low)), DECIMALS) for g, xi in zip(self.genes, x, strict=True)]
+        out = gene_values(self.genes, x)
         step = self.definition.scale_step
         if step:  # scales on a grid: paths that differ only by a hair of scale are one recipe, scored once
             out[len(self.positions):] = [round(round(v / step) * step, DECIMALS) for v in out[len(self.positions):]]
