@@ -29,12 +29,8 @@ def weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("multizoo")
-    z = {"base": make_model(root / "base", "llama", seed=0, layers=2)}
-    z["a"] = make_model(root / "a", base=z["base"], seed=1)
-    z["b"] = make_model(root / "b", base=z["base"], seed=2)
-    return z
+def models(zoo) -> dict[str, Path]:
+    return {k: zoo[k] for k in ("base", "a", "b")}
 
 
 def stages(models, ta_weight: float = 1.0) -> list[dict]:
@@ -148,7 +144,8 @@ def test_sigterm_keeps_finished_stages_and_the_next_run_reuses_them(models, tmp_
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     assert "interrupted (SIGTERM)" in err and "completed before it are kept" in err
-    assert (tmp_path / "stages" / "small" / "model.safetensors").exists()
+    small = tmp_path / "stages" / "small"  # complete: its weights (sharded at 100K) and its stamp
+    assert list(small.glob("model*.safetensors")) and (small / "mergekit_multi.json").exists()
     assert not (tmp_path / "stages" / "big").exists() and not list((tmp_path / "stages").glob(".big.partial-*"))
     code, err = run(*args)
     assert code == 0 and "small: built already from this recipe, re-used" in err and "big: merged" in err, err
