@@ -53,16 +53,24 @@ def _float32(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return out.copy_(t)
 
 
+def streams(job: TensorJob) -> bool:
+    """The method converts its inputs chunk by chunk itself (MethodSpec.streams); vocabulary alignment
+    (new rows averaged from old ones) works on float32 copies, so aligned jobs never stream."""
+    return job.method.streams and job.vocab is None
+
+
 def compute_inputs(job: TensorJob, stored: list[torch.Tensor | None],
                    device: torch.device) -> list[torch.Tensor | None]:
     """The stored inputs as the method sees them: rounded to the recipe's `dtype` (if it gives one), then
-    float32 copies on `device`. `stored` is emptied: each stored tensor is freed once its copy exists."""
+    float32 copies on `device`, or, for a streaming method, on `device` as they are. `stored` is
+    emptied: each stored tensor is freed once its copy exists."""
+    convert = (lambda t: t.to(device)) if streams(job) else (lambda t: _float32(t, device))
     converted = []
     while stored:
         t = stored.pop(0)
         if t is not None and job.input_dtype is not None:
             t = t.to(job.input_dtype)
-        converted.append(_float32(t, device) if t is not None else None)
+        converted.append(convert(t) if t is not None else None)
         del t
     return converted
 

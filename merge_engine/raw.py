@@ -89,7 +89,7 @@ class FileSource(ModelSource):
         if not path.is_file():
             raise ModelLoadError(f"model {file!r}: no such file (mergekit-pytorch's models are state-dict files)")
         self.name, self.path, self.config = file, path.parent, {}
-        self._cache, self._meta, self._pickled = None, {}, {}
+        self._cache, self._meta, self._spans, self._pickled = None, {}, {}, {}
         self.allow_pickle = allow_pickle
         if path.suffix == ".safetensors":
             try:

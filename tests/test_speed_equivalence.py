@@ -15,7 +15,7 @@ from merge_engine import MergeOptions, executor, parse_recipe, run_merge
 from merge_engine.executor import MergeError, execute_plan
 from merge_engine.io.loader import ModelLoadError, ModelSource
 from merge_engine.merge import plan_merge
-from merge_engine.methods import REGISTRY, consensus, task_arithmetic
+from merge_engine.methods import REGISTRY, chunks, consensus, sparsify, task_arithmetic
 from merge_engine.plan import TensorJob
 
 QUIET = MergeOptions(progress=False, random_seed=7)
@@ -49,7 +49,7 @@ def stacked_task_vectors(tensors, base, weights, sparsifier, consensus_, normali
         return CHUNKED(tensors, base, weights, sparsifier, consensus_, normalize, lambda_, int8_mask)
     deltas = torch.stack([t - base for t in tensors])
     if sparsifier is not None:
-        deltas = torch.stack([sparsifier(d, i) for i, d in enumerate(deltas)])
+        deltas = torch.stack([sparsify.sparsify_whole(sparsifier, d, i) for i, d in enumerate(deltas)])
     w = torch.tensor(list(weights), dtype=deltas.dtype).view(-1, *([1] * (deltas.dim() - 1)))
     weighted = deltas * w
     if consensus_:
@@ -91,7 +91,7 @@ def reference_merge(job: TensorJob, sources: dict[str, ModelSource]) -> torch.Te
 def tiny_chunks(monkeypatch):
     """Chunks far smaller than the tensors, so every tensor is merged in many slices
     (including a ragged last one)."""
-    monkeypatch.setattr(task_arithmetic, "CHUNK", 37)
+    monkeypatch.setattr(chunks, "CHUNK", 37)
 
 
 @pytest.fixture
@@ -137,7 +137,7 @@ def test_executor_output_is_bit_identical_to_reference(method, zoo, tmp_path, mo
 def test_chunked_task_vectors_match_stacked_on_large_tensors(method):
     """Big enough for several real (default-size) chunks and a ragged end."""
     gen = torch.Generator().manual_seed(0)
-    shape = (3 * task_arithmetic.CHUNK // 1000 + 1, 1000)
+    shape = (3 * chunks.CHUNK // 1000 + 1, 1000)
     base = torch.randn(shape, generator=gen)
     tensors = [base + 0.1 * torch.randn(shape, generator=gen) for _ in range(3)]
     fn = REGISTRY[method]  # the spec fills in the global defaults

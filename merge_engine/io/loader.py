@@ -1,22 +1,25 @@
 """Lazy access to a model directory's tensors.
 
-Safetensors files are read with ``safe_open``: a tensor is read only when asked for,
-and the file is opened for that read alone. Keeping the mmap open would leave every
-page read so far resident and counted in the process's RSS, so memory would grow
-with the model instead of the largest tensor. Shapes and dtypes come from the
-headers, read once. Pickled ``.bin`` checkpoints are refused unless the caller opts
+Safetensors headers are read once per file (checked by ``safe_open``); a tensor is
+read only when asked for, with one positioned read straight into a new tensor
+(``readinto``: no mmap, so no page of the file stays mapped and counted in the
+process's RSS, and the copy happens on the thread that asks, without holding the
+GIL: the executor's reader thread, not the arithmetic). Memory follows the largest
+tensor, not the model. Pickled ``.bin`` checkpoints are refused unless the caller opts
 in, and even then are read with torch's ``weights_only`` unpickler.
 """
 
 from __future__ import annotations
 
 import json
+import struct
+import sys
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from ..dtypes import FROM_SAFETENSORS_CODE, dtype_name
+from ..dtypes import BY_NAME, FROM_SAFETENSORS_CODE, dtype_name
 from ..errors import ModelLoadError
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -54,6 +57,7 @@ class ModelSource:
         self.config = self._read_config()
         self._cache: dict[str, torch.Tensor] | None = {} if cache else None
         self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
+        self._spans: dict[str, tuple[int, int]] = {}  # safetensors tensor -> [start, end) bytes in its file
         self._pickled: dict[str, dict[str, torch.Tensor]] = {}
         self.allow_pickle = allow_pickle
         self.weight_map = self._read_weight_map(allow_pickle)
@@ -159,6 +163,7 @@ class ModelSource:
             for n in names:
                 sl = f.get_slice(n)
                 self._meta[n] = (tuple(sl.get_shape()), _dtype_name(sl.get_dtype()))
+        self._spans.update(_data_spans(self.path / filename))
         return names
 
     def _load_pickle(self, filename: str) -> dict[str, torch.Tensor]:
@@ -194,23 +199,55 @@ class ModelSource:
             return self._cache[name]
         filename = self._file_for(name)
         if filename.endswith(".safetensors"):
-            with self._open(filename) as f:
-                try:
-                    tensor = f.get_tensor(name)
-                except Exception as e:  # noqa: BLE001
-                    raise ModelLoadError(f"model {self.name!r}: cannot read tensor {name!r} from "
-                                         f"{self.path / filename} (truncated or corrupt?): {e}") from None
+            tensor = self._read_safetensors(filename, name)
         else:
             tensor = self._load_pickle(filename)[name]
         if self._cache is not None:
             self._cache[name] = tensor
         return tensor
 
+    def _read_safetensors(self, filename: str, name: str) -> torch.Tensor:
+        if name not in self._spans:
+            self._read_header(filename)
+        shape, dtype = self._meta[name]
+        torch_dtype = BY_NAME.get(dtype)
+        path = self.path / filename
+        try:
+            if torch_dtype is None or sys.byteorder != "little":  # let safetensors convert what we cannot
+                with self._open(filename) as f:
+                    return f.get_tensor(name)
+            tensor = torch.empty(shape, dtype=torch_dtype)
+            start, end = self._spans[name]
+            buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+            if len(buffer) != end - start:
+                raise ValueError(f"header says {end - start} bytes for shape {list(shape)} {dtype}")
+            with open(path, "rb", buffering=0) as f:
+                f.seek(start)
+                done = 0
+                while done < len(buffer):
+                    got = f.readinto(buffer[done:])
+                    if not got:
+                        raise ValueError(f"the file ends {len(buffer) - done} bytes early")
+                    done += got
+            return tensor
+        except Exception as e:  # noqa: BLE001 - any read failure names the tensor and file
+            raise ModelLoadError(f"model {self.name!r}: cannot read tensor {name!r} from {path} "
+                                 f"(truncated or corrupt?): {e}") from None
+
     def _file_for(self, name: str) -> str:
         try:
             return self.weight_map[name]
         except KeyError:
             raise ModelLoadError(f"model {self.name!r} has no tensor {name!r}") from None
+
+
+def _data_spans(path: Path) -> dict[str, tuple[int, int]]:
+    """Each tensor's [start, end) byte range in a safetensors file (whose header safe_open accepted)."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    return {n: (8 + length + v["data_offsets"][0], 8 + length + v["data_offsets"][1])
+            for n, v in header.items() if n != "__metadata__"}
 
 
 def _dtype_name(code: str) -> str:

@@ -6,6 +6,7 @@ from collections.abc import Iterable
 
 import torch
 
+from .chunks import float32, row_chunks
 from .spec import NORMALIZE_TRUE, WEIGHT, Floats, MethodSpec, ParamSpec, Tensors, require_base
 
 
@@ -24,13 +25,17 @@ def linear(
     tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, normalize: bool,
     generator: torch.Generator | None
 ) -> torch.Tensor:
-    """sum_i weight_i * x_i, divided by sum_i weight_i when normalize."""
-    merged = weighted_sum(tensors, weight)
-    if normalize:
-        total = float(sum(weight))
-        if abs(total) < 1e-8:
-            raise ValueError("linear: weights sum to zero, cannot normalize; set normalize: false")
-        merged = merged / total
+    """sum_i weight_i * x_i, divided by sum_i weight_i when normalize (float32, by row chunks)."""
+    total = float(sum(weight))
+    if normalize and abs(total) < 1e-8:
+        raise ValueError("linear: weights sum to zero, cannot normalize; set normalize: false")
+    merged = torch.empty(tensors[0].shape, dtype=torch.float32, device=tensors[0].device)
+    for s in row_chunks(merged.shape):
+        mixed = weighted_sum((float32(x[s]) for x in tensors), weight)
+        if normalize:
+            torch.div(mixed, total, out=merged[s])
+        else:
+            merged[s] = mixed
     return merged
 
 
@@ -81,7 +86,7 @@ def model_stock(
 SPECS = (
     MethodSpec("linear", linear, (WEIGHT, NORMALIZE_TRUE),
                "Wortsman et al. 2022, Model soups (arXiv:2203.05482)",
-               "weighted average of the models' parameters", uses_base=False),
+               "weighted average of the models' parameters", uses_base=False, streams=True),
     MethodSpec("passthrough", passthrough,
                (ParamSpec("scale", "per_model", default=1.0, help="multiply the copied tensor"),),
                "-", "copy tensors from one model unchanged (frankenmerges with slices)",

@@ -45,6 +45,11 @@ class MethodSpec:
     the spec as a keyword (``kwarg_name``): global ones as values, per-model ones
     as one value per tensor. Defaults live here, in the spec, not in ``fn``'s
     signature: call the spec itself to have them filled in.
+
+    Inputs are float32 unless ``streams``: then they come in their stored dtype
+    (bfloat16, float16 or float32) and ``fn`` converts one row chunk at a time, so
+    no float32 copy of a whole input exists. Either way ``fn`` never modifies its
+    inputs and returns float32.
     """
 
     name: str
@@ -57,6 +62,7 @@ class MethodSpec:
     min_models: int = 1  # non-base models
     max_models: int | None = None
     randomized: bool = False
+    streams: bool = False  # fn takes inputs as stored (any float dtype) and computes float32 by chunks (chunks.py)
 
     def __call__(self, tensors: Tensors, base: torch.Tensor | None, *,
                  generator: torch.Generator | None = None, **params: Any) -> torch.Tensor:

@@ -8,12 +8,13 @@ Each method is a composition of three steps on task vectors (delta_i = x_i - bas
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
 
 from . import sparsify
+from .chunks import float32, row_chunks
 from .consensus import sign_agreement_mask
 from .spec import (
     DENSITY,
@@ -37,57 +38,57 @@ from .spec import (
 # epsilon 0.15, evolve searches density where that holds.
 DELLA_DENSITY = replace(DENSITY, search=(0.2, 0.8))
 
-CHUNK = 1 << 20  # elements per slice in the elementwise steps (4 MiB of float32 per model)
-Sparsifier = Callable[[torch.Tensor, int], torch.Tensor]  # (delta, model index) -> delta
 
 
 def combine_task_vectors(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor,
     weights: Sequence[float],
-    sparsifier: Sparsifier | None,
+    sparsifier: sparsify.Sparsifier | None,
     consensus: bool,
     normalize: bool,
     lambda_: float,
     int8_mask: bool = False,
 ) -> torch.Tensor:
-    """Steps 1-3 above. tensors: n x [*shape]; base: [*shape]."""
-    if sparsifier is None and not consensus:  # plain task arithmetic: accumulate, no [n, *shape] stack
-        # sum_i (w_i * delta_i), added in order: the rounding of a sum over a stack
-        mixed = (tensors[0] - base).mul_(float(weights[0]))
-        for x, weight in zip(tensors[1:], weights[1:], strict=True):
-            mixed.add_((x - base).mul_(float(weight)))
-        total = torch.tensor(list(weights), dtype=base.dtype).sum()
-        if normalize and total.abs() >= 1e-8:
-            mixed = mixed / total.to(mixed.device)
-        return base + lambda_ * mixed
-    # 1. one task vector at a time (only one sparsifier's scratch memory alive): n x [*shape]
-    deltas = []
-    for i, t in enumerate(tensors):
-        delta = t - base
-        deltas.append(sparsifier(delta, i) if sparsifier is not None else delta)
-        del delta
-    # 2-3 are elementwise: run them on [n, CHUNK] slices so the scratch memory is a few chunks,
-    # not several [n, *shape] copies of the task vectors.
-    merged = torch.empty_like(base)
-    flat_merged, flat_base = merged.view(-1), base.reshape(-1)
-    flat_deltas = [d.reshape(-1) for d in deltas]
-    w = torch.tensor(list(weights), dtype=base.dtype, device=base.device).view(-1, 1)  # [n, 1]
-    for start in range(0, base.numel(), CHUNK):
-        end = min(start + CHUNK, base.numel())
-        weighted = torch.stack([d[start:end] for d in flat_deltas]) * w  # [n, chunk]
-        if consensus:
-            mask = sign_agreement_mask(weighted, int8=int8_mask).to(base.dtype)  # elect sign
-            mixed = (weighted * mask).sum(dim=0)  # disjoint merge
+    """Steps 1-3 above, in float32, one row chunk at a time (chunks.py): inputs in any float dtype,
+    scratch memory a few chunks per model. tensors: n x [*shape]; base: [*shape]."""
+    merged = torch.empty(base.shape, dtype=torch.float32, device=base.device)
+    slices = row_chunks(base.shape)
+    if sparsifier is None and not consensus:  # plain task arithmetic: a running sum, no [n, chunk] stack
+        total = torch.tensor(list(weights), dtype=torch.float32).sum()
+        for s in slices:  # in place on each chunk's own float32 copies: the same operations, fewer passes
+            b = float32(base[s])
+            # sum_i (w_i * delta_i), added in order
+            mixed = float32(tensors[0][s]).sub_(b).mul_(float(weights[0]))
+            for x, weight in zip(tensors[1:], weights[1:], strict=True):
+                mixed.add_(float32(x[s]).sub_(b).mul_(float(weight)))
+            if normalize and total.abs() >= 1e-8:
+                mixed.div_(total.to(mixed.device))
+            torch.add(b, mixed.mul_(lambda_), out=merged[s])
+        return merged
+    # 1. sparsify: each model's sparsifier reads its task vector first, in model order (one random stream)
+    vectors = [sparsify.TaskVector(t, base, slices) for t in tensors]
+    trims = [sparsifier.fit(i, v) if sparsifier is not None else None for i, v in enumerate(vectors)]
+    streams = [v.chunks() for v in vectors]
+    w = torch.tensor(list(weights), dtype=torch.float32, device=base.device).view(-1, 1)  # [n, 1]
+    for s in slices:
+        deltas = [next(d) for d in streams]
+        if sparsifier is not None:
+            deltas = [trim(d) for trim, d in zip(trims, deltas, strict=True)]
+        weighted = torch.stack([d.reshape(-1) for d in deltas]) * w  # [n, chunk]
+        del deltas
+        if consensus:  # 2. elect sign, disjoint merge
+            mask = sign_agreement_mask(weighted, int8=int8_mask).to(torch.float32)
+            mixed = (weighted * mask).sum(dim=0)
             divisor = (w * mask).sum(dim=0)
             divisor[divisor == 0] = 1.0
         else:
             mixed = weighted.sum(dim=0)
             divisor = w.sum(dim=0)
             divisor[divisor.abs() < 1e-8] = 1.0
-        if normalize:
-            mixed = mixed / divisor
-        flat_merged[start:end] = flat_base[start:end] + lambda_ * mixed
+        if normalize:  # 3. weighted mean of what survived
+            mixed.div_(divisor)
+        torch.add(float32(base[s]), mixed.mul_(lambda_).view(merged[s].shape), out=merged[s])
     return merged
 
 
@@ -104,15 +105,15 @@ def ties(
     tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, density: Floats, normalize: bool,
     lambda_: float, rescale: bool, int8_mask: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
-    trim = lambda d, i: sparsify.magnitude(d, density[i], rescale)  # noqa: E731
-    return combine_task_vectors(tensors, require_base(base, "ties"), weight, trim, True, normalize, lambda_, int8_mask)
+    return combine_task_vectors(tensors, require_base(base, "ties"), weight, sparsify.Magnitude(density, rescale),
+                                True, normalize, lambda_, int8_mask)
 
 
 def dare_ties(
     tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, density: Floats, normalize: bool,
     lambda_: float, rescale: bool, int8_mask: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
-    drop = lambda d, i: sparsify.random_drop(d, density[i], rescale, generator)  # noqa: E731
+    drop = sparsify.RandomDrop(density, rescale, generator)
     return combine_task_vectors(tensors, require_base(base, "dare_ties"), weight, drop, True, normalize, lambda_,
                                 int8_mask)
 
@@ -122,7 +123,7 @@ def dare_linear(
     lambda_: float, rescale: bool, int8_mask: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
     """int8_mask is accepted as mergekit does; without sign consensus it changes nothing."""
-    drop = lambda d, i: sparsify.random_drop(d, density[i], rescale, generator)  # noqa: E731
+    drop = sparsify.RandomDrop(density, rescale, generator)
     return combine_task_vectors(tensors, require_base(base, "dare_linear"), weight, drop, False, normalize, lambda_)
 
 
@@ -131,7 +132,7 @@ def breadcrumbs(
     normalize: bool, lambda_: float, rescale: bool, int8_mask: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
     """int8_mask is accepted as mergekit does; without sign consensus it changes nothing."""
-    crumbs = lambda d, i: sparsify.magnitude_outliers(d, density[i], gamma[i], rescale)  # noqa: E731
+    crumbs = sparsify.MagnitudeOutliers(density, gamma, rescale)
     return combine_task_vectors(tensors, require_base(base, "breadcrumbs"), weight, crumbs, False, normalize, lambda_)
 
 
@@ -139,7 +140,7 @@ def breadcrumbs_ties(
     tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, density: Floats, gamma: Floats,
     normalize: bool, lambda_: float, rescale: bool, int8_mask: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
-    crumbs = lambda d, i: sparsify.magnitude_outliers(d, density[i], gamma[i], rescale)  # noqa: E731
+    crumbs = sparsify.MagnitudeOutliers(density, gamma, rescale)
     return combine_task_vectors(tensors, require_base(base, "breadcrumbs_ties"), weight, crumbs, True, normalize,
                                 lambda_, int8_mask)
 
@@ -148,7 +149,7 @@ def della(
     tensors: Tensors, base: torch.Tensor | None, *, weight: Floats, density: Floats, epsilon: Floats,
     normalize: bool, lambda_: float, rescale: bool, int8_mask: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
-    prune = lambda d, i: sparsify.rank_magnitude_sampling(d, density[i], epsilon[i], rescale, generator)  # noqa: E731
+    prune = sparsify.RankMagnitudeSampling(density, epsilon, rescale, generator)
     return combine_task_vectors(tensors, require_base(base, "della"), weight, prune, True, normalize, lambda_,
                                 int8_mask)
 
@@ -158,13 +159,13 @@ def della_linear(
     normalize: bool, lambda_: float, rescale: bool, int8_mask: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
     """int8_mask is accepted as mergekit does; without sign consensus it changes nothing."""
-    prune = lambda d, i: sparsify.rank_magnitude_sampling(d, density[i], epsilon[i], rescale, generator)  # noqa: E731
+    prune = sparsify.RankMagnitudeSampling(density, epsilon, rescale, generator)
     return combine_task_vectors(tensors, require_base(base, "della_linear"), weight, prune, False, normalize, lambda_)
 
 
 def _spec(name: str, fn, params: tuple[ParamSpec, ...], paper: str, description: str, randomized=False):
     return MethodSpec(name=name, fn=fn, params=params, paper=paper, description=description,
-                      requires_base=True, randomized=randomized)
+                      requires_base=True, randomized=randomized, streams=True)
 
 
 SPECS = (

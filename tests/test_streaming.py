@@ -1,0 +1,103 @@
+"""Streaming methods (MethodSpec.streams): inputs in their stored dtype, float32 by row chunks.
+
+The rules they must keep: the result does not depend on the chunk size or on the input dtype
+(bfloat16 inputs give exactly what their float32 values give), inputs are never modified, and
+the magnitude rank selection (radix select, no sort) picks exactly the entries a stable sort
+would, with equal magnitudes ranked by position.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from merge_engine.methods import REGISTRY, chunks, sparsify
+
+STREAMING = sorted(name for name, spec in REGISTRY.items() if spec.streams)
+PARAMS = {"weight": [0.7, 0.45], "density": [0.5, 0.3], "gamma": [0.1, 0.05], "epsilon": [0.1, 0.05]}
+
+
+def bf16_models(shape=(67, 33), seed=0):
+    """Fine-tunes whose task vectors are bfloat16 differences: many exactly equal magnitudes."""
+    gen = torch.Generator().manual_seed(seed)
+    base = (0.02 * torch.randn(shape, generator=gen)).bfloat16()
+    tuned = [(base.float() + 0.002 * torch.randn(shape, generator=gen)).bfloat16() for _ in range(2)]
+    return base, tuned
+
+
+def run(method, tensors, base):
+    spec = REGISTRY[method]
+    kwargs = {p.name: PARAMS[p.name] for p in spec.per_model_params if p.name in PARAMS}
+    base = base if spec.uses_base else None
+    inputs = tensors if spec.uses_base else [*tensors]
+    return spec(inputs, base, generator=torch.Generator().manual_seed(3), **kwargs)
+
+
+def test_the_task_vector_family_and_linear_stream():
+    assert {"linear", "task_arithmetic", "ties", "dare_ties", "della", "breadcrumbs"} <= set(STREAMING)
+
+
+@pytest.mark.parametrize("method", STREAMING)
+def test_result_does_not_depend_on_chunk_size_or_input_dtype(method, monkeypatch):
+    base, tuned = bf16_models()
+    whole = run(method, [t.float() for t in tuned], base.float())  # one chunk, float32 inputs
+    for size in (37, 33 * 5, 1 << 20):  # one row per chunk, five rows, everything
+        monkeypatch.setattr(chunks, "CHUNK", size)
+        assert torch.equal(run(method, tuned, base), whole), size
+    assert whole.dtype == torch.float32
+    assert not torch.equal(whole, base.float())
+
+
+@pytest.mark.parametrize("method", STREAMING)
+def test_inputs_are_never_modified(method, monkeypatch):
+    monkeypatch.setattr(chunks, "CHUNK", 37)
+    base, tuned = bf16_models()
+    for dtype in (torch.float32, torch.bfloat16):
+        inputs = [t.to(dtype) for t in tuned]
+        b = base.to(dtype)
+        before = [t.clone() for t in (*inputs, b)]
+        run(method, inputs, b)
+        assert all(torch.equal(x, y) for x, y in zip(before, (*inputs, b), strict=True))
+
+
+def stable_rank_mask(magnitudes: torch.Tensor, first: int, stop: int) -> torch.Tensor:
+    """The reference: a stable sort by decreasing magnitude (equal ones keep their order)."""
+    order = torch.sort(-magnitudes.reshape(-1), stable=True).indices
+    keep = torch.zeros(magnitudes.numel(), dtype=torch.bool)
+    keep[order[first:stop]] = True
+    return keep.view(magnitudes.shape)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_rank_band_equals_a_stable_sort_with_many_ties(seed, monkeypatch):
+    monkeypatch.setattr(sparsify, "CHUNK", 53)  # the radix passes run over many pieces
+    gen = torch.Generator().manual_seed(seed)
+    magnitudes = (torch.randint(0, 9, (41, 23), generator=gen).float() * 0.125).abs()  # 9 distinct values
+    n = magnitudes.numel()
+    for first, stop in ((0, 1), (0, n // 2), (5, n // 3), (n // 4, n - 7), (0, n), (n - 1, n)):
+        assert torch.equal(sparsify.rank_band(magnitudes, first, stop), stable_rank_mask(magnitudes, first, stop))
+
+
+def test_magnitude_ranks_of_distinct_values_match_sorting():
+    gen = torch.Generator().manual_seed(1)
+    magnitudes = torch.randn(10_000, generator=gen).abs() * torch.logspace(-8, 8, 10_000)
+    ordered = torch.sort(magnitudes, descending=True).values
+    found = sparsify.magnitude_ranks(magnitudes, [0, 17, 5000, 9999])
+    assert [f.value for f in found] == [ordered[r].item() for r in (0, 17, 5000, 9999)]
+    assert [f.above for f in found] == [0, 17, 5000, 9999]
+
+
+def test_equal_magnitudes_are_kept_in_order_of_position():
+    delta = torch.tensor([1.0, -2.0, 2.0, 1.0, 2.0, -0.5])
+    # TIES at density 0.34 keeps int(0.34 * 6) = 2 entries: the first two of the three magnitudes 2
+    assert torch.equal(sparsify.magnitude(delta, 0.34, rescale=False), torch.tensor([0, -2.0, 2.0, 0, 0, 0]))
+    # breadcrumbs (density 0.5, gamma 1/6) keeps ranks 1-3, below the one outlier: ranked by magnitude,
+    # then position, they are -2 (rank 0, the outlier), 2 (pos 2), 2 (pos 4), 1 (pos 0), 1 (pos 3), -0.5
+    kept = sparsify.magnitude_outliers(delta, 0.5, 1 / 6, rescale=False)
+    assert torch.equal(kept, torch.tensor([1.0, 0, 2.0, 0, 2.0, 0]))
+
+
+def test_l1_rescale_restores_the_norm():
+    delta = torch.tensor([4.0, -3.0, 2.0, -1.0])
+    kept = sparsify.magnitude(delta, 0.5, rescale=True)  # keeps 4 and -3 (L1 7), scaled to L1 10
+    assert torch.allclose(kept, torch.tensor([40 / 7, -30 / 7, 0.0, 0.0]))
