@@ -73,14 +73,15 @@ def model_stock(
         for j in range(i + 1, n):
             norms = flat[i].norm(dim=-1) * flat[j].norm(dim=-1)
             pair_cos.append(((flat[i] * flat[j]).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1.0, 1.0))
+    del flat
     cos = torch.stack(pair_cos).mean(dim=0).unsqueeze(-1)  # [..., 1]
     denominator = 1.0 + (n - 1) * cos
     singular = denominator.abs() < 1e-6
     ratio = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, 1.0, denominator))
     if not filter_wise or base.dim() < 2:
         ratio = ratio.reshape(())
-    average = weighted_sum(tensors, [1.0] * n) / n
-    return ratio * average + (1.0 - ratio) * base
+    average = weighted_sum(tensors, [1.0] * n).div_(n)
+    return average.mul_(ratio).add_((1.0 - ratio) * base)  # ratio * average + (1 - ratio) * base, in place
 
 
 SPECS = (

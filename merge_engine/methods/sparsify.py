@@ -240,7 +240,11 @@ class RankMagnitudeSampling:
     def _sample(self, chunk: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
         rows = chunk.unsqueeze(0) if chunk.dim() < 2 else chunk  # [rows, width, ...]
         width = rows.shape[1]
-        ranks = torch.argsort(torch.argsort(rows.abs(), dim=1), dim=1).to(torch.float32)  # 0 = smallest
+        order = torch.argsort(rows.abs(), dim=1)
+        ranks = torch.empty_like(rows)  # 0 = smallest: the inverse permutation of order (argsort of argsort)
+        ranks.scatter_(1, order, torch.arange(width, dtype=rows.dtype, device=rows.device)
+                       .view(1, -1, *([1] * (rows.dim() - 2))).expand_as(rows))
+        del order
         p_keep = density - epsilon + 2.0 * epsilon * ranks / max(width - 1, 1)
         keep = torch.rand(rows.shape, generator=self.generator, device=chunk.device) < p_keep
         kept = rows * keep

@@ -25,24 +25,28 @@ def slerp_tensors(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     norm_a, norm_b = a.norm(), b.norm()
     ua = a / torch.where(norm_a > SLERP_EPS, norm_a, 1.0)
     ub = b / torch.where(norm_b > SLERP_EPS, norm_b, 1.0)
-    dot = (ua.float() * ub.float()).sum().clamp(-1.0, 1.0)  # float32: 0.9995 rounds to 1.0 in bf16
+    dot = ua.float().mul_(ub.float()).sum().clamp(-1.0, 1.0)  # float32: 0.9995 rounds to 1.0 in bf16
+    del ua, ub  # (temporaries are reused in place below: the same operations, fewer full-size copies)
     if dot.abs() > SLERP_DOT_THRESHOLD:
-        return (1.0 - t) * a + t * b
+        return ((1.0 - t) * a).add_(t * b)
     theta = torch.arccos(dot)
     sin_theta = torch.sin(theta)
-    return (torch.sin((1.0 - t) * theta) / sin_theta) * a + (torch.sin(t * theta) / sin_theta) * b
+    return ((torch.sin((1.0 - t) * theta) / sin_theta) * a).add_((torch.sin(t * theta) / sin_theta) * b)
 
 
 def slerp_vectors(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     """nuslerp's slerp of each vector along the last dim of a and b ([..., d])."""
     ua = a / a.norm(dim=-1, keepdim=True).clamp(min=NUSLERP_NORM_EPS)
     ub = b / b.norm(dim=-1, keepdim=True).clamp(min=NUSLERP_NORM_EPS)
-    cos = (ua * ub).sum(dim=-1, keepdim=True).clamp(-1.0, 1.0)  # [..., 1]
+    cos = ua.mul_(ub).sum(dim=-1, keepdim=True).clamp(-1.0, 1.0)  # [..., 1]
+    del ua, ub  # (temporaries are reused in place below: the same operations, fewer full-size copies)
     colinear = (1.0 - cos.square()) <= NUSLERP_EPS**2
     theta = torch.arccos(torch.where(colinear, 0.0, cos))
     sin_theta = torch.sin(theta)
-    spherical = (torch.sin((1.0 - t) * theta) * a + torch.sin(t * theta) * b) / sin_theta
-    return torch.where(colinear, (1.0 - t) * a + t * b, spherical)
+    spherical = (torch.sin((1.0 - t) * theta) * a).add_(torch.sin(t * theta) * b).div_(sin_theta)
+    if not bool(colinear.any()):
+        return spherical
+    return torch.where(colinear, ((1.0 - t) * a).add_(t * b), spherical)
 
 
 def slerp(
