@@ -25,7 +25,7 @@ import torch
 from .chunks import CHUNK, float32
 
 L1_EPS = 1e-7  # below this L1 norm (before or after the mask) nothing is rescaled, as mergekit
-Sparsify = Callable[[torch.Tensor], torch.Tensor]  # a task-vector chunk -> the same chunk, sparsified
+Sparsify = Callable[[torch.Tensor], torch.Tensor]  # a task-vector chunk -> that chunk sparsified (in place)
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,8 @@ class TaskVector:
 
 class Sparsifier(Protocol):
     def fit(self, model: int, delta: TaskVector) -> Sparsify:
-        """Read the model's task vector; return the function for its chunks (called in order)."""
+        """Read the model's task vector; return the function for its chunks (called in order, once each;
+        it may overwrite the chunk it is given and return it)."""
         ...
 
 
@@ -136,14 +137,18 @@ def _band_sparsify(delta: TaskVector, first: int, stop: int, rescale: bool) -> S
     masks = (keep[s] for s in delta.slices)
 
     def apply(chunk: torch.Tensor) -> torch.Tensor:
-        kept = chunk * next(masks)
-        return kept * factor if factor is not None else kept
+        kept = chunk.mul_(next(masks))
+        return kept.mul_(factor) if factor is not None else kept
 
     return apply
 
 
 def _identity(chunk: torch.Tensor) -> torch.Tensor:
     return chunk
+
+
+def _zero(chunk: torch.Tensor) -> torch.Tensor:
+    return chunk.zero_()
 
 
 # ----------------------------------------------------------------------------- the four rules
@@ -161,7 +166,7 @@ class Magnitude:
         if density >= 1.0:
             return _identity
         if density <= 0.0 or delta.numel == 0:
-            return torch.zeros_like
+            return _zero
         return _band_sparsify(delta, 0, max(1, int(density * delta.numel)), self.rescale)
 
 
@@ -182,7 +187,7 @@ class MagnitudeOutliers:
         n_keep = int(self.density[model] * n)
         n_bottom = max(0, n - n_keep - int(self.gamma[model] * n))
         if n_keep == 0:
-            return torch.zeros_like
+            return _zero
         return _band_sparsify(delta, n - n_bottom - n_keep, n - n_bottom, self.rescale)
 
 
@@ -201,14 +206,14 @@ class RandomDrop:
         if density >= 1.0:
             return _identity
         if density <= 0.0:
-            return torch.zeros_like
+            return _zero
         device = delta.base.device
         masks = iter([torch.rand(shape, generator=self.generator, device=device, dtype=torch.float32) < density
                       for shape in delta.shapes()])
 
         def apply(chunk: torch.Tensor) -> torch.Tensor:
-            kept = chunk * next(masks)
-            return kept / density if self.rescale else kept
+            kept = chunk.mul_(next(masks))
+            return kept.div_(density) if self.rescale else kept
 
         return apply
 
@@ -230,7 +235,7 @@ class RankMagnitudeSampling:
         if density >= 1.0:
             return _identity
         if density <= 0.0:
-            return torch.zeros_like
+            return _zero
         if density + epsilon >= 1.0 or density - epsilon <= 0.0:
             raise ValueError(f"keep probabilities density +/- epsilon = {density} +/- {epsilon} must lie inside "
                              f"(0, 1); lower epsilon below {min(density, 1.0 - density):g}")

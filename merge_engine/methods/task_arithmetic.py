@@ -68,18 +68,21 @@ def combine_task_vectors(
         return merged
     # 1. sparsify: each model's sparsifier reads its task vector first, in model order (one random stream)
     vectors = [sparsify.TaskVector(t, base, slices) for t in tensors]
-    trims = [sparsifier.fit(i, v) if sparsifier is not None else None for i, v in enumerate(vectors)]
-    streams = [v.chunks() for v in vectors]
+    trims = [sparsifier.fit(i, v) for i, v in enumerate(vectors)] if sparsifier is not None else []
     w = torch.tensor(list(weights), dtype=torch.float32, device=base.device).view(-1, 1)  # [n, 1]
     for s in slices:
-        deltas = [next(d) for d in streams]
-        if sparsifier is not None:
-            deltas = [trim(d) for trim, d in zip(trims, deltas, strict=True)]
-        weighted = torch.stack([d.reshape(-1) for d in deltas]) * w  # [n, chunk]
-        del deltas
+        b = float32(base[s]).view(-1)
+        weighted = torch.empty((len(tensors), b.numel()), dtype=torch.float32, device=base.device)  # [n, chunk]
+        for i, x in enumerate(tensors):  # delta_i, converted and sparsified in its row of the stack
+            delta = weighted[i].copy_(x[s].reshape(-1)).sub_(b)
+            if trims:
+                kept = trims[i](delta.view(base[s].shape))  # (the rows of the chunk, for per-row rules)
+                if kept.data_ptr() != delta.data_ptr():
+                    delta.copy_(kept.reshape(-1))
+        weighted.mul_(w)
         if consensus:  # 2. elect sign, disjoint merge
             mask = sign_agreement_mask(weighted, int8=int8_mask).to(torch.float32)
-            mixed = (weighted * mask).sum(dim=0)
+            mixed = weighted.mul_(mask).sum(dim=0)
             divisor = (w * mask).sum(dim=0)
             divisor[divisor == 0] = 1.0
         else:
@@ -88,7 +91,7 @@ def combine_task_vectors(
             divisor[divisor.abs() < 1e-8] = 1.0
         if normalize:  # 3. weighted mean of what survived
             mixed.div_(divisor)
-        torch.add(float32(base[s]), mixed.mul_(lambda_).view(merged[s].shape), out=merged[s])
+        torch.add(b, mixed.mul_(lambda_), out=merged[s].view(-1))
     return merged
 
 
