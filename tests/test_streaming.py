@@ -27,14 +27,15 @@ def bf16_models(shape=(67, 33), seed=0):
 
 def run(method, tensors, base):
     spec = REGISTRY[method]
-    kwargs = {p.name: PARAMS[p.name] for p in spec.per_model_params if p.name in PARAMS}
+    tensors = tensors[: spec.max_models or len(tensors)]
+    kwargs = {p.name: PARAMS[p.name][: len(tensors)] for p in spec.per_model_params if p.name in PARAMS}
+    kwargs |= {p.name: 0.3 for p in spec.global_params if p.name == "t"}
     base = base if spec.uses_base else None
-    inputs = tensors if spec.uses_base else [*tensors]
-    return spec(inputs, base, generator=torch.Generator().manual_seed(3), **kwargs)
+    return spec(tensors, base, generator=torch.Generator().manual_seed(3), **kwargs)
 
 
 def test_the_task_vector_family_and_linear_stream():
-    assert {"linear", "task_arithmetic", "ties", "dare_ties", "della", "breadcrumbs"} <= set(STREAMING)
+    assert {"linear", "task_arithmetic", "ties", "dare_ties", "della", "breadcrumbs", "slerp"} <= set(STREAMING)
 
 
 @pytest.mark.parametrize("method", STREAMING)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .chunks import float32, row_chunks
 from .spec import WEIGHT, Floats, MethodSpec, ParamSpec, T, Tensors, require_base
 
 SLERP_DOT_THRESHOLD = 0.9995  # slerp: |cos| above this interpolates linearly
@@ -21,17 +22,31 @@ NUSLERP_T_EPS = 1e-6  # nuslerp: weights summing to less than this give t = 0.5
 
 def slerp_tensors(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     """Great-circle interpolation between whole tensors a (t=0) and b (t=1); t outside
-    [0, 1] extrapolates. Nearly colinear or antipodal inputs interpolate linearly."""
-    norm_a, norm_b = a.norm(), b.norm()
-    ua = a / torch.where(norm_a > SLERP_EPS, norm_a, 1.0)
-    ub = b / torch.where(norm_b > SLERP_EPS, norm_b, 1.0)
-    dot = ua.float().mul_(ub.float()).sum().clamp(-1.0, 1.0)  # float32: 0.9995 rounds to 1.0 in bf16
-    del ua, ub  # (temporaries are reused in place below: the same operations, fewer full-size copies)
+    [0, 1] extrapolates. Nearly colinear or antipodal inputs interpolate linearly.
+
+    a and b may be stored bfloat16/float16 (streaming, chunks.py): the two norms and the dot
+    product are reductions over the whole tensors in float32 (as on float32 copies: the same
+    sums), everything else runs by row chunks; the result is float32."""
+    norm_a = torch.linalg.vector_norm(a, dtype=torch.float32)  # == a.float().norm()
+    norm_b = torch.linalg.vector_norm(b, dtype=torch.float32)
+    divisor_a = torch.where(norm_a > SLERP_EPS, norm_a, 1.0)
+    divisor_b = torch.where(norm_b > SLERP_EPS, norm_b, 1.0)
+    slices = row_chunks(a.shape)
+    products = torch.empty(a.shape, dtype=torch.float32, device=a.device)  # ua * ub, summed once as a whole
+    for s in slices:
+        torch.mul(float32(a[s]).div_(divisor_a), float32(b[s]).div_(divisor_b), out=products[s])
+    dot = products.sum().clamp(-1.0, 1.0)  # float32: 0.9995 rounds to 1.0 in bf16
+    del products
     if dot.abs() > SLERP_DOT_THRESHOLD:
-        return ((1.0 - t) * a).add_(t * b)
-    theta = torch.arccos(dot)
-    sin_theta = torch.sin(theta)
-    return ((torch.sin((1.0 - t) * theta) / sin_theta) * a).add_((torch.sin(t * theta) / sin_theta) * b)
+        weight_a, weight_b = torch.tensor(1.0 - t), torch.tensor(t)
+    else:
+        theta = torch.arccos(dot)
+        sin_theta = torch.sin(theta)
+        weight_a, weight_b = torch.sin((1.0 - t) * theta) / sin_theta, torch.sin(t * theta) / sin_theta
+    merged = torch.empty(a.shape, dtype=torch.float32, device=a.device)
+    for s in slices:
+        torch.add(float32(a[s]).mul_(weight_a), float32(b[s]).mul_(weight_b), out=merged[s])
+    return merged
 
 
 def slerp_vectors(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
@@ -170,7 +185,7 @@ _RELATIVE_WEIGHT = ParamSpec("weight", "per_model", required=True, search=(0.0, 
 SPECS = (
     MethodSpec("slerp", slerp, (T,), "Shoemake 1985, Animating rotation with quaternion curves",
                "spherical interpolation between the base model and one other", requires_base=True,
-               min_models=1, max_models=1),
+               min_models=1, max_models=1, streams=True),
     MethodSpec("nuslerp", nuslerp,
                (_RELATIVE_WEIGHT,
                 ParamSpec("nuslerp_flatten", "global", "bool", default=True, help="slerp whole tensors"),
