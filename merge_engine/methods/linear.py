@@ -64,24 +64,35 @@ def model_stock(
     the whole tensor, or per vector along the last dim when filter_wise). Where the
     denominator vanishes (|.| < 1e-6) the base is kept."""
     n, base = len(tensors), require_base(base, "model_stock")
+    slices = row_chunks(base.shape)
+    deltas = []  # float32 task vectors, whole: the cosines are reductions over them
+    for t in tensors:
+        delta = torch.empty(base.shape, dtype=torch.float32, device=base.device)
+        for s in slices:
+            torch.sub(float32(t[s]), float32(base[s]), out=delta[s])
+        deltas.append(delta)
     if filter_wise:
-        flat = [(t - base).reshape(1, -1) if base.dim() < 2 else t - base for t in tensors]  # [..., last]
+        flat = [d.reshape(1, -1) if base.dim() < 2 else d for d in deltas]  # [..., last]
     else:
-        flat = [(t - base).reshape(-1) for t in tensors]  # [numel]
+        flat = [d.reshape(-1) for d in deltas]  # [numel]
     pair_cos = []
     for i in range(n):
         for j in range(i + 1, n):
             norms = flat[i].norm(dim=-1) * flat[j].norm(dim=-1)
             pair_cos.append(((flat[i] * flat[j]).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1.0, 1.0))
-    del flat
+    del flat, deltas
     cos = torch.stack(pair_cos).mean(dim=0).unsqueeze(-1)  # [..., 1]
     denominator = 1.0 + (n - 1) * cos
     singular = denominator.abs() < 1e-6
     ratio = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, 1.0, denominator))
     if not filter_wise or base.dim() < 2:
         ratio = ratio.reshape(())
-    average = weighted_sum(tensors, [1.0] * n).div_(n)
-    return average.mul_(ratio).add_((1.0 - ratio) * base)  # ratio * average + (1 - ratio) * base, in place
+    merged = torch.empty(base.shape, dtype=torch.float32, device=base.device)
+    for s in slices:  # ratio * average + (1 - ratio) * base
+        r = ratio if ratio.dim() == 0 else ratio[s]
+        average = weighted_sum((float32(x[s]) for x in tensors), [1.0] * n).div_(n)
+        torch.add(average.mul_(r), (1.0 - r) * float32(base[s]), out=merged[s])
+    return merged
 
 
 SPECS = (
@@ -103,5 +114,5 @@ SPECS = (
                           help="compute the interpolation ratio per row instead of per tensor"),),
                "Jang et al. 2024, Model Stock (arXiv:2403.19522)",
                "move from the base towards the fine-tunes' average by their task-vector agreement",
-               requires_base=True, min_models=2),
+               requires_base=True, min_models=2, streams=True),
 )
