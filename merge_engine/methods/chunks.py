@@ -36,3 +36,11 @@ def float32(t: torch.Tensor) -> torch.Tensor:
 def float32_chunks(t: torch.Tensor, slices: list[slice]) -> Iterator[torch.Tensor]:
     for s in slices:
         yield float32(t[s])
+
+
+def task_vector(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """model - base in float32, whole (for methods that reduce over it), converted by row chunks."""
+    delta = torch.empty(base.shape, dtype=torch.float32, device=base.device)
+    for s in row_chunks(base.shape):
+        torch.sub(float32(model[s]), float32(base[s]), out=delta[s])
+    return delta

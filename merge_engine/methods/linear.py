@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 import torch
 
-from .chunks import float32, row_chunks
+from .chunks import float32, row_chunks, task_vector
 from .spec import NORMALIZE_TRUE, WEIGHT, Floats, MethodSpec, ParamSpec, Tensors, require_base
 
 
@@ -65,12 +65,7 @@ def model_stock(
     denominator vanishes (|.| < 1e-6) the base is kept."""
     n, base = len(tensors), require_base(base, "model_stock")
     slices = row_chunks(base.shape)
-    deltas = []  # float32 task vectors, whole: the cosines are reductions over them
-    for t in tensors:
-        delta = torch.empty(base.shape, dtype=torch.float32, device=base.device)
-        for s in slices:
-            torch.sub(float32(t[s]), float32(base[s]), out=delta[s])
-        deltas.append(delta)
+    deltas = [task_vector(t, base) for t in tensors]  # whole: the cosines are reductions over them
     if filter_wise:
         flat = [d.reshape(1, -1) if base.dim() < 2 else d for d in deltas]  # [..., last]
     else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .chunks import float32, row_chunks
+from .chunks import float32, row_chunks, task_vector
 from .spec import WEIGHT, Floats, MethodSpec, ParamSpec, T, Tensors, require_base
 
 SLERP_DOT_THRESHOLD = 0.9995  # slerp: |cos| above this interpolates linearly
@@ -86,14 +86,42 @@ def nuslerp(
     t = 0.5 if abs(total) < NUSLERP_T_EPS else weight[1] / total
     a, b = tensors
     if base is not None:
-        a, b = a - base, b - base
+        a, b = task_vector(a, base), task_vector(b, base)
     if nuslerp_flatten:
-        merged = slerp_vectors(a.reshape(-1), b.reshape(-1), t).reshape(a.shape)
+        merged = slerp_flat(a, b, t)
     elif nuslerp_row_wise:
-        merged = slerp_vectors(a.transpose(0, -1), b.transpose(0, -1), t).transpose(0, -1)
+        merged = slerp_vectors(float32(a).transpose(0, -1), float32(b).transpose(0, -1), t).transpose(0, -1)
     else:
-        merged = slerp_vectors(a, b, t)
-    return merged if base is None else base + merged
+        merged = slerp_vectors(float32(a), float32(b), t)
+    if base is not None:  # base + merged
+        for s in row_chunks(merged.shape):
+            torch.add(float32(base[s]), merged[s], out=merged[s])
+    return merged
+
+
+def slerp_flat(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """slerp_vectors of the flattened tensors, streaming (chunks.py): the norms and the dot
+    product are whole-tensor float32 reductions (the same sums), the rest runs by row chunks."""
+    norm_a = torch.linalg.vector_norm(a.reshape(-1), dim=-1, keepdim=True, dtype=torch.float32)
+    norm_b = torch.linalg.vector_norm(b.reshape(-1), dim=-1, keepdim=True, dtype=torch.float32)
+    norm_a, norm_b = norm_a.clamp(min=NUSLERP_NORM_EPS), norm_b.clamp(min=NUSLERP_NORM_EPS)
+    slices = row_chunks(a.shape)
+    products = torch.empty(a.shape, dtype=torch.float32, device=a.device)
+    for s in slices:
+        torch.mul(float32(a[s]).div_(norm_a), float32(b[s]).div_(norm_b), out=products[s])
+    cos = products.reshape(-1).sum(dim=-1, keepdim=True).clamp(-1.0, 1.0)  # [1]
+    del products
+    colinear = bool(((1.0 - cos.square()) <= NUSLERP_EPS**2).item())
+    theta = torch.arccos(torch.zeros_like(cos) if colinear else cos)
+    sin_theta = torch.sin(theta)
+    merged = torch.empty(a.shape, dtype=torch.float32, device=a.device)
+    for s in slices:
+        if colinear:
+            torch.add((1.0 - t) * float32(a[s]), t * float32(b[s]), out=merged[s])
+        else:
+            fa = float32(a[s]).mul_(torch.sin((1.0 - t) * theta))
+            torch.add(fa, float32(b[s]).mul_(torch.sin(t * theta)), out=merged[s]).div_(sin_theta)
+    return merged
 
 
 def multislerp(
@@ -194,7 +222,7 @@ SPECS = (
                                "as mergekit's code does")),
                "mergekit nuslerp (generalises Shoemake 1985 slerp)",
                "slerp of two models or their task vectors, t from relative weights",
-               min_models=2, max_models=2),
+               min_models=2, max_models=2, streams=True),
     MethodSpec("multislerp", multislerp,
                (_RELATIVE_WEIGHT,
                 ParamSpec("normalize_weights", "global", "bool", default=True, help="weights sum to one"),
