@@ -14,7 +14,8 @@ in-memory vs on-disk candidate materialization (--materialize).
 
 mergekit runs from an isolated venv: $EVOMERGE_MERGEKIT_VENV if set, else .cache/mergekit-0.1.5
 (created with `pip install mergekit==0.1.5` when missing; never the system Python). evomerge
-runs from --evomerge-root (default: this checkout), so an older checkout can be measured as "before".
+runs from --evomerge-root (default: this checkout); --baseline-root adds an older checkout to every run
+(before, evomerge, mergekit), so "before" and "after" share the machine's state.
 Writes bench/results/speed_vs_mergekit{-TAG}.{md,json}.
 """
 
@@ -219,7 +220,7 @@ def io_floor(inputs: list[Path], out_bytes: int, scratch: Path) -> dict:
 # ----------------------------------------------------------------------------- runs
 
 def compare(method: str, paths: list[Path], work: Path, repeats: int, evomerge_root: Path,
-            mk_python: Path) -> dict:
+            mk_python: Path, baseline_root: Path | None = None) -> dict:
     r = recipe(method, *paths)
     recipe_path = work / f"{method}.yml"
     import yaml
@@ -230,17 +231,30 @@ def compare(method: str, paths: list[Path], work: Path, repeats: int, evomerge_r
     for k in range(repeats):
         for f in inputs:  # page cache warm for both tools
             subprocess.run(["dd", f"if={f}", "of=/dev/null", "bs=16M"], capture_output=True, check=True)
+        before = (run_tool("evomerge", recipe_path, work / "out-before", baseline_root, mk_python)
+                  if baseline_root else None)
         evo = run_tool("evomerge", recipe_path, work / "out-evomerge", evomerge_root, mk_python)
         mk = run_tool("mergekit", recipe_path, work / "out-mergekit", evomerge_root, mk_python)
         floor = io_floor(inputs, evo["output_bytes"], work)
         pair = {"evomerge": evo, "mergekit": mk, "io": floor, "speedup": mk["wall_s"] / evo["wall_s"]}
+        if before:
+            pair |= {"before": before, "speedup_before": mk["wall_s"] / before["wall_s"]}
+            print(f"  {method} before: {before['wall_s']:.1f}s (cpu {before['cpu_s']:.1f}s) "
+                  f"{before['peak_rss_mib']:.0f}MiB | x{pair['speedup_before']:.2f}", flush=True)
         print(f"  {method} pair {k + 1}: evomerge {evo['wall_s']:.1f}s (cpu {evo['cpu_s']:.1f}s) "
               f"{evo['peak_rss_mib']:.0f}MiB | mergekit {mk['wall_s']:.1f}s (cpu {mk['cpu_s']:.1f}s) "
               f"{mk['peak_rss_mib']:.0f}MiB | x{pair['speedup']:.2f} | "
               f"floor {floor['read_s']:.1f}+{floor['write_s']:.1f}s", flush=True)
         pairs.append(pair)
     med = statistics.median
-    return {"method": method, "pairs": pairs,
+    summary = {}
+    if baseline_root:
+        summary = {"before_s": med(p["before"]["wall_s"] for p in pairs),
+                   "before_rss_mib": max(p["before"]["peak_rss_mib"] for p in pairs),
+                   "speedup_before": med(p["speedup_before"] for p in pairs),
+                   "speedup_before_min": min(p["speedup_before"] for p in pairs),
+                   "speedup_before_max": max(p["speedup_before"] for p in pairs)}
+    return summary | {"method": method, "pairs": pairs,
             "evomerge_s": med(p["evomerge"]["wall_s"] for p in pairs),
             "mergekit_s": med(p["mergekit"]["wall_s"] for p in pairs),
             "speedup": med(p["speedup"] for p in pairs),
@@ -326,14 +340,21 @@ print(json.dumps({{"setup_s": setup, "times_s": times, "median_s": statistics.me
 # ----------------------------------------------------------------------------- report
 
 def table(rows: list[dict]) -> list[str]:
-    lines = ["| method | evomerge (s) | mergekit (s) | speed-up median (min-max) | evomerge RSS (MiB) | "
-             "mergekit RSS (MiB) | I/O floor read+write (s) | evomerge / floor |",
-             "|---|---|---|---|---|---|---|---|"]
+    before = all("before_s" in r for r in rows)
+    head = "| method | evomerge (s) | mergekit (s) | speed-up median (min-max) | evomerge RSS (MiB) | " \
+           "mergekit RSS (MiB) | I/O floor read+write (s) | evomerge / floor |"
+    if before:
+        head += " before (s) | before speed-up median (min-max) | before RSS (MiB) |"
+    lines = [head, "|---" * head.count(" | ") + "|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['evomerge_s']:.1f} | {r['mergekit_s']:.1f} | {r['speedup']:.2f}x "
-                     f"({r['speedup_min']:.2f}-{r['speedup_max']:.2f}) | {r['evomerge_rss_mib']:.0f} | "
-                     f"{r['mergekit_rss_mib']:.0f} | {r['floor_read_s']:.1f}+{r['floor_write_s']:.1f}"
-                     f"={r['floor_s']:.1f} | {r['vs_floor']:.2f} |")
+        line = (f"| {r['method']} | {r['evomerge_s']:.1f} | {r['mergekit_s']:.1f} | {r['speedup']:.2f}x "
+                f"({r['speedup_min']:.2f}-{r['speedup_max']:.2f}) | {r['evomerge_rss_mib']:.0f} | "
+                f"{r['mergekit_rss_mib']:.0f} | {r['floor_read_s']:.1f}+{r['floor_write_s']:.1f}"
+                f"={r['floor_s']:.1f} | {r['vs_floor']:.2f} |")
+        if before:
+            line += (f" {r['before_s']:.1f} | {r['speedup_before']:.2f}x ({r['speedup_before_min']:.2f}-"
+                     f"{r['speedup_before_max']:.2f}) | {r['before_rss_mib']:.0f} |")
+        lines.append(line)
     return lines
 
 
@@ -351,6 +372,9 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=ROOT / ".cache" / "bench-models")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/evomerge-speed-bench"))
     ap.add_argument("--evomerge-root", type=Path, default=ROOT, help="checkout whose evomerge is measured")
+    ap.add_argument("--baseline-root", type=Path, default=None,
+                    help="an older checkout (e.g. a git worktree) also measured in every run, before evomerge "
+                         "and mergekit: the 'before' columns")
     ap.add_argument("--tag", default="", help="results file suffix, e.g. 'before'")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -361,7 +385,8 @@ def main() -> None:
     rows, failed = [], {}
     for m in args.methods:
         try:
-            rows.append(compare(m, paths, args.workdir, args.repeats, args.evomerge_root.resolve(), mk_python))
+            rows.append(compare(m, paths, args.workdir, args.repeats, args.evomerge_root.resolve(), mk_python,
+                                args.baseline_root.resolve() if args.baseline_root else None))
         except RuntimeError as e:  # one tool failing on one method must not lose the other rows
             print(f"  {m}: {e}", flush=True)
             failed[m] = str(e)[-2000:]
@@ -370,11 +395,15 @@ def main() -> None:
     mat = materialize(paths, args.evomerge_root.resolve(), args.materialize_repeats) if args.materialize else None
     commit = subprocess.run(["git", "-C", str(args.evomerge_root), "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip()
+    baseline = (subprocess.run(["git", "-C", str(args.baseline_root), "rev-parse", "--short", "HEAD"],
+                               capture_output=True, text=True).stdout.strip() if args.baseline_root else None)
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "load_avg_at_end": os.getloadavg(),
-            "evomerge_commit": commit, "mergekit": MERGEKIT_VERSION, "params_per_model": params,
+            "evomerge_commit": commit, "baseline_commit": baseline, "mergekit": MERGEKIT_VERSION,
+            "params_per_model": params,
             "layers": args.layers, "repeats": args.repeats, "date": time.strftime("%Y-%m-%d %H:%M")}
     lines = [f"evomerge {commit} vs mergekit {MERGEKIT_VERSION}, 3 Llama models of {params / 1e6:.0f}M parameters "
-             f"(bf16), {args.repeats} paired run(s) per method, {meta['machine']}, {meta['date']}", ""]
+             f"(bf16), {args.repeats} paired run(s) per method, {meta['machine']}, {meta['date']}"
+             + (f"; before = evomerge {baseline}, run first in each pair" if baseline else ""), ""]
     lines += table(rows) if rows else []
     lines += [f"- {m} failed: {e.strip().splitlines()[-1]}" for m, e in failed.items()]
     if flat:
