@@ -15,12 +15,16 @@ import json
 import struct
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from safetensors import safe_open
 
 from ..dtypes import BY_NAME, FROM_SAFETENSORS_CODE, dtype_name
 from ..errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer  # collections.abc.Buffer from Python 3.12
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -218,7 +222,7 @@ class ModelSource:
                     return f.get_tensor(name)
             tensor = torch.empty(shape, dtype=torch_dtype)
             start, end = self._spans[name]
-            buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+            buffer = memoryview(cast("Buffer", tensor.reshape(-1).view(torch.uint8).numpy()))
             if len(buffer) != end - start:
                 raise ValueError(f"header says {end - start} bytes for shape {list(shape)} {dtype}")
             with open(path, "rb", buffering=0) as f:
