@@ -285,31 +285,35 @@ def flatness(cache: Path, work: Path, layers: list[int], methods: list[str], evo
     return rows
 
 
-def materialize(paths: list[Path], evomerge_root: Path, repeats: int) -> dict:
-    """In-memory vs on-disk candidate materialization through the search's public API, in a
-    child process per mode (so each mode's RSS is its own)."""
+def materialize(paths: list[Path], roots: dict[str, Path], repeats: int, threads: int) -> dict:
+    """In-memory vs on-disk candidate materialization through the search's public API, in a child
+    process per checkout and mode (so each one's RSS is its own); `roots` maps a label ("before",
+    "after") to a checkout, all measured in the same run."""
     from evolve.demo.tokenizer import char_tokenizer
 
     for path in paths:  # loading a model for scoring needs a tokenizer; the merge does not
         if not (path / "tokenizer_config.json").exists():
             char_tokenizer().save_pretrained(str(path))
-    out = {}
-    for mode in ("in-memory", "on-disk"):
-        code = MATERIALIZE_CHILD.format(root=str(evomerge_root), mode=mode, repeats=repeats,
-                                        base=str(paths[0]), a=str(paths[1]), b=str(paths[2]))
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(evomerge_root)}
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                              cwd=str(evomerge_root))
-        if proc.returncode != 0:
-            raise RuntimeError(f"materialize {mode} failed:\n{proc.stderr[-3000:]}")
-        out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"  materialize {mode}: {out[mode]}", flush=True)
-    out["speedup"] = out["on-disk"]["median_s"] / out["in-memory"]["median_s"]
+    out: dict = {"threads": threads}
+    for label, root in roots.items():
+        for mode in ("in-memory", "on-disk"):
+            code = MATERIALIZE_CHILD.format(mode=mode, repeats=repeats, threads=threads,
+                                            base=str(paths[0]), a=str(paths[1]), b=str(paths[2]))
+            env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(root)}
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                                  cwd=str(root))
+            if proc.returncode != 0:
+                raise RuntimeError(f"materialize {label} {mode} failed:\n{proc.stderr[-3000:]}")
+            out[f"{label} {mode}"] = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(f"  materialize {label} {mode}: {out[f'{label} {mode}']}", flush=True)
+        out[f"{label} speedup"] = out[f"{label} on-disk"]["median_s"] / out[f"{label} in-memory"]["median_s"]
     return out
 
 
 MATERIALIZE_CHILD = r"""
 import json, statistics, tempfile, time
+import torch
+torch.set_num_threads({threads})
 from merge_engine.config import MergeConfig
 from evolve import materialize
 def rss(key):
@@ -369,6 +373,8 @@ def main() -> None:
                     choices=ALL_METHODS)
     ap.add_argument("--materialize", action="store_true", help="also the search's candidate materialization")
     ap.add_argument("--materialize-repeats", type=int, default=3, help="candidates timed per mode")
+    ap.add_argument("--materialize-threads", type=int, default=os.cpu_count() or 1,
+                    help="torch threads in each materialization child (a single search worker gets all cores)")
     ap.add_argument("--cache", type=Path, default=ROOT / ".cache" / "bench-models")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/evomerge-speed-bench"))
     ap.add_argument("--evomerge-root", type=Path, default=ROOT, help="checkout whose evomerge is measured")
@@ -392,7 +398,10 @@ def main() -> None:
             failed[m] = str(e)[-2000:]
     flat = (flatness(args.cache, args.workdir, args.flat_layers, args.flat_methods, args.evomerge_root.resolve())
             if args.flatness else [])
-    mat = materialize(paths, args.evomerge_root.resolve(), args.materialize_repeats) if args.materialize else None
+    roots = {"after": args.evomerge_root.resolve()}
+    if args.baseline_root:
+        roots = {"before": args.baseline_root.resolve()} | roots
+    mat = materialize(paths, roots, args.materialize_repeats, args.materialize_threads) if args.materialize else None
     commit = subprocess.run(["git", "-C", str(args.evomerge_root), "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip()
     baseline = (subprocess.run(["git", "-C", str(args.baseline_root), "rev-parse", "--short", "HEAD"],
@@ -412,11 +421,15 @@ def main() -> None:
         lines += [f"| {r['layers']} | {r['params_m']}M | {r['method']} | {r['wall_s']:.1f} | "
                   f"{r['peak_rss_mib']:.0f} |" for r in flat]
     if mat:
-        lines += ["", "| candidate materialization (task_arithmetic of 2 + base) | median (s) | peak RSS (MiB) | "
-                  "RSS held (MiB) |", "|---|---|---|---|"]
-        lines += [f"| {m} | {mat[m]['median_s']:.2f} | {mat[m]['peak_rss_mib']:.0f} | {mat[m]['rss_now_mib']:.0f} |"
-                  for m in ("in-memory", "on-disk")]
-        lines += [f"| in-memory speed-up | {mat['speedup']:.1f}x | | |"]
+        lines += ["", f"| candidate materialization (task_arithmetic of 2 + base, {mat['threads']} torch threads) | "
+                  "median (s) | times (s) | peak RSS (MiB) | RSS held (MiB) |", "|---|---|---|---|---|"]
+        for label in [k.removesuffix(" speedup") for k in mat if k.endswith(" speedup")]:
+            for mode in ("in-memory", "on-disk"):
+                r = mat[f"{label} {mode}"]
+                lines.append(f"| {label}: {mode} | {r['median_s']:.2f} | "
+                             f"{', '.join(f'{t:.2f}' for t in r['times_s'])} | {r['peak_rss_mib']:.0f} | "
+                             f"{r['rss_now_mib']:.0f} |")
+            lines.append(f"| {label}: in-memory speed-up | {mat[label + ' speedup']:.1f}x | | | |")
     suffix = f"-{args.tag}" if args.tag else ""
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"speed_vs_mergekit{suffix}.json").write_text(json.dumps(
