@@ -245,17 +245,25 @@ class RankMagnitudeSampling:
     def _sample(self, chunk: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
         rows = chunk.unsqueeze(0) if chunk.dim() < 2 else chunk  # [rows, width, ...]
         width = rows.shape[1]
-        order = torch.argsort(rows.abs(), dim=1)
-        ranks = torch.empty_like(rows)  # 0 = smallest: the inverse permutation of order (argsort of argsort)
-        ranks.scatter_(1, order, torch.arange(width, dtype=rows.dtype, device=rows.device)
-                       .view(1, -1, *([1] * (rows.dim() - 2))).expand_as(rows))
-        del order
-        p_keep = density - epsilon + 2.0 * epsilon * ranks / max(width - 1, 1)
+        p_keep = row_ranks(rows).mul_(2.0 * epsilon).div_(max(width - 1, 1)).add_(density - epsilon)
         keep = torch.rand(rows.shape, generator=self.generator, device=chunk.device) < p_keep
-        kept = rows * keep
+        kept = rows.mul_(keep)
         if self.rescale:
-            kept = kept / p_keep
+            kept = kept.div_(p_keep)
         return kept.reshape(chunk.shape)
+
+
+def row_ranks(rows: torch.Tensor) -> torch.Tensor:
+    """The magnitude rank of each entry along dim 1 of float32 `rows`, as float32: 0 for the smallest,
+    width - 1 for the largest. Equal magnitudes are ranked in the order torch's (unstable) argsort
+    leaves them, as before this function existed: a stable order would change which entries DELLA
+    keeps for a given seed (a third of them on bfloat16 task vectors, whose magnitudes tie often)."""
+    width = rows.shape[1]
+    order = torch.argsort(rows.abs(), dim=1)
+    ranks = torch.empty_like(rows)  # the inverse permutation of order (argsort of argsort)
+    ranks.scatter_(1, order, torch.arange(width, dtype=rows.dtype, device=rows.device)
+                   .view(1, -1, *([1] * (rows.dim() - 2))).expand_as(rows))
+    return ranks
 
 
 # ----------------------------------------------------------------------------- whole tensors
@@ -287,4 +295,4 @@ def rank_magnitude_sampling(delta: torch.Tensor, density: float, epsilon: float,
 
 __all__ = ["Magnitude", "MagnitudeOutliers", "RandomDrop", "RankMagnitudeSampling", "Sparsifier", "TaskVector",
            "magnitude", "magnitude_outliers", "magnitude_ranks", "random_drop", "rank_magnitude_sampling",
-           "sparsify_whole"]
+           "row_ranks", "sparsify_whole"]
