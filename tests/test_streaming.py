@@ -69,9 +69,11 @@ def stable_rank_mask(magnitudes: torch.Tensor, first: int, stop: int) -> torch.T
     return keep.view(magnitudes.shape)
 
 
+@pytest.mark.parametrize("path", ["radix", "sort"])
 @pytest.mark.parametrize("seed", range(4))
-def test_rank_band_equals_a_stable_sort_with_many_ties(seed, monkeypatch):
+def test_rank_band_equals_a_stable_sort_with_many_ties(seed, path, monkeypatch):
     monkeypatch.setattr(sparsify, "CHUNK", 53)  # the radix passes run over many pieces
+    monkeypatch.setattr(sparsify, "SORT_BELOW", 0 if path == "radix" else 1 << 16)
     gen = torch.Generator().manual_seed(seed)
     magnitudes = (torch.randint(0, 9, (41, 23), generator=gen).float() * 0.125).abs()  # 9 distinct values
     n = magnitudes.numel()
@@ -79,7 +81,9 @@ def test_rank_band_equals_a_stable_sort_with_many_ties(seed, monkeypatch):
         assert torch.equal(sparsify.rank_band(magnitudes, first, stop), stable_rank_mask(magnitudes, first, stop))
 
 
-def test_magnitude_ranks_of_distinct_values_match_sorting():
+@pytest.mark.parametrize("path", ["radix", "sort"])
+def test_magnitude_ranks_of_distinct_values_match_sorting(path, monkeypatch):
+    monkeypatch.setattr(sparsify, "SORT_BELOW", 0 if path == "radix" else 1 << 16)
     gen = torch.Generator().manual_seed(1)
     magnitudes = torch.randn(10_000, generator=gen).abs() * torch.logspace(-8, 8, 10_000)
     ordered = torch.sort(magnitudes, descending=True).values

@@ -59,6 +59,9 @@ class Sparsifier(Protocol):
 # ----------------------------------------------------------------------------- magnitude ranks
 
 HIGH, LOW = 1 << 15, 1 << 16  # bins of the upper (sign bit clear) and lower 16 bits of a float32
+# tensors with fewer entries than this are sorted: the histograms cost ~HIGH + LOW operations whatever
+# the tensor's size, more than sorting a norm's few thousand entries
+SORT_BELOW = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,11 @@ def magnitude_ranks(magnitudes: torch.Tensor, ranks: Sequence[int]) -> list[Rank
     """The value at each rank (0 = the largest entry) of a float32 tensor of magnitudes (>= 0),
     by radix selection: the bit patterns of non-negative float32 numbers sort as the numbers
     do, so one histogram of the upper 16 bits finds each rank's bin and one of the lower 16
-    bits inside those bins finds the value. Two passes by chunks; no sort, no index tensor."""
+    bits inside those bins finds the value. Two passes by chunks; no sort, no index tensor.
+    Tensors below SORT_BELOW entries are sorted instead: the same values and counts."""
+    if magnitudes.numel() < SORT_BELOW:
+        ordered = torch.sort(magnitudes.reshape(-1), descending=True).values
+        return [RankValue(ordered[r].item(), int((ordered > ordered[r]).sum())) for r in ranks]
     bits = magnitudes.reshape(-1).view(torch.int32)
     pieces = [bits[s : s + CHUNK] for s in range(0, bits.numel(), CHUNK)]
     high = torch.zeros(HIGH, dtype=torch.int64, device=bits.device)
