@@ -57,11 +57,18 @@ def train(out: Path, base: Path, steps: int = 40, seed: int = 0) -> Path:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
+def sources(tmp_path_factory) -> dict[str, Path]:
+    """A base and two untrained variants: enough for every check that fails before a candidate is scored."""
     root = tmp_path_factory.mktemp("faults")
     base = make_model(root / "base", "llama", seed=0, layers=2)
-    return {"base": base, "trained": train(root / "trained", base), "other": make_model(root / "other", base=base,
-                                                                                          seed=3, noise=0.05)}
+    return {"base": base, "first": make_model(root / "first", base=base, seed=1, noise=0.05),
+            "other": make_model(root / "other", base=base, seed=3, noise=0.05)}
+
+
+@pytest.fixture(scope="module")
+def models(sources, tmp_path_factory) -> dict[str, Path]:
+    """`sources` with "first" trained on TEXT (seconds): searches whose candidates score differently."""
+    return sources | {"first": train(tmp_path_factory.mktemp("trained") / "trained", sources["base"])}
 
 
 @pytest.fixture(scope="module")
@@ -96,11 +103,11 @@ def task_dir(tmp_path_factory) -> Path:
 
 
 def genome(models, method="linear") -> GenomeDefinition:
-    return GenomeDefinition(models=[str(models["trained"]), str(models["other"])], merge_method=method)
+    return GenomeDefinition(models=[str(models["first"]), str(models["other"])], merge_method=method)
 
 
 def write_search(path: Path, models, tasks: list[dict], **extra) -> Path:
-    path.write_text(yaml.safe_dump({"genome": {"models": [str(models["trained"]), str(models["other"])],
+    path.write_text(yaml.safe_dump({"genome": {"models": [str(models["first"]), str(models["other"])],
                                                "merge_method": "linear", "layer_granularity": 1},
                                     "tasks": tasks, "limit": 8, **extra}))
     return path
@@ -175,7 +182,7 @@ BAD_INPUT = [
 
 
 def bad_search(models, tmp_path: Path, case: str, change: dict) -> tuple[Path, list[str]]:
-    search = {"genome": {"models": [str(models["trained"]), str(models["other"])], "merge_method": "linear",
+    search = {"genome": {"models": [str(models["first"]), str(models["other"])], "merge_method": "linear",
                          "layer_granularity": 1}, "tasks": [{"name": "evo_addition"}], "limit": 4}
     search.update({k: v for k, v in change.items() if k != "argv"})
     if case == "missing model":
@@ -186,13 +193,13 @@ def bad_search(models, tmp_path: Path, case: str, change: dict) -> tuple[Path, l
 
 
 @pytest.mark.parametrize("case, change, message", BAD_INPUT, ids=[c[0] for c in BAD_INPUT])
-def test_bad_input_is_one_error_line_before_anything_is_spent(models, task_dir, tmp_path, capsys, case, change,
+def test_bad_input_is_one_error_line_before_anything_is_spent(sources, task_dir, tmp_path, capsys, case, change,
                                                              message):
     import re
 
     from evolve.cli import main
 
-    path, argv = bad_search(models, tmp_path, case, change)
+    path, argv = bad_search(sources, tmp_path, case, change)
     code = main(cli(path, tmp_path / "s", task_dir, *argv)[3:])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(err) == 1 and err[0].startswith("mergekit-evolve: error: "), err
@@ -210,16 +217,16 @@ def test_bad_input_in_a_real_process_is_one_line_and_exit_2(models, task_dir, tm
     assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "s").exists()
 
 
-def test_model_needing_remote_code_is_refused_without_a_prompt(models, tmp_path):
+def test_model_needing_remote_code_is_refused_without_a_prompt(sources, tmp_path):
     import shutil
 
     custom = tmp_path / "custom"
-    shutil.copytree(models["other"], custom)
+    shutil.copytree(sources["other"], custom)
     cfg = json.loads((custom / "config.json").read_text())
     cfg.update(model_type="evo_custom", auto_map={"AutoConfig": "configuration_evo.EvoConfig",
                                                   "AutoModelForCausalLM": "modeling_evo.EvoModel"})
     (custom / "config.json").write_text(json.dumps(cfg))
-    config = EvolveConfig(genome=GenomeDefinition(models=[str(custom), str(models["other"])],
+    config = EvolveConfig(genome=GenomeDefinition(models=[str(custom), str(sources["other"])],
                                                   merge_method="linear"), tasks=[TaskDefinition(name="evo_addition")])
     t0 = time.time()
     with pytest.raises(ValueError, match="needs custom code from the model directory, which a search never runs"):
@@ -233,7 +240,7 @@ def test_model_needing_remote_code_is_refused_without_a_prompt(models, tmp_path)
 def test_damaged_history_lines_are_skipped_with_their_line_numbers(models, task_dir, tmp_path, caplog):
     config = EvolveConfig(genome=genome(models), tasks=[TaskDefinition(name="evo_ppl", metric="word_perplexity")],
                           limit=2)
-    settings = WorkerSettings(tasks=list(config.tasks), reference_model=str(models["trained"]),
+    settings = WorkerSettings(tasks=list(config.tasks), reference_model=str(models["first"]),
                               task_search_path=[str(task_dir)], limit=2)
     evaluator = InProcessEvaluator(settings)
     calls: list[int] = []
@@ -273,10 +280,10 @@ def test_damaged_history_lines_are_skipped_with_their_line_numbers(models, task_
     assert {c.key for c in out.search.candidates} == {json.loads(line)["recipe_hash"] for line in original}
 
 
-def test_typed_record_round_trips_and_rejects_incomplete_ones(models):
+def test_typed_record_round_trips_and_rejects_incomplete_ones(sources):
     from evolve.record import RecordError
 
-    recipe = Genome(genome(models), 2).decode(np.full(2, 0.3))
+    recipe = Genome(genome(sources), 2).decode(np.full(2, 0.3))
     cand = Candidate(3, 1, "abc", recipe, [0.3, 0.3], Score(-12.5, {"evo_ppl": 12.5}, merge_seconds=0.25))
     assert Candidate.from_json(json.loads(json.dumps(cand.to_json()))) == cand
     for bad, why in (([], "expected a JSON object"), ({}, "missing key(s) index"),
@@ -286,10 +293,10 @@ def test_typed_record_round_trips_and_rejects_incomplete_ones(models):
             Candidate.from_json(bad)
 
 
-def test_failed_candidate_is_never_the_best_even_below_the_penalty(models):
+def test_failed_candidate_is_never_the_best_even_below_the_penalty(sources):
     from evolve.search import penalty
 
-    recipe = Genome(genome(models), 2).decode(np.full(2, 0.3))
+    recipe = Genome(genome(sources), 2).decode(np.full(2, 0.3))
     ok = Candidate(0, 0, "a", recipe, [0.3], Score(-40.0, {"evo_ppl": 40.0}))
     failed = Candidate(1, 0, "b", recipe, [0.3], Score.failed("merge failed: x"))
     assert penalty({"a": ok, "b": failed}) == -41.0 < ok.score.fitness < failed.score.fitness
@@ -364,8 +371,8 @@ def test_all_failing_first_generation_stops_with_the_first_error(models, task_di
     assert not (storage / "best_config.yaml").exists() and not (storage / "best_model").exists()
 
 
-def test_search_failed_is_raised_in_process_too(models, task_dir, tmp_path):
-    config = EvolveConfig(genome=genome(models), tasks=[TaskDefinition(name="evo_boom", metric="word_perplexity")],
+def test_search_failed_is_raised_in_process_too(sources, task_dir, tmp_path):
+    config = EvolveConfig(genome=genome(sources), tasks=[TaskDefinition(name="evo_boom", metric="word_perplexity")],
                           limit=2)
     options = RunOptions(storage_path=str(tmp_path / "s"), task_search_path=[str(task_dir)], num_workers=0,
                          search=SearchSettings(max_fevals=20, popsize=2, progress=False))
