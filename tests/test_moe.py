@@ -120,11 +120,12 @@ def test_random_gates_are_mergekits_draws(random_moe):
         assert torch.equal(out[f"model.layers.{layer}.block_sparse_moe.gate.weight"], expected[layer])
 
 
-def test_mixtral_config_tokenizer_and_files(zoo, random_moe):
+def test_mixtral_config_tokenizer_and_files(zoo, random_moe, hidden_moe):
     cfg = json.loads((random_moe / "config.json").read_text())
     base_cfg = json.loads((zoo["base"] / "config.json").read_text())
     assert cfg["architectures"] == ["MixtralForCausalLM"] and cfg["model_type"] == "mixtral"
     assert cfg["num_local_experts"] == 2 and cfg["num_experts_per_tok"] == 2
+    assert json.loads((hidden_moe / "config.json").read_text())["num_experts_per_tok"] == 1  # not Mixtral's default
     assert cfg["sliding_window"] is None
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "vocab_size", "rms_norm_eps"):
@@ -408,6 +409,8 @@ def test_same_model_as_mergekit(zoo, tmp_path, gate_mode):
                        experts=experts_of(zoo, prompts=gate_mode != "random"))
     assert moe(cfg, tmp_path / "ours", "--random-seed", "5") == 0
     mergekit_moe(cfg, tmp_path / "theirs", "--random-seed", "5")
+    assert json.loads((tmp_path / "ours" / "config.json").read_text()) == \
+        json.loads((tmp_path / "theirs" / "config.json").read_text())
     ours = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ours")).state_dict()
     theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path / "theirs")).state_dict()
     assert set(ours) == set(theirs)

@@ -28,7 +28,7 @@ def write_moe_files(out: Path, config: Any, base: ModelSource, recipe_text: str,
                     card: str | None) -> None:
     """config (a transformers config) as config.json, the base's generation_config.json and tokenizer files
     (byte for byte), the recipe text, and README.md unless card is None."""
-    config.to_json_file(str(out / "config.json"), use_diff=False)  # every field spelled out, defaults included
+    config.to_json_file(str(out / "config.json"))  # as save_pretrained writes it (mergekit)
     copy_generation_config(out, base)
     if copy_tokenizer:
         write_tokenizer(out, OutputTokenizer(base.path, models=(base.path,)), None)

@@ -160,7 +160,8 @@ def gates_for(config: MoEConfig, plan: MoEPlan, base: ModelSource, tokenizer: An
     gates = compute_gates(config.gate_mode, config.all_experts, layers=plan.layers, hidden=plan.hidden,
                           generator=generator, tokenizer=tokenizer,
                           embed=lambda: base.get("model.embed_tokens.weight"), base_path=base.path,
-                          device=options.device, trust_remote_code=options.trust_remote_code)
+                          device=options.device, trust_remote_code=options.trust_remote_code,
+                          progress=options.progress)
     bad = degenerate_layers(gates)
     if bad:
         log.warning("warning: layer(s) %s have nearly dependent router rows (condition number > 5): your prompts "

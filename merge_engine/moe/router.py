@@ -122,24 +122,32 @@ def hidden_gates(experts: Sequence[Expert], tokenizer: Any, model: Any, mode: st
     return torch.stack([expert_gate(e, encode) for e in experts], dim=1)  # (layers, gates, hidden)
 
 
-def load_base_model(path: Path, device: str, trust_remote_code: bool) -> Any:
+def load_base_model(path: Path, device: str, trust_remote_code: bool, progress: bool = True) -> Any:
     """The base model in transformers, in its stored dtype, for the hidden-state passes (the one whole model
     this command holds in memory)."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    bar = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
     try:
         model: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto", trust_remote_code=trust_remote_code,
-                                                     low_cpu_mem_usage=True)
+                                                          low_cpu_mem_usage=True)
     except Exception as e:  # noqa: BLE001 - any load failure, reported with the model named
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PlanError(f"base_model {path}: transformers cannot load it for the hidden-state gates: {first}; "
                         "fix the model or use gate_mode: cheap_embed or random") from None
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     return model.to(device).eval()
 
 
 def compute_gates(mode: str, experts: Sequence[Expert], *, layers: int, hidden: int, generator: torch.Generator,
                   tokenizer: Any = None, embed: Callable[[], torch.Tensor] | None = None,
-                  base_path: Path | None = None, device: str = "cpu", trust_remote_code: bool = False) -> torch.Tensor:
+                  base_path: Path | None = None, device: str = "cpu", trust_remote_code: bool = False,
+                  progress: bool = True) -> torch.Tensor:
     """(layers, gates, hidden) float32 router rows for `experts` (routed, then shared) under gate_mode `mode`."""
     if mode in ("random", "uniform_random"):
         return random_gates(mode, layers, len(experts), hidden, generator)
@@ -147,7 +155,7 @@ def compute_gates(mode: str, experts: Sequence[Expert], *, layers: int, hidden: 
         assert embed is not None and tokenizer is not None
         return cheap_embed_gates(experts, tokenizer, embed(), layers)
     assert base_path is not None and tokenizer is not None
-    model = load_base_model(base_path, device, trust_remote_code)
+    model = load_base_model(base_path, device, trust_remote_code, progress)
     try:
         gates = hidden_gates(experts, tokenizer, model, mode)
     finally:
