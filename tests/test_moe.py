@@ -301,6 +301,8 @@ def bad_cases(zoo) -> dict[str, tuple[dict, list[str], str]]:
                          "experts": [{"source_model": str(zoo["mistral"])}, two[1]]}, [], "different model_type"),
         "shared experts on mixtral": ({"base_model": base, "gate_mode": "random", "experts": two,
                                        "architecture": "mixtral", "shared_experts": [two[0]]}, [], "shared_experts"),
+        "mergekit would build deepseek": ({"base_model": base, "gate_mode": "random", "experts": two,
+                                           "shared_experts": [{"source_model": base}]}, [], "DeepSeek-MoE"),
         "unsupported architecture": ({"base_model": base, "gate_mode": "random", "experts": two,
                                       "architecture": "deepseek"}, [], "architecture: 'deepseek'"),
         "bad dtype": ({"base_model": base, "gate_mode": "random", "experts": two, "dtype": "float12"}, [],
@@ -400,13 +402,18 @@ def mergekit_moe(config: Path, out: Path, *args: str) -> None:
 
 @pytest.mark.slow  # a subprocess importing mergekit: ~10 s each
 @pytest.mark.skipif(not (MERGEKIT_VENV / "bin" / "mergekit-moe").exists(), reason="mergekit 0.1.5 venv not present")
-@pytest.mark.parametrize("gate_mode", ["random", "cheap_embed", "hidden"])
+@pytest.mark.parametrize("gate_mode", ["random", "cheap_embed", "hidden", "qwen"])
 def test_same_model_as_mergekit(zoo, tmp_path, gate_mode):
     """mergekit 0.1.5 writes transformers 5's fused expert tensors; loaded in transformers, both outputs hold the
-    same parameters: random gates bit for bit with the same seed, cheap_embed to float rounding, hidden to
-    bfloat16 rounding (mergekit runs the base in bfloat16, evomerge in its float32)."""
+    same parameters and config.json is the same: random gates bit for bit with the same seed, cheap_embed to float
+    rounding, hidden to bfloat16 rounding (mergekit runs the base in bfloat16, evomerge in its float32). qwen:
+    Qwen2-MoE from Llama with random gates (the shared expert is the base: mergekit 0.1.5 opens no loader for a
+    shared expert that is not the base or a routed expert, and fails)."""
+    fields: dict = {}
+    if gate_mode == "qwen":
+        gate_mode, fields = "random", {"architecture": "qwen", "shared_experts": [{"source_model": str(zoo["base"])}]}
     cfg = write_config(tmp_path / "moe.yml", base_model=str(zoo["base"]), gate_mode=gate_mode,
-                       experts=experts_of(zoo, prompts=gate_mode != "random"))
+                       experts=experts_of(zoo, prompts=gate_mode != "random"), **fields)
     assert moe(cfg, tmp_path / "ours", "--random-seed", "5") == 0
     mergekit_moe(cfg, tmp_path / "theirs", "--random-seed", "5")
     assert json.loads((tmp_path / "ours" / "config.json").read_text()) == \

@@ -75,13 +75,13 @@ def _out_dtype(config: MoEConfig, base: ModelSource) -> torch.dtype:
 def plan_moe(config: MoEConfig, sources: dict[str, ModelSource], allow_crimes: bool = False,
              trust_remote_code: bool = False) -> MoEPlan:
     """The output's tensors and config; PlanError naming the model, tensor or field that does not fit."""
-    layout = select_layout(config)
     base = sources[config.base_model]
     roles = [("base_model", base)] + [
         (f"{where}[{i}].source_model", sources[e.source_model])
         for where, experts in (("experts", config.experts), ("shared_experts", config.shared_experts or []))
         for i, e in enumerate(experts)]
     types = {role: s.config.get("model_type") for role, s in roles}
+    layout = select_layout(config, set(types.values()))
     for role, t in types.items():
         if t not in layout.model_types:
             raise PlanError(f"{role}: a {t!r} model; the {layout.name} output is built from "

@@ -243,17 +243,26 @@ class QwenMoE:
 LAYOUTS: tuple[Mixtral | QwenMoE, ...] = (Mixtral(), QwenMoE())
 
 
-def select_layout(config: MoEConfig) -> Mixtral | QwenMoE:
-    """mergekit's choice: `architecture` picks by name prefix (mixtral, qwen); without it Mixtral unless the
-    recipe has shared experts, which only Qwen2-MoE supports. PlanError when none fits."""
+def select_layout(config: MoEConfig, model_types: set[str | None]) -> Mixtral | QwenMoE:
+    """mergekit's choice: `architecture` picks by name prefix (mixtral, qwen); without it Mixtral, unless the
+    recipe has shared experts: then mergekit 0.1.5 takes DeepSeek-MoE (not supported here: an error) when the
+    shared expert has no prompts and the models are Llama / Mistral, else Qwen2-MoE. PlanError when none fits."""
     names = ", ".join(f"{lay.name!r}" for lay in LAYOUTS)
     if config.architecture is not None:
         candidates = [lay for lay in LAYOUTS if lay.name.lower().startswith(config.architecture.lower())]
         if not candidates:
             raise PlanError(f"architecture: {config.architecture!r} matches no supported output architecture "
                             f"(supported: {names}; mergekit's deepseek and qwen3 outputs are not supported)")
+    elif not config.shared_experts:
+        candidates = [LAYOUTS[0]]
     else:
-        candidates = [LAYOUTS[1]] if config.shared_experts else [LAYOUTS[0]]
+        shared = config.shared_experts
+        if (len(shared) == 1 and not shared[0].positive_prompts and not shared[0].negative_prompts
+                and len(model_types) == 1 and model_types <= {"llama", "mistral"}):
+            raise PlanError("shared_experts without architecture: mergekit 0.1.5 builds a DeepSeek-MoE model from "
+                            "this config, which is not supported here; set architecture: qwen for a Qwen2-MoE "
+                            "output")
+        candidates = [LAYOUTS[1]]
     layout = candidates[0]
     problems = layout.problems(config)
     if problems:
