@@ -176,13 +176,13 @@ def test_one_expert_moe_is_the_dense_model_with_that_mlp(zoo, tmp_path):
 # --- gate modes against independent computations ------------------------------------------------------------
 
 
-def layer_inputs(model_dir: Path, prompt: str) -> torch.Tensor:
-    """(layers, hidden): the hidden state entering each decoder layer at the prompt's last token, captured by
-    forward pre-hooks on the layers (not output_hidden_states)."""
+def layer_inputs(model_dir: Path, prompt: str, tokens: slice = slice(-1, None)) -> torch.Tensor:
+    """(layers, hidden): the hidden state entering each decoder layer, at the prompt's last token (or averaged over
+    `tokens`), captured by forward pre-hooks on the layers (not output_hidden_states)."""
     model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
     captured: list[torch.Tensor] = []
     hooks = [layer.register_forward_pre_hook(lambda _m, args, kwargs: captured.append(
-        (args[0] if args else kwargs["hidden_states"])[0, -1].double()), with_kwargs=True)
+        (args[0] if args else kwargs["hidden_states"])[0, tokens].double().mean(dim=0)), with_kwargs=True)
         for layer in model.model.layers]
     with torch.no_grad():
         model(torch.tensor([char_ids(prompt)]))
@@ -191,15 +191,22 @@ def layer_inputs(model_dir: Path, prompt: str) -> torch.Tensor:
     return torch.stack(captured)
 
 
-def test_hidden_gates_match_hooked_hidden_states(zoo, hidden_moe):
-    """Row e of layer l = normalize(mean over positive prompts of the last-token input of layer l - the same
-    over negative prompts), computed here in float64 from hooked activations."""
-    out = tensors(hidden_moe)
+@pytest.mark.parametrize("mode", ["hidden", "hidden_avg"])
+def test_hidden_gates_match_hooked_hidden_states(zoo, hidden_moe, tmp_path, mode):
+    """Row e of layer l = normalize(mean over positive prompts of the last-token (hidden_avg: token-mean) input
+    of layer l - the same over negative prompts), computed here in float64 from hooked activations."""
+    if mode == "hidden":
+        out = tensors(hidden_moe)
+    else:
+        cfg = write_config(tmp_path / "moe.yml", base_model=str(zoo["base"]), gate_mode=mode, experts=experts_of(zoo))
+        assert moe(cfg, tmp_path / "out") == 0
+        out = tensors(tmp_path / "out")
+    token = slice(None) if mode == "hidden_avg" else slice(-1, None)
     for e, name in enumerate(("a", "b")):
         pos, neg = PROMPTS[name]
-        v = torch.stack([layer_inputs(zoo["base"], p) for p in pos]).mean(dim=0)
+        v = torch.stack([layer_inputs(zoo["base"], p, token) for p in pos]).mean(dim=0)
         if neg:
-            v = v - torch.stack([layer_inputs(zoo["base"], p) for p in neg]).mean(dim=0)
+            v = v - torch.stack([layer_inputs(zoo["base"], p, token) for p in neg]).mean(dim=0)
         want = v / v.norm(dim=-1, keepdim=True)  # (layers, hidden)
         for layer in range(LAYERS):
             got = out[f"model.layers.{layer}.block_sparse_moe.gate.weight"][e].double()
@@ -215,6 +222,42 @@ def test_hidden_router_prefers_each_expert_on_its_prompts(zoo, hidden_moe):
         for layer in range(LAYERS):
             logits = model.model.layers[layer].mlp.gate.weight.double() @ h[layer]
             assert int(logits.argmax()) == e, (name, layer, logits)
+
+
+def test_uniform_random_gates_are_mergekits_draws(zoo, tmp_path):
+    """mergekit: torch.rand((layers, experts, hidden)) * 2 * scale - scale, scale = sqrt(1 / hidden), after set_seed."""
+    cfg = write_config(tmp_path / "moe.yml", base_model=str(zoo["base"]), gate_mode="uniform_random",
+                       experts=experts_of(zoo, prompts=False))
+    assert moe(cfg, tmp_path / "out", "--random-seed", "11") == 0
+    out = tensors(tmp_path / "out")
+    torch.manual_seed(11)
+    scale = (1 / 32) ** 0.5
+    expected = torch.rand((LAYERS, 2, 32)) * 2 * scale - scale
+    for layer in range(LAYERS):
+        got = out[f"model.layers.{layer}.block_sparse_moe.gate.weight"]
+        assert torch.equal(got, expected[layer]) and got.abs().max() <= scale
+
+
+def test_lora_base_in_hidden_mode_needs_a_merge_cache(zoo, tmp_path, capsys):
+    """transformers cannot run a base+adapter reference: an error naming --lora-merge-cache, nothing written;
+    with the cache the merged base is written there and used."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(zoo["base"])),
+                                LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    cfg = write_config(tmp_path / "moe.yml", base_model=f"{zoo['base']}+{tmp_path / 'adapter'}", gate_mode="hidden",
+                       experts=experts_of(zoo))
+    assert moe(cfg, tmp_path / "out") == 2
+    assert "--lora-merge-cache" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert moe(cfg, tmp_path / "out", "--lora-merge-cache", str(tmp_path / "cache")) == 0
+    out = tensors(tmp_path / "out")
+    base = load_file(str(zoo["base"] / "model.safetensors"))
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(out[q], base[q])  # the adapter's update is in the attention taken from the base
+    merged = load_file(str(next((tmp_path / "cache").iterdir()) / "model.safetensors"))
+    assert torch.equal(out[q], merged[q])
 
 
 def test_cheap_embed_gates_are_the_prompts_embeddings(zoo, tmp_path):
@@ -310,6 +353,7 @@ def bad_cases(zoo) -> dict[str, tuple[dict, list[str], str]]:
         "missing base": ({"base_model": base + "-missing", "gate_mode": "random", "experts": two}, [],
                          "base-missing"),
         "4bit": ({"base_model": base, "experts": two}, ["--load-in-4bit"], "--load-in-4bit is not supported"),
+        "no such device": ({"base_model": base, "experts": two}, ["--device", "cuda:99"], "--device cuda:99"),
     }
 
 
