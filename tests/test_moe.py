@@ -6,6 +6,7 @@ model with that expert's MLP, and bad input writes nothing."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -176,10 +177,15 @@ def test_one_expert_moe_is_the_dense_model_with_that_mlp(zoo, tmp_path):
 # --- gate modes against independent computations ------------------------------------------------------------
 
 
+@functools.cache
+def dense_model(model_dir: Path):
+    return AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+
+
 def layer_inputs(model_dir: Path, prompt: str, tokens: slice = slice(-1, None)) -> torch.Tensor:
     """(layers, hidden): the hidden state entering each decoder layer, at the prompt's last token (or averaged over
     `tokens`), captured by forward pre-hooks on the layers (not output_hidden_states)."""
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    model = dense_model(model_dir)
     captured: list[torch.Tensor] = []
     hooks = [layer.register_forward_pre_hook(lambda _m, args, kwargs: captured.append(
         (args[0] if args else kwargs["hidden_states"])[0, tokens].double().mean(dim=0)), with_kwargs=True)
@@ -191,7 +197,7 @@ def layer_inputs(model_dir: Path, prompt: str, tokens: slice = slice(-1, None)) 
     return torch.stack(captured)
 
 
-@pytest.mark.parametrize("mode", ["hidden", "hidden_avg"])
+@pytest.mark.parametrize("mode", ["hidden", pytest.param("hidden_avg", marks=pytest.mark.slow)])  # ~5 s: a merge
 def test_hidden_gates_match_hooked_hidden_states(zoo, hidden_moe, tmp_path, mode):
     """Row e of layer l = normalize(mean over positive prompts of the last-token (hidden_avg: token-mean) input
     of layer l - the same over negative prompts), computed here in float64 from hooked activations."""
@@ -304,12 +310,15 @@ def test_noise_and_residual_scale(zoo, tmp_path):
         assert torch.equal(one[f"{pre}.w1.weight"], b[f"model.layers.{i}.mlp.gate_proj.weight"])
 
 
-def test_dtype_field_casts_every_tensor(zoo, tmp_path):
+def test_dtype_field_casts_every_tensor_and_files_follow_the_flags(zoo, tmp_path):
     cfg = write_config(tmp_path / "moe.yml", base_model=str(zoo["base"]), gate_mode="random", dtype="bfloat16",
                        experts=experts_of(zoo, prompts=False))
-    assert moe(cfg, tmp_path / "out") == 0
+    assert moe(cfg, tmp_path / "out", "--no-copy-tokenizer", "--no-write-model-card") == 0
     out = tensors(tmp_path / "out")
     assert {t.dtype for t in out.values()} == {torch.bfloat16}
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"tokenizer.json", "tokenizer_config.json", "README.md"}.isdisjoint(names)
+    assert "mergekit_moe_config.yml" in names
     a = load_file(str(zoo["a"] / "model.safetensors"))
     assert torch.equal(out["model.layers.0.block_sparse_moe.experts.0.w1.weight"],
                        a["model.layers.0.mlp.gate_proj.weight"].to(torch.bfloat16))
