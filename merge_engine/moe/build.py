@@ -223,6 +223,9 @@ def run_moe(config: MoEConfig, out_path: str | Path, options: MergeOptions, reci
     check_collisions(target, output_names(base, shard_names(plan, options.out_shard_size), options.copy_tokenizer))
     needed = sum(t.nbytes for t in plan.layouts()) + (1 << 20)
     check_space(target, needed)
+    n = len(config.experts)
+    if n & (n - 1):
+        log.warning("warning: %d experts is not a power of two, which mergekit warns llama.cpp cannot use", n)
     tokenizer = _tokenizer(config, base, options)
     generator = torch.Generator().manual_seed(options.random_seed if options.random_seed is not None else 0)
     gates = gates_for(config, plan, base, tokenizer, options, generator)
