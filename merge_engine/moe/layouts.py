@@ -1,0 +1,270 @@
+"""Output layouts of mergekit-moe: which tensors a Mixtral or Qwen2-MoE model has, and where each comes from.
+
+Inputs are dense Llama / Mistral (and, for Qwen2-MoE, Qwen2) checkpoints. Per decoder layer l, with E routed
+experts of MLP width I and hidden size H:
+
+Mixtral (MixtralForCausalLM; the per-expert checkpoint names every transformers version and vLLM load):
+    model.layers.l.block_sparse_moe.gate.weight           [E, H]  router rows 0..E-1 of layer l
+    model.layers.l.block_sparse_moe.experts.e.w1.weight   [I, H]  expert e's mlp.gate_proj
+    model.layers.l.block_sparse_moe.experts.e.w2.weight   [H, I]  expert e's mlp.down_proj
+    model.layers.l.block_sparse_moe.experts.e.w3.weight   [I, H]  expert e's mlp.up_proj
+Qwen2-MoE (Qwen2MoeForCausalLM; one shared expert S):
+    model.layers.l.mlp.gate.weight                        [E, H]  router rows 0..E-1
+    model.layers.l.mlp.shared_expert_gate.weight          [1, H]  router row E (the shared expert's gate)
+    model.layers.l.mlp.experts.e.{gate,up,down}_proj.weight       expert e's mlp.{gate,up,down}_proj
+    model.layers.l.mlp.shared_expert.{gate,up,down}_proj.weight   S's
+    model.layers.l.self_attn.{q,k,v}_proj.bias                    the base's, zeros where it has none
+Everything else (embeddings, attention, norms, head) is the base model's tensor of the same name.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import transformers
+
+from ..errors import PlanError
+from .config import MoEConfig
+
+MLP = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
+LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+DENSE_LAYER_TENSORS = ("input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight",
+                       "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight")
+QKV_BIASES = ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")
+OUTSIDE_LAYERS = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+Kind = Literal["base", "expert", "router", "zeros"]
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """One tensor of the output and where it comes from."""
+
+    name: str
+    shape: tuple[int, ...]
+    kind: Kind
+    tensor: str | None = None                 # base / expert: the input tensor's name
+    expert: int | None = None                 # expert: index into MoEConfig.all_experts (routed, then shared)
+    layer: int | None = None                  # router: the layer of the gates
+    rows: tuple[int, int] | None = None       # router: the gate rows [start, end) of that layer
+    residual: bool = False                    # a down projection: the expert's residual_scale applies
+
+    def describe(self, expert_names: Sequence[str]) -> str:
+        if self.kind == "base":
+            src = f"base {self.tensor}"
+        elif self.kind == "expert":
+            assert self.expert is not None
+            src = f"expert {self.expert} ({expert_names[self.expert]}) {self.tensor}"
+        elif self.kind == "router":
+            src = f"gates of layer {self.layer}, rows {self.rows}"
+        else:
+            src = "zeros"
+        return f"{self.name:<60} {list(self.shape)!s:<14} {src}"
+
+
+@dataclass(frozen=True)
+class DenseModel:
+    """What the base checkpoint holds: the tensors outside the MLPs by layer, and the MLP shapes."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    pre: list[str]                      # before the layers (embedding)
+    per_layer: list[list[str]]          # non-MLP tensors of each layer, in a fixed order
+    post: list[str]                     # after them (final norm, head)
+    shapes: dict[str, tuple[int, ...]]
+
+
+def read_dense(names: Sequence[str], shape: Callable[[str], tuple[int, ...]], layers: int, what: str,
+               allowed_in_layer: Sequence[str]) -> DenseModel:
+    """Classify a dense checkpoint's tensors; PlanError naming any tensor the output has no place for."""
+    shapes = {n: shape(n) for n in names}
+    per_layer: list[list[str]] = [[] for _ in range(layers)]
+    pre, post, stray = [], [], []
+    for n in names:
+        m = LAYER.match(n)
+        if m is not None:
+            layer, rest = int(m[1]), m[2]
+            if layer >= layers:
+                stray.append(n)
+            elif MLP.match(n) is None:
+                (per_layer[layer] if rest in allowed_in_layer else stray).append(n)
+        elif n == OUTSIDE_LAYERS[0]:
+            pre.append(n)
+        elif n in OUTSIDE_LAYERS:
+            post.append(n)
+        else:
+            stray.append(n)
+    if stray:
+        raise PlanError(f"{what}: tensor(s) {', '.join(stray[:5])}{', ...' if len(stray) > 5 else ''} have no place "
+                        "in the MoE output (a dense Llama/Mistral/Qwen2 model has only embeddings, attention, norms, "
+                        "MLP and head); use a base without them")
+    missing = [f"model.layers.{i}.mlp.{p}.weight" for i in range(layers) for p in PROJECTIONS
+               if f"model.layers.{i}.mlp.{p}.weight" not in shapes]
+    if missing:
+        raise PlanError(f"{what}: no MLP tensor {missing[0]} (a Llama/Mistral MLP has gate_proj, up_proj and "
+                        "down_proj in every layer)")
+    if OUTSIDE_LAYERS[0] not in shapes:
+        raise PlanError(f"{what}: no input embedding {OUTSIDE_LAYERS[0]}")
+    order = {t: i for i, t in enumerate(allowed_in_layer)}
+    per_layer = [sorted(ts, key=lambda n: order[n.split(".", 3)[3]]) for ts in per_layer]
+    intermediate, hidden = shapes["model.layers.0.mlp.gate_proj.weight"]
+    post.sort(key=OUTSIDE_LAYERS.index)
+    return DenseModel(layers, hidden, intermediate, pre, per_layer, post, shapes)
+
+
+def expected_mlp_shapes(base: DenseModel) -> dict[str, tuple[int, ...]]:
+    """The MLP tensors every expert must have, with the base's shapes."""
+    return {f"model.layers.{i}.mlp.{p}.weight": base.shapes[f"model.layers.{i}.mlp.{p}.weight"]
+            for i in range(base.layers) for p in PROJECTIONS}
+
+
+def _experts(layer: int, config: MoEConfig, out: Callable[[int, str], str], proj_order: Sequence[str],
+             base: DenseModel, expert_major: bool, shared: bool) -> list[OutputTensor]:
+    """Expert tensors of one layer: expert-major (e: gate, down, up; Mixtral's draw order) or projection-major
+    (proj: every expert, then the shared one; Qwen's)."""
+    indices = list(range(len(config.experts))) + ([len(config.experts)] if shared else [])
+    pairs = ([(e, p) for e in indices for p in proj_order] if expert_major else
+             [(e, p) for p in proj_order for e in indices])
+    result = []
+    for e, p in pairs:
+        src = f"model.layers.{layer}.mlp.{p}.weight"
+        result.append(OutputTensor(out(e, p), base.shapes[src], "expert", tensor=src, expert=e,
+                                   residual=p == "down_proj"))
+    return result
+
+
+class Mixtral:
+    """Mixtral output: routed experts only; Llama or Mistral inputs."""
+
+    name = "Mixtral"
+    model_types = ("llama", "mistral")
+    allowed_in_layer = DENSE_LAYER_TENSORS
+    W = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+
+    def problems(self, config: MoEConfig) -> list[str]:
+        if config.shared_experts:
+            return ["shared_experts: the Mixtral output has no shared experts; remove them, or set "
+                    "architecture: qwen for a Qwen2-MoE output"]
+        return []
+
+    def output_config(self, base_config: transformers.PretrainedConfig, config: MoEConfig) -> Any:
+        """mergekit's: the base's settings as a MistralConfig (sliding_window None), then as a MixtralConfig."""
+        if not isinstance(base_config, transformers.MistralConfig):
+            mistral = transformers.MistralConfig(**base_config.to_dict())
+            mistral.sliding_window = None
+            mistral.max_position_embeddings = base_config.max_position_embeddings
+            base_config = mistral
+        out = transformers.MixtralConfig(**base_config.to_dict())
+        out.architectures = ["MixtralForCausalLM"]
+        out.num_local_experts = len(config.experts)
+        out.num_experts_per_tok = config.experts_per_token
+        out.sliding_window = None
+        return out
+
+    def tensors(self, base: DenseModel, config: MoEConfig, heads: tuple[int, int, int] = (0, 0, 0)
+                ) -> list[OutputTensor]:
+        out = [OutputTensor(n, base.shapes[n], "base", tensor=n) for n in base.pre]
+        experts = len(config.experts)
+        for i in range(base.layers):
+            out += [OutputTensor(n, base.shapes[n], "base", tensor=n) for n in base.per_layer[i]]
+            prefix = f"model.layers.{i}.block_sparse_moe"
+            out.append(OutputTensor(f"{prefix}.gate.weight", (experts, base.hidden), "router", layer=i,
+                                    rows=(0, experts)))
+
+            def expert_name(e: int, p: str, prefix: str = prefix) -> str:
+                return f"{prefix}.experts.{e}.{self.W[p]}.weight"
+
+            out += _experts(i, config, expert_name, ("gate_proj", "down_proj", "up_proj"), base, expert_major=True,
+                            shared=False)
+        return out + [OutputTensor(n, base.shapes[n], "base", tensor=n) for n in base.post]
+
+
+class QwenMoE:
+    """Qwen2-MoE output: routed experts and exactly one shared expert; Llama, Mistral or Qwen2 inputs."""
+
+    name = "Qwen MoE"
+    model_types = ("llama", "mistral", "qwen2")
+    allowed_in_layer = DENSE_LAYER_TENSORS + QKV_BIASES
+
+    def problems(self, config: MoEConfig) -> list[str]:
+        if len(config.shared_experts or []) != 1:
+            return [f"shared_experts: the Qwen2-MoE output needs exactly one shared expert, got "
+                    f"{len(config.shared_experts or [])}"]
+        return []
+
+    def output_config(self, base_config: transformers.PretrainedConfig, config: MoEConfig) -> Any:
+        """mergekit's: the base's settings as a Qwen2MoeConfig, every layer sparse, top-k probabilities
+        renormalised, both expert widths the base's MLP width."""
+        out = transformers.Qwen2MoeConfig(**base_config.to_dict())
+        out.architectures = ["Qwen2MoeForCausalLM"]
+        out.num_experts = len(config.experts)
+        out.num_experts_per_tok = config.experts_per_token
+        out.decoder_sparse_step = 1
+        out.norm_topk_prob = True
+        out.sliding_window = None
+        out.use_sliding_window = False
+        out.shared_expert_intermediate_size = out.intermediate_size
+        out.moe_intermediate_size = out.intermediate_size
+        return out
+
+    def tensors(self, base: DenseModel, config: MoEConfig, heads: tuple[int, int, int] = (0, 0, 0)
+                ) -> list[OutputTensor]:
+        """heads: (attention heads, key/value heads, head dim) for the zero biases a Llama base lacks."""
+        out = [OutputTensor(n, base.shapes[n], "base", tensor=n) for n in base.pre]
+        experts = len(config.experts)
+        n_heads, n_kv, head_dim = heads
+        for i in range(base.layers):
+            present = set(base.per_layer[i])
+            for n in base.per_layer[i]:
+                out.append(OutputTensor(n, base.shapes[n], "base", tensor=n))
+            for b in QKV_BIASES:
+                name = f"model.layers.{i}.{b}"
+                if name not in present:
+                    rows = (n_heads if b.startswith("self_attn.q") else n_kv) * head_dim
+                    out.append(OutputTensor(name, (rows,), "zeros"))
+            prefix = f"model.layers.{i}.mlp"
+
+            def expert_name(e: int, p: str, prefix: str = prefix) -> str:
+                return f"{prefix}.shared_expert.{p}.weight" if e == experts else f"{prefix}.experts.{e}.{p}.weight"
+
+            out += _experts(i, config, expert_name, ("down_proj", "gate_proj", "up_proj"), base, expert_major=False,
+                            shared=True)
+            out.append(OutputTensor(f"{prefix}.gate.weight", (experts, base.hidden), "router", layer=i,
+                                    rows=(0, experts)))
+            out.append(OutputTensor(f"{prefix}.shared_expert_gate.weight", (1, base.hidden), "router", layer=i,
+                                    rows=(experts, experts + 1)))
+        return out + [OutputTensor(n, base.shapes[n], "base", tensor=n) for n in base.post]
+
+
+LAYOUTS: tuple[Mixtral | QwenMoE, ...] = (Mixtral(), QwenMoE())
+
+
+def select_layout(config: MoEConfig, model_types: set[str | None]) -> Mixtral | QwenMoE:
+    """mergekit's choice: `architecture` picks by name prefix (mixtral, qwen); without it Mixtral, unless the
+    recipe has shared experts: then mergekit 0.1.5 takes DeepSeek-MoE (not supported here: an error) when the
+    shared expert has no prompts and the models are Llama / Mistral, else Qwen2-MoE. PlanError when none fits."""
+    names = ", ".join(f"{lay.name!r}" for lay in LAYOUTS)
+    if config.architecture is not None:
+        candidates = [lay for lay in LAYOUTS if lay.name.lower().startswith(config.architecture.lower())]
+        if not candidates:
+            raise PlanError(f"architecture: {config.architecture!r} matches no supported output architecture "
+                            f"(supported: {names}; mergekit's deepseek and qwen3 outputs are not supported)")
+    elif not config.shared_experts:
+        candidates = [LAYOUTS[0]]
+    else:
+        shared = config.shared_experts
+        if (len(shared) == 1 and not shared[0].positive_prompts and not shared[0].negative_prompts
+                and len(model_types) == 1 and model_types <= {"llama", "mistral"}):
+            raise PlanError("shared_experts without architecture: mergekit 0.1.5 builds a DeepSeek-MoE model from "
+                            "this config, which is not supported here; set architecture: qwen for a Qwen2-MoE "
+                            "output")
+        candidates = [LAYOUTS[1]]
+    layout = candidates[0]
+    problems = layout.problems(config)
+    if problems:
+        raise PlanError("; ".join(problems))
+    return layout
