@@ -11,7 +11,7 @@ import logging
 import subprocess
 
 import pytest
-from test_evo_faults import cli, env, lines, models, task_dir, wait_for_lines, write_search  # noqa: F401
+from test_evo_faults import cli, env, lines, models, sources, task_dir, wait_for_lines, write_search  # noqa: F401
 
 from evolve.config import TaskDefinition
 from evolve.evaluator import WorkerSettings
@@ -76,7 +76,7 @@ def test_ray_workers_that_cannot_start_or_do_not_fit_give_an_error(models, task_
 
     from evolve.ray_evaluator import RayEvaluator, WorkerSetupError
 
-    settings = WorkerSettings(tasks=[TaskDefinition(name="evo_nope")], reference_model=str(models["trained"]),
+    settings = WorkerSettings(tasks=[TaskDefinition(name="evo_nope")], reference_model=str(models["first"]),
                               task_search_path=[str(task_dir)])
     ray.init(num_cpus=1, include_dashboard=False, object_store_memory=128 * 1024**2)
     try:
