@@ -13,13 +13,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 
 from .genome import Gene
+
+
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend, imported when the first picture is drawn (not when
+    the search's modules load)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def as_record(item: Any) -> dict[str, Any]:
@@ -60,6 +67,7 @@ def plot_fitness(records: Sequence[Any], out: Path, held_out: Sequence[HeldOut] 
     for i, f in ok:
         best = max(best, f)
         running.append((i, best))
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     starts: dict[int, int] = {}
     for r in recs:
@@ -122,6 +130,7 @@ def plot_genome_heatmap(genes: Sequence[Gene], values: Sequence[float], out: Pat
     tables = genome_table(genes, values)
     n = len(tables)
     height = max(2.5, 0.45 * max(len(r) for r, _, _ in tables.values()) + 1.5)
+    plt = _pyplot()
     fig, axes = plt.subplots(1, n, figsize=(3.2 * n + 1.5, height), dpi=100, squeeze=False)
     for ax, (param, (rows, cols, grid)) in zip(axes[0], tables.items(), strict=True):
         lows = [g.low for g in genes if g.param == param]
@@ -149,6 +158,7 @@ def plot_layer_path(path: Sequence[tuple[str, int]], models: Sequence[str], out:
     grid = np.full((len(rows), len(path)), np.nan)
     for depth, (model, _) in enumerate(path):
         grid[rows.index(model), depth] = rows.index(model)
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(path) + 2.5), 0.6 * len(rows) + 1.6), dpi=100)
     ax.imshow(grid, cmap="tab10", vmin=0, vmax=9, aspect="auto")
     for depth, (model, layer) in enumerate(path):
@@ -175,6 +185,7 @@ def plot_gene_spread(genes: Sequence[Gene], records: Sequence[Any], out: Path, l
     span = np.array([(g.high - g.low) or 1.0 for g in genes])
     low = np.array([g.low for g in genes])
     data = (np.array([r["genome"] for r in window]) - low) / span if window else np.zeros((0, len(genes)))
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(genes) + 2), 4.5), dpi=100)
     if len(window):
         ax.boxplot([data[:, k] for k in range(len(genes))], widths=0.6, showfliers=True)

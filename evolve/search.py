@@ -20,9 +20,8 @@ import logging
 import math
 import time
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import cma
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -32,6 +31,9 @@ from .genome import SearchGenome, recipe_key
 from .record import Candidate
 from .scoring import PENALTY, Score
 from .storage import Storage
+
+if TYPE_CHECKING:
+    import cma
 
 log = logging.getLogger(__name__)
 STALL_GENERATIONS = 3
@@ -67,6 +69,8 @@ def default_popsize(dimension: int) -> int:
 
 
 def make_optimizer(genome: SearchGenome, settings: SearchSettings) -> cma.CMAEvolutionStrategy:
+    import cma  # here: importing pycma takes ~1 s, which every `mergekit-evolve --help` would pay
+
     rng = np.random.default_rng(settings.random_seed)  # CMA-ES samples only from this generator
     options: dict[str, Any] = {
         "bounds": [0.0, 1.0], "seed": settings.random_seed + 1, "verbose": -9,

@@ -109,8 +109,9 @@ def test_gene_spread_names_every_gene_like_the_heatmap_and_clips_nothing(tmp_pat
     records = [{"index": i, "generation": i // 4, "ok": True, "fitness": float(rng.random()),
                 "genome": genome.values(rng.random(genome.dimension))} for i in range(12)]
     figures: list = []
-    close = pictures.plt.close
-    monkeypatch.setattr(pictures.plt, "close", figures.append)  # keep the figure to read its labels
+    plt = pictures._pyplot()
+    close = plt.close
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to read its labels
     out = plot_gene_spread(genome.genes, records, tmp_path / "gene_spread.png")
     ticks = [t.get_text() for t in figures[0].axes[0].get_xticklabels()]
     close(figures[0])
