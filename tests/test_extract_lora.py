@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 from factory import make_model
-from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -31,12 +30,20 @@ def extract(model: Path, base: Path, out: Path, *args: str) -> int:
     return main(["--model", str(model), "--base-model", str(base), "--out-path", str(out), "--quiet", *args])
 
 
+def peft_model() -> type:
+    """peft's PeftModel, imported by the tests that load an adapter rather than when the file is collected
+    (about 1 s, which every pytest-xdist worker would pay)."""
+    from peft import PeftModel
+
+    return PeftModel
+
+
 def logits(model: Path, adapter: Path | None = None) -> torch.Tensor:
     m = AutoModelForCausalLM.from_pretrained(str(model))
     if adapter is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # peft's notes on tied weights and bias-less layers
-            m = PeftModel.from_pretrained(m, str(adapter))
+            m = peft_model().from_pretrained(m, str(adapter))
     m.eval()
     with torch.no_grad():
         return m(IDS).logits
@@ -121,7 +128,7 @@ def test_adapter_layout_is_what_peft_expects(zoo, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(str(zoo["base"]))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        PeftModel.from_pretrained(base, str(out))
+        peft_model().from_pretrained(base, str(out))
     assert not [w for w in caught if "missing adapter keys" in str(w.message) or "unexpected" in str(w.message)]
 
 
