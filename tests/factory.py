@@ -3,12 +3,18 @@ real safetensors, and an offline-built character tokenizer."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config
 
 from evolve.demo.tokenizer import VOCAB_SIZE, char_tokenizer
+
+# mergekit 0.1.5 from PyPI in its own venv, for the comparison tests (skipped where it is absent): the bench
+# scripts create it under the checkout's .cache/
+MERGEKIT_VENV = Path(os.environ.get("EVOMERGE_MERGEKIT_VENV")
+                     or Path(__file__).resolve().parent.parent / ".cache" / "mergekit-0.1.5")
 
 
 def tiny_config(arch: str = "llama", layers: int = 2, hidden: int = 32, tie: bool = False):

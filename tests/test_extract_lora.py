@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from factory import make_model
+from factory import MERGEKIT_VENV, make_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -21,7 +21,6 @@ from evolve.demo.tokenizer import VOCAB_SIZE
 from merge_engine.extract_lora import main
 from merge_engine.lowrank import decompose
 
-MERGEKIT_VENV = Path(os.environ.get("EVOMERGE_MERGEKIT_VENV", "/work/main/.cache/mergekit-0.1.5"))
 IDS = torch.randint(0, VOCAB_SIZE, (8, 32), generator=torch.Generator().manual_seed(0))
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

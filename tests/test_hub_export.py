@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from factory import MERGEKIT_VENV
 from safetensors.torch import load_file
 
 from evolve.config import EvolveConfig, GenomeDefinition, TaskDefinition
@@ -20,7 +21,6 @@ from evolve.scoring import Score
 from evolve.search import SearchSettings
 
 ROOT = Path(__file__).resolve().parent.parent
-MERGEKIT_VENV = Path(os.environ.get("EVOMERGE_MERGEKIT_VENV", "/work/main/.cache/mergekit-0.1.5"))
 SEED = 3
 
 

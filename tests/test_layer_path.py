@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from factory import MERGEKIT_VENV
 
 from evolve.config import EvolveConfig, LayerPathDefinition, TaskDefinition, load_search
 from evolve.evaluator import InProcessEvaluator, WorkerSettings
@@ -273,7 +274,6 @@ def test_hybrid_search_builds_the_recipe_source_once(trained_pair, specialists, 
         run(config, tmp_path / "store", max_fevals=8, resume=True)
 
 
-MERGEKIT_VENV = Path(os.environ.get("EVOMERGE_MERGEKIT_VENV", ROOT / ".cache" / "mergekit-0.1.5"))
 
 
 @pytest.mark.slow

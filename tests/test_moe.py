@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from factory import MERGEKIT_VENV
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from evolve.demo.tokenizer import BOS_ID, CHARS, SPECIALS
 from merge_engine.moe.cli import build_parser, main
 
-MERGEKIT_VENV = Path(os.environ.get("EVOMERGE_MERGEKIT_VENV", "/work/main/.cache/mergekit-0.1.5"))
 PROJ = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 PROMPTS = {  # characters of the demo's character tokenizer only
     "a": (["12+34=", "5+6=", "77+8="], ["abc"]),

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from factory import MERGEKIT_VENV
 from safetensors.torch import load_file, save_file
 
 from merge_engine.cli import pytorch_main
 
 ROOT = Path(__file__).resolve().parent.parent
-MERGEKIT_VENV = Path(os.environ.get("EVOMERGE_MERGEKIT_VENV", ROOT / ".cache" / "mergekit-0.1.5"))
 
 
 @pytest.fixture

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from factory import MERGEKIT_VENV
 from safetensors import safe_open
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 
 from merge_engine.cli import surgeon_main
 
-MERGEKIT_VENV = Path(os.environ.get("EVOMERGE_MERGEKIT_VENV", "/work/main/.cache/mergekit-0.1.5"))
 PROG = "mergekit-tokensurgeon"
 WORDS = [f"w{i:03d}" for i in range(160)]
 SHARED = WORDS[:100]  # in both vocabularies
