@@ -342,3 +342,32 @@ def test_in_memory_candidate_equals_the_written_model_and_checks_allow_crimes(zo
     crimes = {"merge_method": "linear", "models": [{"model": str(zoo["base"])}, {"model": str(zoo["mistral"])}]}
     with pytest.raises(PlanError, match="--allow-crimes"):
         mat.materialize(parse_recipe(crimes))
+
+
+def test_one_in_memory_materializer_follows_changes_of_models_base_and_method(zoo, tmp_path):
+    """The materializer keeps sources, vocabulary plans and the resident model between candidates: each
+    candidate must still equal its own written merge when the model set, the base or the method changes
+    (nothing cached for one recipe may leak into the next, and every parameter is overwritten)."""
+    from evolve.materialize import InMemoryMaterializer
+
+    a, b, base = str(zoo["a"]), str(zoo["b"]), str(zoo["base"])
+    recipes = [
+        {"merge_method": "ties", "base_model": base,
+         "models": [{"model": a, "parameters": {"weight": 0.7, "density": 0.5}},
+                    {"model": b, "parameters": {"weight": 0.4, "density": 0.8}}]},
+        {"merge_method": "linear", "models": [{"model": a, "parameters": {"weight": 0.3}},
+                                              {"model": base, "parameters": {"weight": 0.7}}]},
+        {"merge_method": "task_arithmetic", "base_model": b, "models": [{"model": a, "parameters": {"weight": 0.6}}]},
+        {"merge_method": "slerp", "base_model": base, "models": [{"model": base}, {"model": b}],
+         "parameters": {"t": [0.1, 0.9]}},
+    ]
+    mat = InMemoryMaterializer(base)
+    previous = None
+    for i, recipe in enumerate(recipes):
+        state = {k: v.clone() for k, v in mat.materialize(parse_recipe(recipe))[0].state_dict().items()}
+        written = weights(run_merge(parse_recipe(recipe), tmp_path / f"out{i}", QUIET))
+        for name, tensor in written.items():
+            assert torch.equal(state[name], tensor), (recipe["merge_method"], name)
+        if previous is not None:  # the candidates really differ, so a stale tensor would be caught
+            assert any(not torch.equal(previous[k], state[k]) for k in written), recipe["merge_method"]
+        previous = state
