@@ -38,9 +38,12 @@ def float32_chunks(t: torch.Tensor, slices: list[slice]) -> Iterator[torch.Tenso
         yield float32(t[s])
 
 
-def task_vector(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """model - base in float32, whole (for methods that reduce over it), converted by row chunks."""
-    delta = torch.empty(base.shape, dtype=torch.float32, device=base.device)
+def task_vectors(models: list[torch.Tensor], base: torch.Tensor) -> list[torch.Tensor]:
+    """model - base in float32 for each model, whole (for methods that reduce over them), converted by row
+    chunks; each chunk of the base is converted once for all models."""
+    deltas = [torch.empty(base.shape, dtype=torch.float32, device=base.device) for _ in models]
     for s in row_chunks(base.shape):
-        torch.sub(float32(model[s]), float32(base[s]), out=delta[s])
-    return delta
+        b = float32(base[s])
+        for model, delta in zip(models, deltas, strict=True):
+            torch.sub(float32(model[s]), b, out=delta[s])
+    return deltas

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 import torch
 
-from .chunks import float32, row_chunks, task_vector
+from .chunks import float32, row_chunks, task_vectors
 from .spec import NORMALIZE_TRUE, WEIGHT, Floats, MethodSpec, ParamSpec, Tensors, require_base
 
 
@@ -65,7 +65,7 @@ def model_stock(
     denominator vanishes (|.| < 1e-6) the base is kept."""
     n, base = len(tensors), require_base(base, "model_stock")
     slices = row_chunks(base.shape)
-    deltas = [task_vector(t, base) for t in tensors]  # whole: the cosines are reductions over them
+    deltas = task_vectors(list(tensors), base)  # whole: the cosines are reductions over them
     if filter_wise:
         flat = [d.reshape(1, -1) if base.dim() < 2 else d for d in deltas]  # [..., last]
     else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .chunks import float32, row_chunks, task_vector
+from .chunks import float32, row_chunks, task_vectors
 from .spec import WEIGHT, Floats, MethodSpec, ParamSpec, T, Tensors, require_base
 
 SLERP_DOT_THRESHOLD = 0.9995  # slerp: |cos| above this interpolates linearly
@@ -86,7 +86,7 @@ def nuslerp(
     t = 0.5 if abs(total) < NUSLERP_T_EPS else weight[1] / total
     a, b = tensors
     if base is not None:
-        a, b = task_vector(a, base), task_vector(b, base)
+        a, b = task_vectors([a, b], base)
     if nuslerp_flatten:
         merged = slerp_flat(a, b, t)
     elif nuslerp_row_wise:
