@@ -10,7 +10,10 @@ tower's depth lands on other values (vision layer 1: t = 0.5, not 1).
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +24,8 @@ from safetensors.torch import load_file
 from merge_engine.architecture import detect_architecture
 from merge_engine.cli import main as cli_main
 from merge_engine.errors import PlanError
+
+MERGEKIT_VENV = Path(os.environ.get("EVOMERGE_MERGEKIT_VENV", "/work/main/.cache/mergekit-0.1.5"))
 
 # where each family's layers live in a checkpoint saved by transformers 5 (its legacy checkpoint names)
 TEXT_PREFIX = {"llava": "language_model.model.layers", "qwen2_vl": "model.layers",
@@ -171,3 +176,45 @@ def test_layer_count_mismatch_is_an_error_and_nothing_is_written(vlms, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "vision_config.num_hidden_layers=4" in err[0], err
     assert not out.exists()
+
+
+def test_padded_vocabulary_sets_the_nested_vocab_size(vlms, tmp_path):
+    base, ft = vlms["llava"]
+    rc, out = merge(tmp_path, {"merge_method": "linear", "base_model": str(base),
+                               "tokenizer": {"source": "base", "pad_to_multiple_of": 64},
+                               "models": [{"model": str(base), "parameters": {"weight": 0.5}},
+                                          {"model": str(ft), "parameters": {"weight": 0.5}}]})
+    assert rc == 0
+    assert json.loads((out / "config.json").read_text())["text_config"]["vocab_size"] == 64
+    b, f, o = load_file(base / "model.safetensors"), load_file(ft / "model.safetensors"), load_file(
+        out / "model.safetensors")
+    for name in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"):
+        merged = 0.5 * b[name] + 0.5 * f[name]
+        assert o[name].shape == (64, 32) and torch.allclose(o[name][: len(merged)], merged, atol=1e-6)
+        assert torch.allclose(o[name][len(merged):], merged.mean(0).expand(64 - len(merged), -1), atol=1e-6)
+    assert forward("llava", load_output("llava", out)).shape[-1] == 64
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (MERGEKIT_VENV / "bin" / "mergekit-yaml").exists(),
+                    reason=f"mergekit 0.1.5 venv not available at {MERGEKIT_VENV} (set EVOMERGE_MERGEKIT_VENV)")
+def test_vision_tower_and_projector_as_mergekit_writes_them(vlms, tmp_path):
+    """mergekit 0.1.5 (with transformers 5) plans a LLaVA checkpoint from the transformers model's own names
+    (no JSON definition: `model.vision_tower...`, `model.multi_modal_projector...`), per module as we do; it
+    writes no text-decoder tensor at all (README "Differences from mergekit"). The tensors it writes must equal
+    ours under the checkpoint's names."""
+    base, ft = vlms["llava"]
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(base), "dtype": "float32",
+              "models": [{"model": str(ft), "parameters": {"weight": [0.2, 1.0]}}]}
+    rc, ours = merge(tmp_path, recipe)
+    assert rc == 0
+    theirs = tmp_path / "theirs"
+    proc = subprocess.run([str(MERGEKIT_VENV / "bin" / "mergekit-yaml"), str(tmp_path / "recipe.yml"), str(theirs),
+                           "--no-copy-tokenizer"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b = load_file(ours / "model.safetensors"), load_file(theirs / "model.safetensors")
+    renamed = {k.removeprefix("model."): v for k, v in b.items()}
+    assert set(renamed) == {n for n in a if n.startswith(("vision_tower.", "multi_modal_projector."))}
+    for name, tensor in renamed.items():
+        assert torch.allclose(a[name], tensor, atol=1e-6), name
