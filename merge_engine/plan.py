@@ -92,7 +92,10 @@ class MergePlan:
         return len(self.output_layer_sources)
 
     def describe(self) -> str:
-        head = (f"# {len(self.jobs)} tensors, {self.num_output_layers} layers, {self.architecture.model_type}, "
+        towers = self.architecture.towers
+        layers = (" + ".join(f"{t.num_layers} {t.name}" for t in towers) + " layers" if towers
+                  else f"{self.num_output_layers} layers")
+        head = (f"# {len(self.jobs)} tensors, {layers}, {self.architecture.model_type}, "
                 f"reference {self.reference_model}, written as {dtype_name(self.out_dtype)}")
         return "\n".join([head] + [j.describe() for j in self.jobs])
 

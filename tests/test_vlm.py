@@ -218,3 +218,14 @@ def test_vision_tower_and_projector_as_mergekit_writes_them(vlms, tmp_path):
     assert set(renamed) == {n for n in a if n.startswith(("vision_tower.", "multi_modal_projector."))}
     for name, tensor in renamed.items():
         assert torch.allclose(a[name], tensor, atol=1e-6), name
+
+
+def test_print_plan_names_both_towers_and_writes_nothing(vlms, tmp_path, capsys):
+    base, ft = vlms["qwen2_vl"]
+    rc, out = merge(tmp_path, {"merge_method": "linear", "models": [
+        {"model": str(base), "parameters": {"weight": 0.3}}, {"model": str(ft), "parameters": {"weight": 0.7}}]},
+        "--print-plan")
+    lines = capsys.readouterr().out.splitlines()
+    assert rc == 0 and not out.exists()
+    assert lines[0].startswith(f"# {len(lines) - 1} tensors, 2 text + 3 vision layers, qwen2_vl, reference ")
+    assert any(ln.startswith("visual.blocks.2.attn.qkv.weight [96, 32] float32 <- linear(") for ln in lines), lines
