@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 from factory import VLM_FAMILIES, VLM_TEXT_LAYERS, VLM_VISION_LAYERS, make_vlm
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from merge_engine.architecture import detect_architecture
 from merge_engine.cli import main as cli_main
@@ -229,3 +229,37 @@ def test_print_plan_names_both_towers_and_writes_nothing(vlms, tmp_path, capsys)
     assert rc == 0 and not out.exists()
     assert lines[0].startswith(f"# {len(lines) - 1} tensors, 2 text + 3 vision layers, qwen2_vl, reference ")
     assert any(ln.startswith("visual.blocks.2.attn.qkv.weight [96, 32] float32 <- linear(") for ln in lines), lines
+
+
+def with_model_prefix(src, dst):
+    """`src` re-saved under the names transformers 4.5x wrote for LLaVA (its model's own attribute paths):
+    model.language_model.layers.N., model.vision_tower..., model.multi_modal_projector..., lm_head."""
+    dst.mkdir()
+    for p in src.iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+    renamed = {}
+    for name, tensor in load_file(src / "model.safetensors").items():
+        if name.startswith("language_model.model."):
+            name = "model.language_model." + name.removeprefix("language_model.model.")
+        elif name.startswith("language_model."):
+            name = name.removeprefix("language_model.")
+        else:
+            name = "model." + name
+        renamed[name] = tensor
+    save_file(renamed, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_llava_saved_with_model_prefixed_names(vlms, tmp_path):
+    base, ft = (with_model_prefix(p, tmp_path / p.name) for p in vlms["llava"])
+    rc, out = merge(tmp_path, {"merge_method": "task_arithmetic", "base_model": str(base),
+                               "models": [{"model": str(ft), "parameters": {"weight": [0.2, 1.0]}}]})
+    assert rc == 0
+    b, f, o = load_file(base / "model.safetensors"), load_file(ft / "model.safetensors"), load_file(
+        out / "model.safetensors")
+    assert set(o) == set(b)
+    for name in o:
+        m = re.match(r"model\.(language_model|vision_tower\.encoder)\.layers\.(\d+)\.", name)
+        t = int(m[2]) / ((VLM_TEXT_LAYERS if m[1] == "language_model" else VLM_VISION_LAYERS) - 1) if m else 0.0
+        assert torch.allclose(o[name], b[name] + (0.2 + 0.8 * t) * (f[name] - b[name]), atol=1e-6), name
+    assert torch.isfinite(forward("llava", load_output("llava", out))).all()
