@@ -263,3 +263,15 @@ def test_llava_saved_with_model_prefixed_names(vlms, tmp_path):
         t = int(m[2]) / ((VLM_TEXT_LAYERS if m[1] == "language_model" else VLM_VISION_LAYERS) - 1) if m else 0.0
         assert torch.allclose(o[name], b[name] + (0.2 + 0.8 * t) * (f[name] - b[name]), atol=1e-6), name
     assert torch.isfinite(forward("llava", load_output("llava", out))).all()
+
+
+def test_evolve_refuses_vision_language_models(vlms):
+    from evolve.config import GenomeDefinition, LayerPathDefinition
+    from evolve.genome import Genome
+    from evolve.layer_path import LayerPathGenome
+
+    base, ft = (str(p) for p in vlms["gemma3"])
+    with pytest.raises(ValueError, match=r"genome: .* is a vision-language model \('gemma3'\); mergekit-evolve"):
+        Genome.for_models(GenomeDefinition(models=[ft], base_model=base, merge_method="task_arithmetic"))
+    with pytest.raises(ValueError, match="is a vision-language model"):
+        LayerPathGenome.for_models(LayerPathDefinition(kind="layer_path", models=[base, ft], scales="none"))
