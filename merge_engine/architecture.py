@@ -108,9 +108,6 @@ class Architecture:
     def multimodal(self) -> bool:
         return bool(self.towers)
 
-    def tower_of(self, layer: LayerName) -> Tower | None:
-        return next((t for t in self.towers if t.prefix == layer.prefix), None)
-
     def is_pre_layer(self, tensor_name: str) -> bool:
         """Tensors before the decoder stack (embeddings); everything else outside the layers
         (final norm, head) comes after it."""

@@ -18,6 +18,9 @@ order mergekit 0.1.5's planner does (``mergekit/plan.py``):
    embedding, as mergekit's ``tied_names``);
 4. one job per output tensor: shapes and dtypes checked, parameters resolved.
 
+A vision-language model (an architecture with towers) is planned as mergekit plans its modules
+(:func:`_plan_towers`): `models:` only, each tower's layers with their own gradient positions.
+
 Everything that can be checked without reading a tensor is checked here, so a bad
 recipe fails before the first tensor is read.
 """
