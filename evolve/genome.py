@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from merge_engine.architecture import detect_architecture
+from merge_engine.architecture import Architecture, detect_architecture
 from merge_engine.config import MergeConfig, parse_recipe
 from merge_engine.io.references import open_model
 from merge_engine.methods import MethodSpec, ParamSpec, get_method
@@ -58,6 +58,15 @@ class SearchGenome(Protocol):
     def decode(self, x: np.ndarray) -> MergeConfig: ...
 
 
+def text_only(arch: Architecture, ref: str) -> Architecture:
+    """A search scores causal language models (lm-eval through AutoModelForCausalLM): a vision-language model
+    (mergekit-yaml merges those with `models:` recipes) is refused before anything runs."""
+    if arch.multimodal:
+        raise ValueError(f"genome: {ref!r} is a vision-language model ({arch.model_type!r}); mergekit-evolve "
+                         "searches causal language models only: merge it with a mergekit-yaml `models:` recipe")
+    return arch
+
+
 class Genome:
     def __init__(self, definition: GenomeDefinition, num_layers: int):
         self.definition = definition
@@ -86,7 +95,8 @@ class Genome:
     def for_models(cls, definition: GenomeDefinition) -> Genome:
         ref = definition.base_model or definition.models[0]
         source = open_model(ref)
-        return cls(definition, detect_architecture(source.config, source.tensor_names(), ref).num_layers)
+        arch = text_only(detect_architecture(source.config, source.tensor_names(), ref), ref)
+        return cls(definition, arch.num_layers)
 
     def _range(self, p: ParamSpec) -> tuple[float, float]:
         assert p.search is not None  # genes are made only for parameters with a search range

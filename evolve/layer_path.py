@@ -47,7 +47,7 @@ from merge_engine.merge import plan_merge, run_merge
 from merge_engine.options import MergeOptions
 
 from .config import LayerPathDefinition, is_recipe
-from .genome import DECIMALS, Gene, gene_values
+from .genome import DECIMALS, Gene, gene_values, text_only
 
 INCLUDED = 0.5  # an inclusion gene above this puts its layer on the path
 START_ON, START_OFF = 0.75, 0.25  # the start vector: the first model's layers on, the rest off
@@ -116,10 +116,10 @@ class LayerPathGenome:
             if is_recipe(ref):  # not built yet (preflight): its plan knows the depth
                 plan, _ = plan_merge(load_recipe(ref))
                 layers[name] = plan.num_output_layers
-                archs.append(plan.architecture)
+                archs.append(text_only(plan.architecture, ref))
                 continue
             source = open_model(ref)
-            arch = detect_architecture(source.config, source.tensor_names(), ref)
+            arch = text_only(detect_architecture(source.config, source.tensor_names(), ref), ref)
             layers[name] = arch.num_layers
             archs.append(arch)
         writers = {a.residual_writers for a in archs}

@@ -3,6 +3,12 @@ the embeddings and the output head, and how many layers the config declares.
 
 Known model types are listed explicitly; anything else falls back to the common
 ``<prefix>.<layers|h|blocks>.<index>.<rest>`` naming, with a clear error if that fails.
+
+A vision-language model (config.json with a nested ``text_config``: LLaVA, Qwen2-VL, Qwen2.5-VL,
+Gemma3, Mistral3) holds several layer stacks, each a :class:`Tower` with its own layer count:
+the text decoder's from ``text_config``, the vision encoder's from ``vision_config``. Which
+stack a layer prefix belongs to is read from its name (``VISION_PREFIX_WORDS``), since the
+names differ by family and by the transformers version that saved the checkpoint.
 """
 
 from __future__ import annotations
@@ -38,6 +44,15 @@ RESIDUAL_WRITERS: dict[str, tuple[str, ...]] = {
     "gpt2": ("attn.c_proj", "mlp.c_proj"),
     "gpt_neox": ("attention.dense.", "mlp.dense_4h_to_h"),
 }
+# vision-language models: config keys of the text decoder's and the vision encoder's layer counts (the first
+# present), and the words that mark a layer prefix as the vision encoder's (`vision_tower.encoder.layers`,
+# `visual.blocks`, `vision_tower.vision_model.encoder.layers`, `vision_tower.transformer.layers`); every
+# other layer prefix is the text decoder's (`language_model.model.layers`, `model.language_model.layers`,
+# `model.layers`)
+TEXT_LAYERS_KEYS = ("text_config.num_hidden_layers",)
+VISION_LAYERS_KEYS = ("vision_config.num_hidden_layers", "vision_config.depth")
+VISION_PREFIX_WORDS = ("vision", "visual")
+NESTED_CONFIGS = ("text_config", "vision_config")  # sub-configs whose dtype / vocab_size keys follow the top level
 HEAD_NAMES = ("lm_head.weight", "embed_out.weight")  # output heads of architectures not listed above
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "embed_in.weight")
 
@@ -59,14 +74,39 @@ def parse_layer_name(tensor_name: str) -> LayerName | None:
     return LayerName(m["prefix"], int(m["index"]), m["suffix"])
 
 
+def config_value(config: dict, key: str) -> object:
+    """`config[key]`, a dotted key reading nested configs (``text_config.num_hidden_layers``); None if absent."""
+    value: object = config
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+@dataclass(frozen=True)
+class Tower:
+    """One layer stack of a vision-language model: the tensors named ``<prefix>.<index>.<rest>``."""
+
+    name: str  # "text" or "vision"
+    prefix: str  # e.g. "language_model.model.layers", "visual.blocks"
+    num_layers_key: str  # dotted config key
+    num_layers: int
+
+
 @dataclass(frozen=True)
 class Architecture:
     model_type: str
-    num_layers_key: str
+    num_layers_key: str  # dotted for a vision-language model's text decoder: text_config.num_hidden_layers
     num_layers: int
     embedding_name: str | None  # the input embedding
     head_name: str  # the output head; a model without one (tied embeddings) reads the embedding
     residual_writers: tuple[str, ...] = ()  # RESIDUAL_WRITERS; empty where unknown
+    towers: tuple[Tower, ...] = ()  # a vision-language model's layer stacks, text first; empty for a plain model
+
+    @property
+    def multimodal(self) -> bool:
+        return bool(self.towers)
 
     def is_pre_layer(self, tensor_name: str) -> bool:
         """Tensors before the decoder stack (embeddings); everything else outside the layers
@@ -83,6 +123,8 @@ class Architecture:
 
 def detect_architecture(config: dict, tensor_names: list[str], model: str) -> Architecture:
     model_type = str(config.get("model_type", "unknown"))
+    if isinstance(config.get("text_config"), dict):
+        return _detect_multimodal(config, tensor_names, model, model_type)
     known = KNOWN.get(model_type)
     key = known[0] if known else next((k for k in NUM_LAYERS_KEYS if k in config), None)
     if key is None or key not in config:
@@ -100,3 +142,36 @@ def detect_architecture(config: dict, tensor_names: list[str], model: str) -> Ar
         embedding = next((n for n in tensor_names if n.endswith(EMBEDDING_SUFFIXES)), None)
     head = known[2] if known else next((n for n in HEAD_NAMES if n in tensor_names), HEAD_NAMES[0])
     return Architecture(model_type, key, num_layers, embedding, head, RESIDUAL_WRITERS.get(model_type, ()))
+
+
+def _detect_multimodal(config: dict, tensor_names: list[str], model: str, model_type: str) -> Architecture:
+    """A config with a nested text_config: one Tower per layer prefix, the text decoder's and the
+    vision encoder's, each checked against its config's layer count."""
+    by_prefix: dict[str, set[int]] = {}
+    for n in tensor_names:
+        if (ln := parse_layer_name(n)) is not None:
+            by_prefix.setdefault(ln.prefix, set()).add(ln.index)
+    towers = []
+    for prefix, indices in by_prefix.items():
+        name = "vision" if any(w in prefix for w in VISION_PREFIX_WORDS) else "text"
+        keys = VISION_LAYERS_KEYS if name == "vision" else TEXT_LAYERS_KEYS
+        key = next((k for k in keys if config_value(config, k) is not None), None)
+        if key is None:
+            raise PlanError(f"{model}: config.json has no layer count for the {name} layers {prefix}.N "
+                            f"(looked for {', '.join(keys)}); model_type {model_type!r} is not supported")
+        n = int(config_value(config, key))  # type: ignore[call-overload]
+        if indices != set(range(n)):
+            raise PlanError(f"{model}: config.json says {key}={n} but the weights hold {prefix}."
+                            f"{min(indices)}..{max(indices)} ({len(indices)} layers)")
+        towers.append(Tower(name, prefix, key, n))
+    text = [t for t in towers if t.name == "text"]
+    if len(text) != 1 or len([t for t in towers if t.name == "vision"]) > 1:
+        found = ", ".join(f"{t.prefix} ({t.name})" for t in towers) or "none"
+        raise PlanError(f"{model}: a vision-language model ({model_type!r}) needs one text-decoder layer stack and "
+                        f"at most one vision-encoder stack; found {found}")
+    towers.sort(key=lambda t: t.name != "text")
+    embedding = next((n for n in tensor_names if n.endswith("embed_tokens.weight")), None)
+    head = next((n for n in tensor_names if n.endswith("lm_head.weight")), None)
+    if head is None:  # tied: the head a transformers save would name, next to the embedding
+        head = "language_model.lm_head.weight" if (embedding or "").startswith("language_model.") else "lm_head.weight"
+    return Architecture(model_type, text[0].num_layers_key, text[0].num_layers, embedding, head, (), tuple(towers))

@@ -32,8 +32,9 @@ from .tokenizer import OutputTokenizer, plan_output_tokenizer, write_tokenizer
 log = logging.getLogger(__name__)
 
 SinkOpener = Callable[[MergePlan], contextlib.AbstractContextManager[TensorSink]]
+# known before merging; shard and tokenizer names at the end
 OUTPUT_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
-                "mergekit_config.yml", "README.md")  # known before merging; shard and tokenizer names at the end
+                "mergekit_config.yml", "README.md", *artifacts.PROCESSOR_FILES)
 
 
 
@@ -111,6 +112,7 @@ def run_merge(config: MergeConfig, out_path: str | Path, options: MergeOptions |
                                dtype_name(plan.out_dtype),
                                tokenizer.alignment.size if tokenizer.alignment is not None else None)
         artifacts.copy_generation_config(tmp, reference)
+        artifacts.copy_processor_files(tmp, reference)
         if copy_tokenizer:
             write_tokenizer(tmp, tokenizer, config.chat_template)
         artifacts.write_card_and_recipe(tmp, config, options.write_model_card, options.recipe_text,

@@ -18,6 +18,9 @@ order mergekit 0.1.5's planner does (``mergekit/plan.py``):
    embedding, as mergekit's ``tied_names``);
 4. one job per output tensor: shapes and dtypes checked, parameters resolved.
 
+A vision-language model (an architecture with towers) is planned as mergekit plans its modules
+(:func:`_plan_towers`): `models:` only, each tower's layers with their own gradient positions.
+
 Everything that can be checked without reading a tensor is checked here, so a bad
 recipe fails before the first tensor is read.
 """
@@ -32,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .architecture import Architecture, LayerName, detect_architecture, parse_layer_name
+from .architecture import Architecture, LayerName, Tower, config_value, detect_architecture, parse_layer_name
 from .config import MergeConfig, SliceView, SourceView
 from .dtypes import ARITHMETIC, BY_NAME, COPYABLE, dtype_name
 from .errors import PlanError
@@ -92,7 +95,10 @@ class MergePlan:
         return len(self.output_layer_sources)
 
     def describe(self) -> str:
-        head = (f"# {len(self.jobs)} tensors, {self.num_output_layers} layers, {self.architecture.model_type}, "
+        towers = self.architecture.towers
+        layers = (" + ".join(f"{t.num_layers} {t.name}" for t in towers) + " layers" if towers
+                  else f"{self.num_output_layers} layers")
+        head = (f"# {len(self.jobs)} tensors, {layers}, {self.architecture.model_type}, "
                 f"reference {self.reference_model}, written as {dtype_name(self.out_dtype)}")
         return "\n".join([head] + [j.describe() for j in self.jobs])
 
@@ -114,8 +120,13 @@ def build_plan(config: MergeConfig, sources: Mapping[str, ModelSource], random_s
     arch = detect_architecture(sources[reference].config, sources[reference].tensor_names(), reference)
     if not allow_crimes:
         _check_same_model_type([sources[m] for m in config.referenced_models()], arch, reference)
+    if arch.multimodal and config.slices is not None:
+        raise PlanError(_slices_refused(arch, reference))
     slices = _resolve_layer_ranges(config.output_slices, sources, arch)
-    slots, layer_sources = _plan_tensors(config.method, slices, sources, arch)
+    if arch.multimodal:
+        slots, layer_sources = _plan_towers(config.method, slices[0], sources, arch)
+    else:
+        slots, layer_sources = _plan_tensors(config.method, slices, sources, arch)
     input_dtype = BY_NAME[config.dtype] if config.dtype else None
     out_dtype = _output_dtype(config, sources[reference], reference)
     jobs = tuple(_make_job(config, slot, sources, arch, input_dtype, out_dtype, random_seed, vocab) for slot in slots)
@@ -139,7 +150,7 @@ def _resolve_layer_ranges(slices: tuple[SliceView, ...], sources: Mapping[str, M
     for slc in slices:
         resolved = []
         for src in slc.sources:
-            n = int(sources[src.model].config.get(arch.num_layers_key, 0))
+            n = int(config_value(sources[src.model].config, arch.num_layers_key) or 0)  # type: ignore[call-overload]
             lo, hi = src.layer_range or (0, n)
             if hi > n:
                 raise PlanError(f"{src.path}: layer_range [{lo}, {hi}] exceeds the {n} layers of model "
@@ -193,6 +204,37 @@ def _outside_layers(spec: MethodSpec, slc: SliceView, sources: Mapping[str, Mode
     names = _union([[n for n in sources[m].tensor_names()
                      if parse_layer_name(n) is None and arch.is_pre_layer(n) == pre] for m in models])
     return [_Slot(n, 0.0, slc, tuple((s, n) for s in slc.sources), (base, n) if base else None) for n in names]
+
+
+def _slices_refused(arch: Architecture, reference: str) -> str:
+    stacks = ", ".join(f"{t.name} {t.prefix}.0..{t.num_layers - 1}" for t in arch.towers)
+    return (f"slices: {reference!r} is a vision-language model ({arch.model_type!r}) with {len(arch.towers)} layer "
+            f"stacks ({stacks}), and a layer_range cannot say which one it means (mergekit 0.1.5 refuses it too, "
+            "asking for its per-module `modules:` syntax, which evomerge does not support); use `models:` to merge "
+            "every tensor of both stacks")
+
+
+def _plan_towers(spec: MethodSpec, slc: SliceView, sources: Mapping[str, ModelSource],
+                 arch: Architecture) -> tuple[list[_Slot], list[int]]:
+    """A `models:` recipe on a vision-language model, as mergekit 0.1.5 plans its modules: every
+    tensor outside the layer stacks (embeddings, projector, norms, head) at t = 0, then each tower's
+    layers with t from 0 at its first layer to 1 at its last, whatever the other tower's depth."""
+    slots = _outside_layers(spec, slc, sources, arch, pre=True)
+    layers = _LayerIndex(sources)
+    base = slc.base_model if spec.uses_base and slc.base_model else None
+    for tower in arch.towers:
+        for j in range(tower.num_layers):
+            t = j / (tower.num_layers - 1) if tower.num_layers > 1 else 1.0
+            models = ([base] if base else []) + [s.model for s in slc.sources]
+            for tensor in _union([_in_tower(layers.templates(m, j), tower) for m in models]):
+                name = tensor.with_index(j)
+                slots.append(_Slot(name, t, slc, tuple((s, name) for s in slc.sources), (base, name) if base else None))
+    slots += _outside_layers(spec, slc, sources, arch, pre=False)
+    return slots, list(range(arch.num_layers))
+
+
+def _in_tower(templates: list[LayerName], tower: Tower) -> list[LayerName]:
+    return [ln for ln in templates if ln.prefix == tower.prefix]
 
 
 class _LayerIndex:

@@ -111,3 +111,69 @@ def make_specialists(root: Path, n_docs: int = 8) -> dict[str, Path]:
     for i, task in enumerate(SPECIALIST_TASKS):
         out[task] = teach(root / task, base, memorised_docs(task, n_docs), seed=11 + i)
     return out
+
+
+# ---- tiny vision-language models (config.json nests text_config / vision_config) --------------------------
+
+VLM_FAMILIES = ("llava", "qwen2_vl", "gemma3")
+VLM_TEXT_LAYERS, VLM_VISION_LAYERS = 2, 3  # different depths: a gradient must run over each tower's own layers
+
+
+def tiny_vlm_config(family: str, hidden: int = 32):
+    """Text decoder of VLM_TEXT_LAYERS layers, vision encoder of VLM_VISION_LAYERS, the char tokenizer's vocabulary
+    (its last ids stand in for the image / vision marker tokens)."""
+    from transformers import Gemma3Config, LlavaConfig, Qwen2VLConfig
+
+    text = dict(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=VLM_TEXT_LAYERS,
+                num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB_SIZE, max_position_embeddings=64,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    last = VOCAB_SIZE - 1
+    if family == "llava":
+        return LlavaConfig(text_config=dict(model_type="llama", **text), image_token_index=last,
+                           vision_config=dict(model_type="clip_vision_model", hidden_size=hidden,
+                                              intermediate_size=hidden * 2, num_hidden_layers=VLM_VISION_LAYERS,
+                                              num_attention_heads=4, image_size=32, patch_size=8,
+                                              projection_dim=hidden))
+    if family == "qwen2_vl":
+        return Qwen2VLConfig(text_config=dict(rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}, **text),
+                             vision_config=dict(depth=VLM_VISION_LAYERS, embed_dim=hidden, hidden_size=hidden,
+                                                num_heads=4, mlp_ratio=2, patch_size=4, spatial_merge_size=2,
+                                                temporal_patch_size=2),
+                             image_token_id=last, video_token_id=last - 1, vision_start_token_id=last - 2,
+                             vision_end_token_id=last - 3, bos_token_id=1, eos_token_id=2)
+    if family == "gemma3":
+        return Gemma3Config(text_config=dict(head_dim=8, sliding_window=16, **text),
+                            vision_config=dict(hidden_size=hidden, intermediate_size=hidden * 2,
+                                               num_hidden_layers=VLM_VISION_LAYERS, num_attention_heads=4,
+                                               image_size=32, patch_size=8, vision_use_head=False),
+                            mm_tokens_per_image=4, image_token_index=last, boi_token_index=last - 1,
+                            eoi_token_index=last - 2)
+    raise ValueError(family)
+
+
+def make_vlm(path: Path, family: str, seed: int = 0, base: Path | None = None, noise: float = 0.02) -> Path:
+    """Save a tiny random vision-language model at `path` with the char tokenizer; with `base`, a fine-tune-like
+    perturbation of it. A LLaVA base also gets its processor files (preprocessor_config.json from a CLIP image
+    processor, processor_config.json, chat_template.json), as hub LLaVA checkpoints have."""
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(seed)
+    if base is not None:
+        model = AutoModelForImageTextToText.from_pretrained(str(base))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * noise)
+    else:
+        model = AutoModelForImageTextToText.from_config(tiny_vlm_config(family))
+    model.save_pretrained(str(path), safe_serialization=True)
+    char_tokenizer().save_pretrained(str(path))
+    if family == "llava" and base is None:
+        import json
+
+        from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+        images = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        images.save_pretrained(str(path))
+        LlavaProcessor(image_processor=images, tokenizer=char_tokenizer(), patch_size=8).save_pretrained(str(path))
+        (path / "chat_template.json").write_text(json.dumps({"chat_template": "{{ messages[0]['content'] }}"}))
+    return path

@@ -3,6 +3,7 @@ resolved recipe (the tokenizer: merge_engine/tokenizer.py), and the built-in cha
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from collections.abc import Sequence
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from ..architecture import NESTED_CONFIGS
 from ..card import render_model_card
 from ..config import MergeConfig
 from .chat_templates import CHAT_TEMPLATES
@@ -20,17 +22,29 @@ def output_config(reference_config: dict, num_layers_key: str, layer_sources: Se
                   vocab_size: int | None = None) -> dict:
     """The reference model's config with the output's layer count (and per-layer `layer_types`
     following the layers each output layer came from), dtype and, when the vocabulary was aligned,
-    vocabulary size."""
-    cfg = dict(reference_config)
-    layer_types = cfg.get("layer_types")
-    if isinstance(layer_types, list) and len(layer_types) == cfg.get(num_layers_key):
-        cfg["layer_types"] = [layer_types[i] for i in layer_sources]
-    cfg[num_layers_key] = len(layer_sources)
-    if vocab_size is not None and "vocab_size" in cfg:
-        cfg["vocab_size"] = vocab_size
+    vocabulary size. A dotted `num_layers_key` (``text_config.num_hidden_layers``) sets the nested
+    config's; the dtype and vocabulary size keys a nested text/vision config holds are set too."""
+    cfg = copy.deepcopy(reference_config)  # nested configs are edited
+    *parents, leaf = num_layers_key.split(".")
+    layers_cfg = cfg
+    for part in parents:
+        layers_cfg = layers_cfg[part]
+    layer_types = layers_cfg.get("layer_types")
+    if isinstance(layer_types, list) and len(layer_types) == layers_cfg.get(leaf):
+        layers_cfg["layer_types"] = [layer_types[i] for i in layer_sources]
+    layers_cfg[leaf] = len(layer_sources)
+    nested = [c for k in NESTED_CONFIGS if isinstance(c := cfg.get(k), dict)]
+    if vocab_size is not None:
+        for c in (cfg, cfg.get("text_config") or {}):
+            if "vocab_size" in c:
+                c["vocab_size"] = vocab_size
     # the key(s) the input config uses; transformers >= 4.56 reads `dtype`
     for key in [k for k in ("torch_dtype", "dtype") if k in cfg] or ["dtype"]:
         cfg[key] = out_dtype
+    for c in nested:
+        for key in ("torch_dtype", "dtype"):
+            if key in c and c[key] is not None:
+                c[key] = out_dtype
     return cfg
 
 
@@ -58,6 +72,17 @@ def copy_generation_config(out: Path, source: ModelSource) -> None:
     gen = source.path / "generation_config.json"
     if gen.exists():
         shutil.copyfile(gen, out / "generation_config.json")
+
+
+# a vision-language model's image / video preprocessing, copied from the reference model when present whether or not
+# the tokenizer is (mergekit's `tagalong_files`); chat_template.json goes with the tokenizer (TOKENIZER_FILES)
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
+
+
+def copy_processor_files(out: Path, source: ModelSource) -> None:
+    for name in PROCESSOR_FILES:
+        if (source.path / name).is_file():
+            shutil.copyfile(source.path / name, out / name)
 
 
 RESOLVED_RECIPE = "mergekit_config.resolved.yml"
