@@ -13,19 +13,16 @@ import json
 import os
 import re
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from factory import VLM_FAMILIES, VLM_TEXT_LAYERS, VLM_VISION_LAYERS, make_vlm
+from factory import MERGEKIT_VENV, VLM_FAMILIES, VLM_TEXT_LAYERS, VLM_VISION_LAYERS, make_vlm
 from safetensors.torch import load_file, save_file
 
 from merge_engine.architecture import detect_architecture
 from merge_engine.cli import main as cli_main
 from merge_engine.errors import PlanError
-
-MERGEKIT_VENV = Path(os.environ.get("EVOMERGE_MERGEKIT_VENV", "/work/main/.cache/mergekit-0.1.5"))
 
 # where each family's layers live in a checkpoint saved by transformers 5 (its legacy checkpoint names)
 TEXT_PREFIX = {"llava": "language_model.model.layers", "qwen2_vl": "model.layers",
