@@ -66,6 +66,11 @@ def _header(shard: list[TensorLayout]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
+def shard_filenames(n: int) -> list[str]:
+    """The names of n output shards: model.safetensors alone, else model-XXXXX-of-YYYYY.safetensors."""
+    return ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
 class ShardedSafetensorsWriter:
     """Writes the planned tensors, in plan order, into model-XXXXX-of-YYYYY.safetensors
     files plus model.safetensors.index.json (a single shard is named model.safetensors)."""
@@ -73,9 +78,7 @@ class ShardedSafetensorsWriter:
     def __init__(self, out_dir: Path, layouts: list[TensorLayout], max_shard_bytes: int):
         self.out_dir = Path(out_dir)
         self.shards = plan_shards(layouts, max_shard_bytes)
-        n = len(self.shards)
-        self.filenames = (["model.safetensors"] if n == 1 else
-                          [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+        self.filenames = shard_filenames(len(self.shards))
         self._where = {t.name: (i, t) for i, shard in enumerate(self.shards) for t in shard}
         self._expected_order = [t.name for shard in self.shards for t in shard]
         self._next = 0

@@ -26,8 +26,8 @@ from ..io.loader import ModelSource
 from ..io.moe_files import model_card, output_names, write_moe_files
 from ..io.output import check_collisions, check_output, check_space, output_directory
 from ..io.preflight import load_tokenizer
-from ..io.references import open_model
-from ..io.writer import ShardedSafetensorsWriter, TensorLayout, plan_shards
+from ..io.writer import ShardedSafetensorsWriter, TensorLayout, plan_shards, shard_filenames
+from ..merge import open_sources as merge_sources
 from ..options import MergeOptions
 from .config import HIDDEN_MODES, PROMPT_MODES, MoEConfig
 from .layouts import DenseModel, OutputTensor, expected_mlp_shapes, read_dense, select_layout
@@ -131,8 +131,7 @@ def open_sources(config: MoEConfig, options: MergeOptions) -> dict[str, ModelSou
         if ref in sources:
             continue
         try:
-            sources[ref] = open_model(ref, allow_pickle=options.allow_pickle, cache_dir=options.transformers_cache,
-                                      lora_dtype=options.lora_merge_dtype, lora_merge_cache=options.lora_merge_cache)
+            sources.update(merge_sources([ref], options))
         except ModelLoadError as e:
             raise ModelLoadError(f"{field}: {e}") from None
     return sources
@@ -207,8 +206,7 @@ def write_tensors(staging: Path, plan: MoEPlan, config: MoEConfig, sources: dict
 
 
 def shard_names(plan: MoEPlan, max_shard_bytes: int) -> list[str]:
-    n = len(plan_shards(plan.layouts(), max_shard_bytes))
-    return ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    return shard_filenames(len(plan_shards(plan.layouts(), max_shard_bytes)))
 
 
 def run_moe(config: MoEConfig, out_path: str | Path, options: MergeOptions, recipe_text: str,
