@@ -42,14 +42,20 @@ def tiny_config(arch: str = "llama", layers: int = 2, hidden: int = 32, tie: boo
 def make_model(path: Path, arch: str = "llama", seed: int = 0, layers: int = 2, hidden: int = 32,
                tie: bool = False, base: Path | None = None, noise: float = 0.02) -> Path:
     """Save a tiny random model at `path`; with `base`, a fine-tune-like perturbation of it."""
+    return _save_tiny(AutoModelForCausalLM, path, lambda: tiny_config(arch, layers, hidden, tie), seed, base, noise)
+
+
+def _save_tiny(auto_class, path: Path, config, seed: int, base: Path | None, noise: float) -> Path:
+    """`auto_class` built from `config()` (or loaded from `base` plus Gaussian noise of std `noise` on every
+    parameter), saved at `path` with the char tokenizer."""
     torch.manual_seed(seed)
     if base is not None:
-        model = AutoModelForCausalLM.from_pretrained(str(base))
+        model = auto_class.from_pretrained(str(base))
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * noise)
     else:
-        model = AutoModelForCausalLM.from_config(tiny_config(arch, layers, hidden, tie))
+        model = auto_class.from_config(config())
     model.save_pretrained(str(path), safe_serialization=True)
     char_tokenizer().save_pretrained(str(path))
     return path
@@ -157,16 +163,7 @@ def make_vlm(path: Path, family: str, seed: int = 0, base: Path | None = None, n
     processor, processor_config.json, chat_template.json), as hub LLaVA checkpoints have."""
     from transformers import AutoModelForImageTextToText
 
-    torch.manual_seed(seed)
-    if base is not None:
-        model = AutoModelForImageTextToText.from_pretrained(str(base))
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * noise)
-    else:
-        model = AutoModelForImageTextToText.from_config(tiny_vlm_config(family))
-    model.save_pretrained(str(path), safe_serialization=True)
-    char_tokenizer().save_pretrained(str(path))
+    _save_tiny(AutoModelForImageTextToText, path, lambda: tiny_vlm_config(family), seed, base, noise)
     if family == "llava" and base is None:
         import json
 

@@ -77,6 +77,17 @@ def forward(family: str, model) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
+def gradient_merge(tmp_path, base, ft):
+    """task_arithmetic of `ft` on `base` with weight [0.2, 1.0] (a per-layer gradient): the output directory and
+    the tensors of base, fine-tune and output, which hold the same names."""
+    rc, out = merge(tmp_path, {"merge_method": "task_arithmetic", "base_model": str(base),
+                               "models": [{"model": str(ft), "parameters": {"weight": [0.2, 1.0]}}]})
+    assert rc == 0
+    b, f, o = (load_file(d / "model.safetensors") for d in (base, ft, out))
+    assert set(o) == set(b)  # the checkpoint's own names, nothing dropped
+    return out, b, f, o
+
+
 @pytest.mark.parametrize("family", VLM_FAMILIES)
 def test_linear_merges_every_tensor_and_loads(vlms, tmp_path, family):
     base, ft = vlms[family]
@@ -103,12 +114,7 @@ def test_linear_merges_every_tensor_and_loads(vlms, tmp_path, family):
 @pytest.mark.parametrize("family", VLM_FAMILIES)
 def test_task_arithmetic_gradient_runs_over_each_towers_own_layers(vlms, tmp_path, family):
     base, ft = vlms[family]
-    rc, out = merge(tmp_path, {"merge_method": "task_arithmetic", "base_model": str(base),
-                               "models": [{"model": str(ft), "parameters": {"weight": [0.2, 1.0]}}]})
-    assert rc == 0
-    b, f, o = load_file(base / "model.safetensors"), load_file(ft / "model.safetensors"), load_file(
-        out / "model.safetensors")
-    assert set(o) == set(b)
+    out, b, f, o = gradient_merge(tmp_path, base, ft)
     seen = set()
     for name in o:
         t = tower_t(family, name)
@@ -249,12 +255,7 @@ def with_model_prefix(src, dst):
 
 def test_llava_saved_with_model_prefixed_names(vlms, tmp_path):
     base, ft = (with_model_prefix(p, tmp_path / p.name) for p in vlms["llava"])
-    rc, out = merge(tmp_path, {"merge_method": "task_arithmetic", "base_model": str(base),
-                               "models": [{"model": str(ft), "parameters": {"weight": [0.2, 1.0]}}]})
-    assert rc == 0
-    b, f, o = load_file(base / "model.safetensors"), load_file(ft / "model.safetensors"), load_file(
-        out / "model.safetensors")
-    assert set(o) == set(b)
+    out, b, f, o = gradient_merge(tmp_path, base, ft)
     for name in o:
         m = re.match(r"model\.(language_model|vision_tower\.encoder)\.layers\.(\d+)\.", name)
         t = int(m[2]) / ((VLM_TEXT_LAYERS if m[1] == "language_model" else VLM_VISION_LAYERS) - 1) if m else 0.0
