@@ -10,8 +10,6 @@ one, and random draws made chunk by chunk follow one generator stream in the sam
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 
 CHUNK = 1 << 20  # elements per chunk (4 MiB of float32); tests make it tiny to exercise many chunks
@@ -31,11 +29,6 @@ def row_chunks(shape: torch.Size | tuple[int, ...]) -> list[slice]:
 def float32(t: torch.Tensor) -> torch.Tensor:
     """A float32 copy the caller owns (inputs may be shared with a cache: never modified in place)."""
     return t.to(torch.float32, copy=True)
-
-
-def float32_chunks(t: torch.Tensor, slices: list[slice]) -> Iterator[torch.Tensor]:
-    for s in slices:
-        yield float32(t[s])
 
 
 def task_vectors(models: list[torch.Tensor], base: torch.Tensor) -> list[torch.Tensor]:
