@@ -50,6 +50,10 @@ def search_config(pair: str, paths: dict[str, Path], args: argparse.Namespace) -
     tasks = PAIRS[pair][0]
     template["genome"].update(models=[str(paths[t]) for t in tasks], base_model=str(paths["base"]),
                               merge_method=args.method)
+    if args.layer_granularity is not None:
+        template["genome"]["layer_granularity"] = args.layer_granularity
+    if args.filters is not None:
+        template["genome"]["filters"] = [f for f in args.filters.split(",") if f]
     template["tasks"] = [{**template["tasks"][0], "name": f"evo_{t}"} for t in tasks]
     template["fitness"] = {"aggregate": args.aggregate, "normalize": args.normalize}
     return EvolveConfig.model_validate(template)
@@ -112,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="fitness.aggregate of the search")
     ap.add_argument("--normalize", action="store_true", help="fitness.normalize: true")
     ap.add_argument("--method", default="task_arithmetic", help="genome.merge_method (default task_arithmetic)")
+    ap.add_argument("--layer-granularity", type=int, help="genome.layer_granularity (default: configs/search.yml's)")
+    ap.add_argument("--filters", help="genome.filters, comma-separated (default: configs/search.yml's)")
     ap.add_argument("--num-workers", type=int, default=0, help="Ray workers (0 = in this process; default)")
     ap.add_argument("--tag", required=True, help="names the runs and the results file")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
-from merge_engine.architecture import Architecture, detect_architecture
+from merge_engine.architecture import Architecture, detect_architecture, parse_layer_name
 from merge_engine.config import MergeConfig, parse_recipe
 from merge_engine.io.references import open_model
 from merge_engine.methods import MethodSpec, ParamSpec, get_method
+from merge_engine.params import filter_matches
 
 from .config import GenomeDefinition
 
@@ -68,8 +70,13 @@ def text_only(arch: Architecture, ref: str) -> Architecture:
 
 
 class Genome:
-    def __init__(self, definition: GenomeDefinition, num_layers: int):
+    """`outside_filters`: the filters that match only tensors outside the layers (embeddings, output head, final
+    norm). The merge reads one value for those (at gradient position 0), so each gets one gene per model rather
+    than one per layer group, which would leave all but the first group's genes without effect."""
+
+    def __init__(self, definition: GenomeDefinition, num_layers: int, outside_filters: Collection[str] = ()):
         self.definition = definition
+        self.outside_filters = frozenset(outside_filters)
         self.spec: MethodSpec = get_method(definition.merge_method)
         self.num_layers = num_layers
         gran = definition.layer_granularity or num_layers
@@ -82,6 +89,8 @@ class Genome:
         genes = []
         for g in range(self.num_groups):
             for f in filters:
+                if g > 0 and f in self.outside_filters:
+                    continue
                 for model in self.merged_models:
                     for p in self.spec.per_model_params:
                         if p.search:
@@ -95,8 +104,11 @@ class Genome:
     def for_models(cls, definition: GenomeDefinition) -> Genome:
         ref = definition.base_model or definition.models[0]
         source = open_model(ref)
-        arch = text_only(detect_architecture(source.config, source.tensor_names(), ref), ref)
-        return cls(definition, arch.num_layers)
+        names = source.tensor_names()
+        arch = text_only(detect_architecture(source.config, names, ref), ref)
+        outside = [f for f in definition.filters if any(filter_matches(f, n) for n in names)
+                   and not any(filter_matches(f, n) for n in names if parse_layer_name(n) is not None)]
+        return cls(definition, arch.num_layers, outside)
 
     def _range(self, p: ParamSpec) -> tuple[float, float]:
         assert p.search is not None  # genes are made only for parameters with a search range
@@ -130,7 +142,8 @@ class Genome:
         values = self.values(x)
         table: dict[tuple[str | None, str, str | None], list[float]] = {}
         for gene, v in zip(self.genes, values, strict=True):
-            table.setdefault((gene.model, gene.param, gene.filter), [0.0] * self.num_groups)[gene.group] = v
+            groups = 1 if gene.filter in self.outside_filters else self.num_groups
+            table.setdefault((gene.model, gene.param, gene.filter), [0.0] * groups)[gene.group] = v
 
         def setting(model: str | None, param: str) -> Any:
             entries = [(f, self._layer_values(table[(model, param, f)]))

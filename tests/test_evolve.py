@@ -112,6 +112,26 @@ def test_decoded_genome_is_an_ordinary_recipe(zoo, tmp_path):
     assert smooth.models[0].parameters["weight"] == [0.0, 1.0]  # a gradient over layer groups
 
 
+def test_filters_outside_the_layers_get_one_gene_each_and_set_those_tensors(zoo, tmp_path):
+    """Per-layer genes for attention, one gene per model for the embeddings and the head (the merge reads one
+    value for tensors outside the layers): every gene must move the tensors it names, and only those."""
+    g = Genome.for_models(definition(zoo, layer_granularity=1, filters=["self_attn", "embed_tokens", "lm_head"]))
+    assert g.outside_filters == {"embed_tokens", "lm_head"}
+    assert g.dimension == 2 * (4 * 2 + 2)  # models x (4 layer groups x (self_attn + catch-all) + embeddings + head)
+    x = np.linspace(0.05, 0.95, g.dimension)
+    values = {(gene.group, gene.filter, gene.model): v for gene, v in zip(g.genes, g.values(x), strict=True)}
+    run_merge(g.decode(x), tmp_path / "out", MergeOptions(progress=False))
+    merged, base = weights(tmp_path / "out"), weights(zoo["base"])
+    a, b = weights(zoo["a"]), weights(zoo["b"])
+    for name, group, filt in [("model.embed_tokens.weight", 0, "embed_tokens"), ("lm_head.weight", 0, "lm_head"),
+                              ("model.layers.2.self_attn.q_proj.weight", 2, "self_attn"),
+                              ("model.layers.3.mlp.up_proj.weight", 3, None)]:
+        wa, wb = values[(group, filt, str(zoo["a"]))], values[(group, filt, str(zoo["b"]))]
+        b0 = base[name].float()
+        expected = b0 + wa * (a[name].float() - b0) + wb * (b[name].float() - b0)
+        assert (a[name] != base[name]).any() and torch.allclose(merged[name].float(), expected, atol=1e-2), name
+
+
 @pytest.mark.slow
 def test_in_memory_and_on_disk_candidates_score_the_same(trained, tmp_path):
     dare = Genome(definition(trained, method="dare_ties"), 4).decode(np.full(4, 0.7))  # seeded random drops
