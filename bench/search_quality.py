@@ -52,6 +52,9 @@ def search_config(pair: str, paths: dict[str, Path], args: argparse.Namespace) -
                               merge_method=args.method)
     if args.layer_granularity is not None:
         template["genome"]["layer_granularity"] = args.layer_granularity
+    if args.ranges:  # weight=0:2,density=0.1:1
+        template["genome"]["ranges"] = {k: [float(x) for x in v.split(":")]
+                                        for k, v in (item.split("=") for item in args.ranges.split(","))}
     if args.filters is not None:
         template["genome"]["filters"] = [f for f in args.filters.split(",") if f]
     template["tasks"] = [{**template["tasks"][0], "name": f"evo_{t}"} for t in tasks]
@@ -118,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--method", default="task_arithmetic", help="genome.merge_method (default task_arithmetic)")
     ap.add_argument("--layer-granularity", type=int, help="genome.layer_granularity (default: configs/search.yml's)")
     ap.add_argument("--filters", help="genome.filters, comma-separated (default: configs/search.yml's)")
+    ap.add_argument("--ranges", help="genome.ranges, e.g. weight=0:2,density=0.1:1 (default: the method's)")
     ap.add_argument("--num-workers", type=int, default=0, help="Ray workers (0 = in this process; default)")
     ap.add_argument("--tag", required=True, help="names the runs and the results file")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -35,6 +36,9 @@ class GenomeDefinition(_Frozen):
     allow_negative_weights: bool = False
     smooth: bool = False
     filters: list[str] = Field(default_factory=list)  # mergekit writes `filters: null` for none
+    # evomerge's: a searched parameter's range, overriding the method's (e.g. task_arithmetic weights over [0, 2],
+    # whose middle, where the search starts, is the usual weight 1); mergekit has no such field
+    ranges: dict[str, tuple[float, float]] = Field(default_factory=dict)
 
     @field_validator("models", mode="before")
     @classmethod
@@ -64,6 +68,15 @@ class GenomeDefinition(_Frozen):
         if not any(p.search for p in spec.params):
             raise ValueError(f"genome.merge_method: {spec.name} has no searchable parameters; searchable methods: "
                              + ", ".join(sorted(n for n, s in REGISTRY.items() if any(p.search for p in s.params))))
+        searched = [p.name for p in spec.params if p.search]
+        for name, (low, high) in self.ranges.items():
+            p = spec.param(name)
+            if p is None or not p.search:
+                raise ValueError(f"genome.ranges.{name}: {spec.name} searches {', '.join(searched)}, not {name!r}")
+            valid = p.bounds or (-math.inf, math.inf)
+            if not valid[0] <= low < high <= valid[1]:
+                raise ValueError(f"genome.ranges.{name}: [{low}, {high}] must be an increasing pair"
+                                 + (f" within {name}'s valid range [{valid[0]}, {valid[1]}]" if p.bounds else ""))
         return self
 
 

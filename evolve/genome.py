@@ -112,6 +112,8 @@ class Genome:
 
     def _range(self, p: ParamSpec) -> tuple[float, float]:
         assert p.search is not None  # genes are made only for parameters with a search range
+        if p.name in self.definition.ranges:
+            return self.definition.ranges[p.name]
         low, high = p.search
         if p.name == "weight" and self.definition.allow_negative_weights:
             low = -high
