@@ -1,8 +1,8 @@
-"""mergekit-moe: the Mixtral (and Qwen2-MoE) output loads in transformers and generates, every expert tensor is
-its source's MLP tensor and every other tensor the base's, the router rows of each gate mode match an
-independent computation (hidden states captured with forward hooks, embeddings by one-hot products, mergekit's
-global-RNG draws), the routers prefer each expert on its own prompts, a one-expert MoE computes exactly the dense
-model with that expert's MLP, and bad input writes nothing."""
+"""mergekit-moe: the Mixtral (and Qwen2-MoE, Qwen3-MoE) output loads in transformers and generates, every
+expert tensor is its source's MLP tensor and every other tensor the base's, the router rows of each gate mode
+match an independent computation (hidden states captured with forward hooks, embeddings by one-hot products,
+mergekit's global-RNG draws), the routers prefer each expert on its own prompts, a one-expert MoE computes
+exactly the dense model with that expert's MLP, and bad input writes nothing."""
 
 from __future__ import annotations
 
