@@ -31,6 +31,12 @@ def tiny_config(arch: str = "llama", layers: int = 2, hidden: int = 32, tie: boo
         return Qwen2Config(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                            tie_word_embeddings=tie, **common)
+    if arch == "qwen3":  # head_dim is its own setting (default 128), q_norm / k_norm per layer
+        from transformers import Qwen3Config
+
+        return Qwen3Config(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
+                           max_position_embeddings=64, tie_word_embeddings=tie, **common)
     if arch == "gpt2":
         return GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=64, **common)
     if arch == "gpt_neox":

@@ -1,8 +1,8 @@
-"""mergekit-moe: the Mixtral (and Qwen2-MoE) output loads in transformers and generates, every expert tensor is
-its source's MLP tensor and every other tensor the base's, the router rows of each gate mode match an
-independent computation (hidden states captured with forward hooks, embeddings by one-hot products, mergekit's
-global-RNG draws), the routers prefer each expert on its own prompts, a one-expert MoE computes exactly the dense
-model with that expert's MLP, and bad input writes nothing."""
+"""mergekit-moe: the Mixtral (and Qwen2-MoE, Qwen3-MoE) output loads in transformers and generates, every
+expert tensor is its source's MLP tensor and every other tensor the base's, the router rows of each gate mode
+match an independent computation (hidden states captured with forward hooks, embeddings by one-hot products,
+mergekit's global-RNG draws), the routers prefer each expert on its own prompts, a one-expert MoE computes
+exactly the dense model with that expert's MLP, and bad input writes nothing."""
 
 from __future__ import annotations
 
@@ -354,9 +354,15 @@ def bad_cases(zoo) -> dict[str, tuple[dict, list[str], str]]:
         "shared experts on mixtral": ({"base_model": base, "gate_mode": "random", "experts": two,
                                        "architecture": "mixtral", "shared_experts": [two[0]]}, [], "shared_experts"),
         "mergekit would build deepseek": ({"base_model": base, "gate_mode": "random", "experts": two,
-                                           "shared_experts": [{"source_model": base}]}, [], "DeepSeek-MoE"),
-        "unsupported architecture": ({"base_model": base, "gate_mode": "random", "experts": two,
-                                      "architecture": "deepseek"}, [], "architecture: 'deepseek'"),
+                                           "shared_experts": [{"source_model": base}]}, [], "trust_remote_code"),
+        "deepseek refused": ({"base_model": base, "gate_mode": "random", "experts": two, "architecture": "deepseek"},
+                             [], "architecture: 'deepseek': mergekit 0.1.5 builds a DeepSeek-MoE model"),
+        "unknown architecture": ({"base_model": base, "gate_mode": "random", "experts": two, "architecture": "gemma"},
+                                 [], "architecture: 'gemma' matches no output architecture"),
+        "qwen3 output from llama": ({"base_model": base, "gate_mode": "random", "experts": two,
+                                     "architecture": "qwen3"}, [], "base_model: a 'llama' model; the Qwen3 MoE"),
+        "shared experts on qwen3": ({"base_model": base, "gate_mode": "random", "experts": two, "architecture": "qwen3",
+                                     "shared_experts": [{"source_model": base}]}, [], "Qwen3-MoE output has no shared"),
         "bad dtype": ({"base_model": base, "gate_mode": "random", "experts": two, "dtype": "float12"}, [],
                       "dtype"),
         "missing base": ({"base_model": base + "-missing", "gate_mode": "random", "experts": two}, [],
@@ -467,6 +473,12 @@ def test_same_model_as_mergekit(zoo, tmp_path, gate_mode):
         gate_mode, fields = "random", {"architecture": "qwen", "shared_experts": [{"source_model": str(zoo["base"])}]}
     cfg = write_config(tmp_path / "moe.yml", base_model=str(zoo["base"]), gate_mode=gate_mode,
                        experts=experts_of(zoo, prompts=gate_mode != "random"), **fields)
+    assert_same_as_mergekit(cfg, tmp_path, gate_mode)
+
+
+def assert_same_as_mergekit(cfg: Path, tmp_path: Path, gate_mode: str) -> None:
+    """Both tools on the same config and seed: the same config.json and, loaded in transformers, the same
+    parameters (router rows to float rounding for cheap_embed, cosine > 0.99 for hidden)."""
     assert moe(cfg, tmp_path / "ours", "--random-seed", "5") == 0
     mergekit_moe(cfg, tmp_path / "theirs", "--random-seed", "5")
     assert json.loads((tmp_path / "ours" / "config.json").read_text()) == \
@@ -539,6 +551,143 @@ def test_qwen2_moe_from_llama_gets_zero_attention_biases(zoo, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
     assert type(model).__name__ == "Qwen2MoeForCausalLM"
     assert torch.isfinite(model(torch.tensor([char_ids("abc")])).logits).all()
+
+
+# --- Qwen3-MoE ------------------------------------------------------------------------------------------------
+
+QWEN3_LAYERS = 2
+
+
+@pytest.fixture(scope="module")
+def qwen3_zoo(tmp_path_factory) -> dict[str, Path]:
+    """A tiny Qwen3 base (q_norm / k_norm, head_dim 8) and two perturbed copies of it."""
+    from factory import make_model
+
+    root = tmp_path_factory.mktemp("qwen3_experts")
+    base = make_model(root / "base", "qwen3", seed=20, layers=QWEN3_LAYERS)
+    return {"base": base, "a": make_model(root / "a", base=base, seed=21),
+            "b": make_model(root / "b", base=base, seed=22)}
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe(qwen3_zoo, tmp_path_factory) -> Path:
+    """hidden gates, no `architecture`: Qwen3 inputs without shared experts get Qwen3-MoE (mergekit's rule)."""
+    root = tmp_path_factory.mktemp("qwen3_moe")
+    cfg = write_config(root / "moe.yml", base_model=str(qwen3_zoo["base"]), gate_mode="hidden", experts_per_token=1,
+                       experts=experts_of(qwen3_zoo))
+    assert moe(cfg, root / "out") == 0
+    return root / "out"
+
+
+def test_qwen3_moe_tensors_are_the_experts_and_the_base(qwen3_zoo, qwen3_moe):
+    out = tensors(qwen3_moe)
+    base = load_file(str(qwen3_zoo["base"] / "model.safetensors"))
+    src = [load_file(str(qwen3_zoo[n] / "model.safetensors")) for n in ("a", "b")]
+    seen = set()
+    for name, t in base.items():
+        if ".mlp." not in name:
+            assert torch.equal(out[name], t), name
+            seen.add(name)
+    assert "model.layers.1.self_attn.q_norm.weight" in seen and "model.layers.1.self_attn.k_norm.weight" in seen
+    for layer in range(QWEN3_LAYERS):
+        pre = f"model.layers.{layer}.mlp"
+        for e in range(2):
+            for p in ("gate_proj", "up_proj", "down_proj"):
+                mlp = src[e][f"{pre}.{p}.weight"]
+                assert torch.equal(out[f"{pre}.experts.{e}.{p}.weight"], mlp)
+                assert not torch.equal(mlp, base[f"{pre}.{p}.weight"])  # really the expert's
+                seen.add(f"{pre}.experts.{e}.{p}.weight")
+        assert out[f"{pre}.gate.weight"].shape == (2, 32)
+        seen.add(f"{pre}.gate.weight")
+    assert set(out) == seen  # nothing else: no shared expert
+
+
+def test_qwen3_moe_config_loads_and_generates(qwen3_zoo, qwen3_moe):
+    cfg = json.loads((qwen3_moe / "config.json").read_text())
+    base_cfg = json.loads((qwen3_zoo["base"] / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen3MoeForCausalLM"] and cfg["model_type"] == "qwen3_moe"
+    assert cfg["num_experts_per_tok"] == 1 and cfg["decoder_sparse_step"] == 1 and cfg["norm_topk_prob"] is True
+    assert cfg["moe_intermediate_size"] == base_cfg["intermediate_size"] == 64
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                "vocab_size", "rms_norm_eps"):
+        assert cfg[key] == base_cfg[key], key
+    model = AutoModelForCausalLM.from_pretrained(str(qwen3_moe))
+    assert type(model).__name__ == "Qwen3MoeForCausalLM"
+    assert model.config.num_experts == 2 and model.config.mlp_only_layers == []
+    src = [load_file(str(qwen3_zoo[n] / "model.safetensors")) for n in ("a", "b")]
+    experts = model.model.layers[1].mlp.experts  # transformers fuses gate_proj and up_proj on load
+    for e in range(2):
+        assert torch.equal(experts.gate_up_proj[e][:64], src[e]["model.layers.1.mlp.gate_proj.weight"])
+        assert torch.equal(experts.gate_up_proj[e][64:], src[e]["model.layers.1.mlp.up_proj.weight"])
+        assert torch.equal(experts.down_proj[e], src[e]["model.layers.1.mlp.down_proj.weight"])
+    ids = torch.tensor([char_ids("12+3=")])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    assert out.shape == (1, ids.shape[1] + 6) and torch.isfinite(model(ids).logits).all()
+
+
+def test_qwen3_hidden_router_sends_each_experts_prompts_to_it(qwen3_zoo, qwen3_moe):
+    """Run the loaded Qwen3-MoE on each expert's positive prompts: at the last token, the router of every layer
+    picks that expert (its top-1 index, captured from the router's own output), and the router rows applied to
+    the base's hidden states entering each layer rank that expert first."""
+    model = AutoModelForCausalLM.from_pretrained(str(qwen3_moe)).eval()
+    picked: list[int] = []
+    hooks = [layer.mlp.gate.register_forward_hook(lambda _m, _args, out: picked.append(int(out[2][-1, 0])))
+             for layer in model.model.layers]
+    try:
+        for e, name in enumerate(("a", "b")):
+            for prompt in PROMPTS[name][0]:
+                picked.clear()
+                with torch.no_grad():
+                    model(torch.tensor([char_ids(prompt)]))
+                assert picked == [e] * QWEN3_LAYERS, (name, prompt, picked)
+                h = layer_inputs(qwen3_zoo["base"], prompt)
+                for layer in range(QWEN3_LAYERS):
+                    logits = model.model.layers[layer].mlp.gate.weight.double() @ h[layer]
+                    assert int(logits.argmax()) == e, (name, prompt, layer, logits)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+@pytest.mark.parametrize("architecture", [None, "qwen", "qwen3", "Qwen3"])
+def test_qwen3_inputs_select_qwen3_moe(qwen3_zoo, tmp_path, capsys, architecture):
+    """mergekit's rule: `architecture` is a prefix of the output's name ("qwen" matches Qwen MoE and Qwen3 MoE;
+    Qwen MoE needs a shared expert, so Qwen3 MoE is left), and without it the one that takes Qwen3 models."""
+    fields = {"architecture": architecture} if architecture else {}
+    cfg = write_config(tmp_path / "moe.yml", base_model=str(qwen3_zoo["base"]), gate_mode="random",
+                       experts=experts_of(qwen3_zoo, prompts=False), **fields)
+    assert main([str(cfg), str(tmp_path / "out"), "--print-plan"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("# mergekit-moe plan: Qwen3 MoE, 2 expert(s), 2 layers")
+    assert "model.layers.1.mlp.experts.1.down_proj.weight" in text and "shared_expert" not in text
+
+
+def test_qwen3_moe_refuses_other_inputs(qwen3_zoo, zoo, tmp_path, capsys):
+    """Qwen3 base with a Llama expert, and Qwen3 models for the Qwen2-MoE output: one error line naming the model."""
+    cases = [({"experts": [{"source_model": str(qwen3_zoo["a"])}, {"source_model": str(zoo["a"])}]},
+              "experts[1].source_model: a 'llama' model; the Qwen3 MoE output is built from qwen3 models"),
+             ({"architecture": "qwen", "experts": experts_of(qwen3_zoo, prompts=False),
+               "shared_experts": [{"source_model": str(qwen3_zoo["base"])}]},
+              "base_model: a 'qwen3' model; the Qwen MoE output is built from llama / mistral / qwen2 models")]
+    for fields, expected in cases:
+        cfg = write_config(tmp_path / "moe.yml", base_model=str(qwen3_zoo["base"]), gate_mode="random", **fields)
+        assert moe(cfg, tmp_path / "out") == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], err
+        assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # a subprocess importing mergekit: ~10 s each
+@pytest.mark.skipif(not (MERGEKIT_VENV / "bin" / "mergekit-moe").exists(), reason="mergekit 0.1.5 venv not present")
+@pytest.mark.parametrize("gate_mode", ["random", "hidden"])
+def test_qwen3_same_model_as_mergekit(qwen3_zoo, tmp_path, gate_mode):
+    """mergekit 0.1.5's Qwen3-MoE output (fused gate_up_proj / down_proj tensors) and ours, loaded in
+    transformers: the same parameters and config.json; with random gates also noise_scale and residual_scale
+    bit for bit (the same seed, the same draw order: layer by layer, expert by expert, gate, up, down)."""
+    scales = {"a": {"noise_scale": 0.1}, "b": {"residual_scale": 0.5}} if gate_mode == "random" else {}
+    cfg = write_config(tmp_path / "moe.yml", base_model=str(qwen3_zoo["base"]), gate_mode=gate_mode,
+                       experts=experts_of(qwen3_zoo, prompts=gate_mode != "random", **scales))
+    assert_same_as_mergekit(cfg, tmp_path, gate_mode)
 
 
 def test_every_option_and_gate_mode_is_documented():

@@ -1,4 +1,4 @@
-"""mergekit-moe: a mixture-of-experts model (Mixtral, Qwen2-MoE) assembled from dense experts sharing a base.
+"""mergekit-moe: a mixture-of-experts model (Mixtral, Qwen2-MoE, Qwen3-MoE) assembled from dense experts sharing a base.
 
 config.py (the YAML schema) -> layouts.py (the output's tensors and where each comes from) -> router.py (the
 router rows of each gate mode) -> build.py (plan, gates, the streamed writer job) -> cli.py (the command)."""

@@ -81,7 +81,7 @@ def plan_moe(config: MoEConfig, sources: dict[str, ModelSource], allow_crimes: b
         for where, experts in (("experts", config.experts), ("shared_experts", config.shared_experts or []))
         for i, e in enumerate(experts)]
     types = {role: s.config.get("model_type") for role, s in roles}
-    layout = select_layout(config, set(types.values()))
+    layout = select_layout(config, set(types.values()), types["base_model"])
     for role, t in types.items():
         if t not in layout.model_types:
             raise PlanError(f"{role}: a {t!r} model; the {layout.name} output is built from "

@@ -1,4 +1,4 @@
-"""mergekit-moe: assemble a Mixtral (or Qwen2-MoE) model from dense experts sharing a base."""
+"""mergekit-moe: assemble a Mixtral, Qwen2-MoE or Qwen3-MoE model from dense experts sharing a base."""
 
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Create a mixture-of-experts model from dense models sharing a base: attention, norms and "
                     "embeddings from base_model, each expert's MLP from its source_model, and a router per layer "
-                    "from gate_mode. Output: Mixtral (default) or Qwen2-MoE (architecture: qwen, one shared "
-                    "expert), streamed one tensor at a time and moved into place when complete. Gate modes: "
+                    "from gate_mode. Output: Mixtral (default, from Llama / Mistral), Qwen2-MoE (architecture: "
+                    "qwen, one shared expert) or Qwen3-MoE (from Qwen3 models); DeepSeek-MoE is refused (it needs "
+                    "remote code). Streamed one tensor at a time and moved into place when complete. Gate modes: "
                     + "; ".join(f"{k}: {v}" for k, v in GATE_MODES.items()) + ".")
     p.add_argument("config_file", help="the mergekit-moe YAML (base_model, gate_mode, dtype, experts_per_token, "
                                        "experts: [{source_model, positive_prompts, negative_prompts, noise_scale, "

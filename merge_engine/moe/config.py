@@ -4,14 +4,14 @@
     gate_mode: hidden                   # hidden | hidden_avg | hidden_last | cheap_embed | random | uniform_random
     dtype: bfloat16                     # of every output tensor (default: the base's config dtype)
     experts_per_token: 2                # num_experts_per_tok of the output
-    architecture: mixtral               # mixtral (default) | qwen: picks the output layout by name prefix
+    architecture: mixtral               # mixtral | qwen | qwen3 (| deepseek: refused): a prefix of the output's name
     experts:
       - source_model: path/to/expert    # its MLP becomes expert 0 of every layer
         positive_prompts: ["..."]       # what the router should send to it (not needed by random gates)
         negative_prompts: ["..."]       # optional: subtracted
         noise_scale: 0.01               # optional: gaussian noise added to its MLP weights
         residual_scale: 1.0             # optional: multiplies its down projection
-    shared_experts: [...]               # qwen only: exactly one, same fields
+    shared_experts: [...]               # Qwen2-MoE only: exactly one, same fields
 
 Every problem found is reported together, each with its YAML path (experts[1].positive_prompts).
 """

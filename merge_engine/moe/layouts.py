@@ -1,7 +1,8 @@
-"""Output layouts of mergekit-moe: which tensors a Mixtral or Qwen2-MoE model has, and where each comes from.
+"""Output layouts of mergekit-moe: which tensors each output architecture has, where each comes from, and which
+architecture a recipe gets (mergekit 0.1.5's list and selection rules).
 
-Inputs are dense Llama / Mistral (and, for Qwen2-MoE, Qwen2) checkpoints. Per decoder layer l, with E routed
-experts of MLP width I and hidden size H:
+Inputs are dense checkpoints (Llama / Mistral; Qwen2 for Qwen2-MoE; Qwen3 for Qwen3-MoE). Per decoder layer l,
+with E routed experts of MLP width I and hidden size H:
 
 Mixtral (MixtralForCausalLM; the per-expert checkpoint names every transformers version and vLLM load):
     model.layers.l.block_sparse_moe.gate.weight           [E, H]  router rows 0..E-1 of layer l
@@ -14,6 +15,12 @@ Qwen2-MoE (Qwen2MoeForCausalLM; one shared expert S):
     model.layers.l.mlp.experts.e.{gate,up,down}_proj.weight       expert e's mlp.{gate,up,down}_proj
     model.layers.l.mlp.shared_expert.{gate,up,down}_proj.weight   S's
     model.layers.l.self_attn.{q,k,v}_proj.bias                    the base's, zeros where it has none
+Qwen3-MoE (Qwen3MoeForCausalLM; no shared expert; the per-expert names transformers 5 saves and fuses on load):
+    model.layers.l.mlp.gate.weight                        [E, H]  router rows 0..E-1
+    model.layers.l.mlp.experts.e.{gate,up,down}_proj.weight       expert e's mlp.{gate,up,down}_proj
+    model.layers.l.self_attn.{q,k}_norm.weight                    the base's (Qwen3's per-head norms)
+DeepSeek-MoE (mergekit writes model_type "deepseek", DeepseekForCausalLM): transformers has no such model (only
+the remote code of deepseek-ai/deepseek-moe-16b-base runs it), so a recipe that gets it is refused.
 Everything else (embeddings, attention, norms, head) is the base model's tensor of the same name.
 """
 
@@ -34,6 +41,7 @@ LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 DENSE_LAYER_TENSORS = ("input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight",
                        "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight")
 QKV_BIASES = ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")
+QK_NORMS = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
 OUTSIDE_LAYERS = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 Kind = Literal["base", "expert", "router", "zeros"]
@@ -100,13 +108,13 @@ def read_dense(names: Sequence[str], shape: Callable[[str], tuple[int, ...]], la
             stray.append(n)
     if stray:
         raise PlanError(f"{what}: tensor(s) {', '.join(stray[:5])}{', ...' if len(stray) > 5 else ''} have no place "
-                        "in the MoE output (a dense Llama/Mistral/Qwen2 model has only embeddings, attention, norms, "
-                        "MLP and head); use a base without them")
+                        "in the MoE output (a dense Llama/Mistral/Qwen2/Qwen3 model has only embeddings, attention, "
+                        "norms, MLP and head); use a base without them")
     missing = [f"model.layers.{i}.mlp.{p}.weight" for i in range(layers) for p in PROJECTIONS
                if f"model.layers.{i}.mlp.{p}.weight" not in shapes]
     if missing:
-        raise PlanError(f"{what}: no MLP tensor {missing[0]} (a Llama/Mistral MLP has gate_proj, up_proj and "
-                        "down_proj in every layer)")
+        raise PlanError(f"{what}: no MLP tensor {missing[0]} (a Llama/Mistral/Qwen MLP has gate_proj, up_proj "
+                        "and down_proj in every layer)")
     if OUTSIDE_LAYERS[0] not in shapes:
         raise PlanError(f"{what}: no input embedding {OUTSIDE_LAYERS[0]}")
     order = {t: i for i, t in enumerate(allowed_in_layer)}
@@ -240,31 +248,103 @@ class QwenMoE:
         return out + [OutputTensor(n, base.shapes[n], "base", tensor=n) for n in base.post]
 
 
-LAYOUTS: tuple[Mixtral | QwenMoE, ...] = (Mixtral(), QwenMoE())
+class Qwen3MoE:
+    """Qwen3-MoE output: routed experts only; Qwen3 inputs (their q_norm / k_norm come from the base)."""
+
+    name = "Qwen3 MoE"
+    model_types = ("qwen3",)
+    allowed_in_layer = DENSE_LAYER_TENSORS + QK_NORMS
+
+    def problems(self, config: MoEConfig) -> list[str]:
+        if config.shared_experts:
+            return ["shared_experts: the Qwen3-MoE output has no shared experts; remove them (Qwen2-MoE, "
+                    "architecture: qwen, has one but is built from Llama, Mistral or Qwen2 models)"]
+        return []
+
+    def output_config(self, base_config: transformers.PretrainedConfig, config: MoEConfig) -> Any:
+        """mergekit's: the base's settings as a Qwen3MoeConfig, every layer sparse, top-k probabilities
+        renormalised, the expert width the base's MLP width."""
+        out = transformers.Qwen3MoeConfig(**base_config.to_dict())
+        out.architectures = ["Qwen3MoeForCausalLM"]
+        out.num_experts = len(config.experts)
+        out.num_experts_per_tok = config.experts_per_token
+        out.decoder_sparse_step = 1
+        out.norm_topk_prob = True
+        out.moe_intermediate_size = out.intermediate_size
+        return out
+
+    def tensors(self, base: DenseModel, config: MoEConfig, heads: tuple[int, int, int] = (0, 0, 0)
+                ) -> list[OutputTensor]:
+        out = [OutputTensor(n, base.shapes[n], "base", tensor=n) for n in base.pre]
+        experts = len(config.experts)
+        for i in range(base.layers):
+            out += [OutputTensor(n, base.shapes[n], "base", tensor=n) for n in base.per_layer[i]]
+            prefix = f"model.layers.{i}.mlp"
+
+            def expert_name(e: int, p: str, prefix: str = prefix) -> str:
+                return f"{prefix}.experts.{e}.{p}.weight"
+
+            # mergekit's order (and so its noise draws): per expert gate, up, down
+            out += _experts(i, config, expert_name, PROJECTIONS, base, expert_major=True, shared=False)
+            out.append(OutputTensor(f"{prefix}.gate.weight", (experts, base.hidden), "router", layer=i,
+                                    rows=(0, experts)))
+        return out + [OutputTensor(n, base.shapes[n], "base", tensor=n) for n in base.post]
 
 
-def select_layout(config: MoEConfig, model_types: set[str | None]) -> Mixtral | QwenMoE:
-    """mergekit's choice: `architecture` picks by name prefix (mixtral, qwen); without it Mixtral, unless the
-    recipe has shared experts: then mergekit 0.1.5 takes DeepSeek-MoE (not supported here: an error) when the
-    shared expert has no prompts and the models are Llama / Mistral, else Qwen2-MoE. PlanError when none fits."""
-    names = ", ".join(f"{lay.name!r}" for lay in LAYOUTS)
+class DeepSeekMoE:
+    """mergekit's DeepSeek-MoE output, here only to be chosen where mergekit chooses it and then refused: its
+    config.json (model_type "deepseek", auto_map to deepseek-ai/deepseek-moe-16b-base's code) loads in no
+    transformers without trust_remote_code and that repository's code, so nothing here could test it."""
+
+    name = "DeepSeek MoE"
+    model_types = ("llama", "mistral")
+
+    def problems(self, config: MoEConfig) -> list[str]:
+        shared = config.shared_experts or []
+        if len(shared) > 1:
+            return [f"shared_experts: the DeepSeek-MoE output has at most one shared expert, got {len(shared)}"]
+        if shared and (shared[0].positive_prompts or shared[0].negative_prompts):
+            return ["shared_experts[0]: the DeepSeek-MoE output's shared expert has no gate, so no prompts"]
+        return []
+
+    def refusal(self, chosen_by: str) -> str:
+        return (f"{chosen_by} mergekit 0.1.5 builds a DeepSeek-MoE model (DeepseekForCausalLM, model_type "
+                "'deepseek'), which transformers cannot load without trust_remote_code and the remote code of "
+                "deepseek-ai/deepseek-moe-16b-base, so evomerge does not write it; for a shared expert use "
+                "architecture: qwen (Qwen2-MoE; the shared expert then needs positive_prompts unless gate_mode is "
+                "random), or remove shared_experts for a Mixtral output")
+
+
+Layout = Mixtral | QwenMoE | Qwen3MoE
+# mergekit 0.1.5's ALL_OUTPUT_ARCHITECTURES, in its order (the order decides between candidates)
+LAYOUTS: tuple[Layout | DeepSeekMoE, ...] = (Mixtral(), DeepSeekMoE(), QwenMoE(), Qwen3MoE())
+
+
+def select_layout(config: MoEConfig, model_types: set[str | None], base_type: str | None = None) -> Layout:
+    """mergekit 0.1.5's choice: the candidates are the architectures whose name starts with `architecture`
+    (all without it); of those whose shared-expert rules the recipe meets and that take every model's type,
+    Mixtral if it is one, else the first. A recipe that gets DeepSeek-MoE is refused (DeepSeekMoE's docstring).
+    When no candidate takes the models' types, the first that takes the base's (else the first whose rules the
+    recipe meets) is returned and plan_moe names the model that does not fit. PlanError when none fits."""
+    names = ", ".join(lay.name.split()[0].lower() for lay in LAYOUTS)
+    candidates = list(LAYOUTS)
+    chosen_by = "shared_experts without architecture:"
     if config.architecture is not None:
         candidates = [lay for lay in LAYOUTS if lay.name.lower().startswith(config.architecture.lower())]
+        chosen_by = f"architecture: {config.architecture!r}:"
         if not candidates:
-            raise PlanError(f"architecture: {config.architecture!r} matches no supported output architecture "
-                            f"(supported: {names}; mergekit's deepseek and qwen3 outputs are not supported)")
-    elif not config.shared_experts:
-        candidates = [LAYOUTS[0]]
+            raise PlanError(f"architecture: {config.architecture!r} matches no output architecture (a prefix of "
+                            f"one of: {names})")
+    shaped = [lay for lay in candidates if not lay.problems(config)]
+    fitting = [lay for lay in shaped if model_types <= set(lay.model_types)]
+    if all(isinstance(lay, DeepSeekMoE) for lay in candidates):
+        layout = candidates[0]
+    elif fitting:
+        layout = next((lay for lay in fitting if isinstance(lay, Mixtral)), fitting[0])
+    elif shaped:
+        layout = next((lay for lay in shaped if base_type in lay.model_types), shaped[0])
     else:
-        shared = config.shared_experts
-        if (len(shared) == 1 and not shared[0].positive_prompts and not shared[0].negative_prompts
-                and len(model_types) == 1 and model_types <= {"llama", "mistral"}):
-            raise PlanError("shared_experts without architecture: mergekit 0.1.5 builds a DeepSeek-MoE model from "
-                            "this config, which is not supported here; set architecture: qwen for a Qwen2-MoE "
-                            "output")
-        candidates = [LAYOUTS[1]]
-    layout = candidates[0]
-    problems = layout.problems(config)
-    if problems:
-        raise PlanError("; ".join(problems))
+        raise PlanError("; ".join(candidates[0].problems(config)))
+    if isinstance(layout, DeepSeekMoE):
+        raise PlanError(layout.refusal(chosen_by))
     return layout
