@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
-from merge_engine.config import RecipeError, format_location, read_yaml
+from merge_engine.config import RecipeError, invalid, read_yaml, validation_lines
 from merge_engine.methods import REGISTRY, get_method
 from merge_engine.reference import normalize_reference
 
@@ -191,9 +191,7 @@ def load_search(path: str | Path) -> EvolveConfig:
     try:
         return EvolveConfig.model_validate(data)
     except ValidationError as e:
-        lines = [f"{format_location(_without_kind(err['loc']))}: {str(err['msg']).removeprefix('Value error, ')}"
-                 for err in e.errors()]
-        raise RecipeError(f"{path}: invalid search definition:\n  " + "\n  ".join(lines)) from None
+        raise RecipeError(invalid(str(path), "search definition", validation_lines(e, _without_kind))) from None
 
 
 def _without_kind(loc: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -7,6 +7,7 @@ is reported together, each naming its YAML path (``models[1].parameters.weight``
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -313,12 +314,14 @@ def format_location(loc: tuple[Any, ...]) -> str:
     return out
 
 
-def validation_lines(e: ValidationError) -> list[str]:
-    """A schema's errors as `field.path: message` lines, each once (an unknown field says so)."""
+def validation_lines(e: ValidationError, location: Callable[[tuple[Any, ...]], tuple[Any, ...]] = tuple
+                     ) -> list[str]:
+    """A schema's errors as `field.path: message` lines, each once (an unknown field says so); `location`
+    rewrites an error's location first."""
     lines: list[str] = []
     for err in e.errors():
         msg = str(err["msg"]).removeprefix("Value error, ")
-        loc = format_location(err["loc"])
+        loc = format_location(location(err["loc"]))
         for line in msg.split("\n"):
             text = line if (not loc or line.startswith(loc)) else f"{loc}: {line}"
             if err["type"] == "extra_forbidden":
@@ -334,7 +337,14 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> MergeConfig:
     try:
         return MergeConfig.model_validate(data)
     except ValidationError as e:
-        raise RecipeError(f"{source}: invalid recipe:\n  " + "\n  ".join(validation_lines(e))) from None
+        raise RecipeError(invalid(source, "recipe", validation_lines(e))) from None
+
+
+def invalid(source: str, what: str, lines: list[str]) -> str:
+    """One error on the same line as the file's name; several, one per line below it."""
+    if len(lines) == 1:
+        return f"{source}: invalid {what}: {lines[0]}"
+    return f"{source}: invalid {what}:\n  " + "\n  ".join(lines)
 
 
 class _Loader(yaml.SafeLoader):

@@ -176,6 +176,10 @@ BAD_INPUT = [
      r"genome\.models\[0\]: cannot open '/nonexistent/model'"),
     ("budget below a generation", {"argv": ["--max-fevals", "3"]},
      r"--max-fevals 3 is less than one generation \(8 candidates, CMA-ES's default for 4 genes\)"),
+    ("range of an unsearched parameter", {"genome+": {"ranges": {"density": [0.1, 1]}}},
+     r"genome\.ranges\.density: linear searches weight, not 'density'"),
+    ("empty range", {"genome+": {"ranges": {"weight": [1, 1]}}},
+     r"genome\.ranges\.weight: \[1\.0, 1\.0\] must be an increasing pair"),
     ("popsize 1", {"argv": ["--popsize", "1"]}, "--popsize 1: CMA-ES needs at least 2 candidates"),
     ("sigma0 0", {"argv": ["--sigma0", "0"]}, "--sigma0 0.0: the step size must be a positive number"),
 ]
@@ -184,7 +188,8 @@ BAD_INPUT = [
 def bad_search(models, tmp_path: Path, case: str, change: dict) -> tuple[Path, list[str]]:
     search = {"genome": {"models": [str(models["first"]), str(models["other"])], "merge_method": "linear",
                          "layer_granularity": 1}, "tasks": [{"name": "evo_addition"}], "limit": 4}
-    search.update({k: v for k, v in change.items() if k != "argv"})
+    search.update({k: v for k, v in change.items() if k not in ("argv", "genome+")})
+    search["genome"].update(change.get("genome+", {}))
     if case == "missing model":
         search["genome"]["models"][1] = str(models["other"])
     path = tmp_path / "search.yml"

@@ -112,6 +112,16 @@ def test_decoded_genome_is_an_ordinary_recipe(zoo, tmp_path):
     assert smooth.models[0].parameters["weight"] == [0.0, 1.0]  # a gradient over layer groups
 
 
+def test_genome_ranges_override_the_methods_search_range(zoo):
+    """task_arithmetic weights over [0, 2]: the search starts in the middle, at the usual weight 1."""
+    wide = Genome(definition(zoo, ranges={"weight": [0.0, 2.0]}), num_layers=4)
+    assert wide.values(wide.x0()) == [1.0, 1.0] and wide.values(np.array([0.0, 1.0])) == [0.0, 2.0]
+    start = wide.decode(wide.x0())
+    assert [m.parameters["weight"] for m in start.models] == [1.0, 1.0]
+    plain = Genome(definition(zoo), num_layers=4)  # mergekit's [0, 1]
+    assert plain.values(plain.x0()) == [0.5, 0.5]
+
+
 def test_filters_outside_the_layers_get_one_gene_each_and_set_those_tensors(zoo, tmp_path):
     """Per-layer genes for attention, one gene per model for the embeddings and the head (the merge reads one
     value for tensors outside the layers): every gene must move the tensors it names, and only those."""
