@@ -21,27 +21,36 @@ from .errors import PlanError
 LAYER_PATTERN = re.compile(r"^(?P<prefix>.*?\b(?:layers|h|blocks|layer))\.(?P<index>\d+)\.(?P<suffix>.+)$")
 NUM_LAYERS_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
-# model_type -> (config key holding the layer count, input embedding, output head)
+# model_type -> (config key holding the layer count, input embedding, output head), for the families users merge
+# most; names as transformers 5 saves them (MoE experts per expert: `experts.N.w2`, `experts.N.down_proj`). A model
+# with tied embeddings stores no head: its embedding stands in (Architecture.tied_alternative)
+_DECODER = ("num_hidden_layers", "model.embed_tokens.weight", "lm_head.weight")
 KNOWN: dict[str, tuple[str, str, str]] = {
-    "llama": ("num_hidden_layers", "model.embed_tokens.weight", "lm_head.weight"),
-    "mistral": ("num_hidden_layers", "model.embed_tokens.weight", "lm_head.weight"),
-    "mixtral": ("num_hidden_layers", "model.embed_tokens.weight", "lm_head.weight"),
-    "qwen2": ("num_hidden_layers", "model.embed_tokens.weight", "lm_head.weight"),
-    "qwen3": ("num_hidden_layers", "model.embed_tokens.weight", "lm_head.weight"),
-    "gemma": ("num_hidden_layers", "model.embed_tokens.weight", "lm_head.weight"),
-    "gemma2": ("num_hidden_layers", "model.embed_tokens.weight", "lm_head.weight"),
-    "gemma3_text": ("num_hidden_layers", "model.embed_tokens.weight", "lm_head.weight"),
-    "phi3": ("num_hidden_layers", "model.embed_tokens.weight", "lm_head.weight"),
+    **dict.fromkeys(("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
+                     "gemma3_text", "phi3", "phi", "olmo", "olmo2", "olmo3", "stablelm", "starcoder2", "cohere",
+                     "cohere2", "granite", "smollm3"), _DECODER),
     "gpt2": ("n_layer", "transformer.wte.weight", "lm_head.weight"),
+    "gpt_bigcode": ("n_layer", "transformer.wte.weight", "lm_head.weight"),
+    "gptj": ("n_layer", "transformer.wte.weight", "lm_head.weight"),
+    "falcon": ("num_hidden_layers", "transformer.word_embeddings.weight", "lm_head.weight"),
     "gpt_neox": ("num_hidden_layers", "gpt_neox.embed_in.weight", "embed_out.weight"),
 }
 # model_type -> the tensors of a layer that write into the residual stream (attention output, MLP down
-# projection), as tensor-name filters, for pre-norm architectures: scaling the stream before a layer equals
-# scaling these of that layer and the later ones by the inverse (evolve/layer_path.py). Post-norm families
-# (gemma2/3 normalise after them) and fused experts are left out.
+# projection; every expert's and a shared expert's), as tensor-name filters, for pre-norm architectures (also the
+# parallel-residual ones whose attention and MLP read one norm: cohere, phi, falcon, gptj): scaling the stream
+# before a layer equals scaling these of that layer and the later ones by the inverse (evolve/layer_path.py).
+# Families that normalise after them are left out: gemma2/3 and olmo2/3 (norms on the sublayer outputs).
 RESIDUAL_WRITERS: dict[str, tuple[str, ...]] = {
-    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"), ("self_attn.o_proj", "mlp.down_proj")),
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo", "stablelm", "cohere", "cohere2",
+                     "granite", "smollm3"), ("self_attn.o_proj", "mlp.down_proj")),
+    **dict.fromkeys(("qwen2_moe", "qwen3_moe"), ("self_attn.o_proj", "down_proj")),  # experts.N., shared_expert.
+    "mixtral": ("self_attn.o_proj", ".w2."),  # block_sparse_moe.experts.N.w2
+    "starcoder2": ("self_attn.o_proj", "mlp.c_proj"),
+    "phi": ("self_attn.dense", "mlp.fc2"),
+    "falcon": ("self_attention.dense", "mlp.dense_4h_to_h"),
+    "gptj": ("attn.out_proj", "mlp.fc_out"),
     "gpt2": ("attn.c_proj", "mlp.c_proj"),
+    "gpt_bigcode": ("attn.c_proj", "mlp.c_proj"),
     "gpt_neox": ("attention.dense.", "mlp.dense_4h_to_h"),
 }
 # vision-language models: config keys of the text decoder's and the vision encoder's layer counts (the first
@@ -63,7 +72,7 @@ PROJECTOR_WORDS = ("multi_modal_projector", "merger")
 NESTED_CONFIGS = ("text_config", "vision_config")  # sub-configs whose dtype / vocab_size keys follow the top level
 HEAD_NAMES = ("lm_head.weight", "embed_out.weight")  # output heads of architectures not listed above
 PRE_LAYER_WORDS = ("embed", "patch_conv", "pre_layrnorm", "ln_pre")  # CLIP spells its pre-norm `pre_layrnorm`
-EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "embed_in.weight")
+EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "embed_in.weight", "word_embeddings.weight")
 
 
 @dataclass(frozen=True)
