@@ -176,8 +176,7 @@ def assemble_model(reference_config: Any, generation_config: Any, plan: MergePla
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    cfg = output_config(reference_config.to_dict(), plan.architecture.num_layers_key, plan.output_layer_sources,
-                        dtype_name(torch.float32), vocab_size)
+    cfg = output_config(reference_config.to_dict(), plan.layer_sources, dtype_name(torch.float32), vocab_size)
     config = type(reference_config).from_dict(cfg)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

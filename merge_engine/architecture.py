@@ -21,27 +21,36 @@ from .errors import PlanError
 LAYER_PATTERN = re.compile(r"^(?P<prefix>.*?\b(?:layers|h|blocks|layer))\.(?P<index>\d+)\.(?P<suffix>.+)$")
 NUM_LAYERS_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
-# model_type -> (config key holding the layer count, input embedding, output head)
+# model_type -> (config key holding the layer count, input embedding, output head), for the families users merge
+# most; names as transformers 5 saves them (MoE experts per expert: `experts.N.w2`, `experts.N.down_proj`). A model
+# with tied embeddings stores no head: its embedding stands in (Architecture.tied_alternative)
+_DECODER = ("num_hidden_layers", "model.embed_tokens.weight", "lm_head.weight")
 KNOWN: dict[str, tuple[str, str, str]] = {
-    "llama": ("num_hidden_layers", "model.embed_tokens.weight", "lm_head.weight"),
-    "mistral": ("num_hidden_layers", "model.embed_tokens.weight", "lm_head.weight"),
-    "mixtral": ("num_hidden_layers", "model.embed_tokens.weight", "lm_head.weight"),
-    "qwen2": ("num_hidden_layers", "model.embed_tokens.weight", "lm_head.weight"),
-    "qwen3": ("num_hidden_layers", "model.embed_tokens.weight", "lm_head.weight"),
-    "gemma": ("num_hidden_layers", "model.embed_tokens.weight", "lm_head.weight"),
-    "gemma2": ("num_hidden_layers", "model.embed_tokens.weight", "lm_head.weight"),
-    "gemma3_text": ("num_hidden_layers", "model.embed_tokens.weight", "lm_head.weight"),
-    "phi3": ("num_hidden_layers", "model.embed_tokens.weight", "lm_head.weight"),
+    **dict.fromkeys(("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
+                     "gemma3_text", "phi3", "phi", "olmo", "olmo2", "olmo3", "stablelm", "starcoder2", "cohere",
+                     "cohere2", "granite", "smollm3"), _DECODER),
     "gpt2": ("n_layer", "transformer.wte.weight", "lm_head.weight"),
+    "gpt_bigcode": ("n_layer", "transformer.wte.weight", "lm_head.weight"),
+    "gptj": ("n_layer", "transformer.wte.weight", "lm_head.weight"),
+    "falcon": ("num_hidden_layers", "transformer.word_embeddings.weight", "lm_head.weight"),
     "gpt_neox": ("num_hidden_layers", "gpt_neox.embed_in.weight", "embed_out.weight"),
 }
 # model_type -> the tensors of a layer that write into the residual stream (attention output, MLP down
-# projection), as tensor-name filters, for pre-norm architectures: scaling the stream before a layer equals
-# scaling these of that layer and the later ones by the inverse (evolve/layer_path.py). Post-norm families
-# (gemma2/3 normalise after them) and fused experts are left out.
+# projection; every expert's and a shared expert's), as tensor-name filters, for pre-norm architectures (also the
+# parallel-residual ones whose attention and MLP read one norm: cohere, phi, falcon, gptj): scaling the stream
+# before a layer equals scaling these of that layer and the later ones by the inverse (evolve/layer_path.py).
+# Families that normalise after them are left out: gemma2/3 and olmo2/3 (norms on the sublayer outputs).
 RESIDUAL_WRITERS: dict[str, tuple[str, ...]] = {
-    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"), ("self_attn.o_proj", "mlp.down_proj")),
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo", "stablelm", "cohere", "cohere2",
+                     "granite", "smollm3"), ("self_attn.o_proj", "mlp.down_proj")),
+    **dict.fromkeys(("qwen2_moe", "qwen3_moe"), ("self_attn.o_proj", "down_proj")),  # experts.N., shared_expert.
+    "mixtral": ("self_attn.o_proj", ".w2."),  # block_sparse_moe.experts.N.w2
+    "starcoder2": ("self_attn.o_proj", "mlp.c_proj"),
+    "phi": ("self_attn.dense", "mlp.fc2"),
+    "falcon": ("self_attention.dense", "mlp.dense_4h_to_h"),
+    "gptj": ("attn.out_proj", "mlp.fc_out"),
     "gpt2": ("attn.c_proj", "mlp.c_proj"),
+    "gpt_bigcode": ("attn.c_proj", "mlp.c_proj"),
     "gpt_neox": ("attention.dense.", "mlp.dense_4h_to_h"),
 }
 # vision-language models: config keys of the text decoder's and the vision encoder's layer counts (the first
@@ -52,9 +61,18 @@ RESIDUAL_WRITERS: dict[str, tuple[str, ...]] = {
 TEXT_LAYERS_KEYS = ("text_config.num_hidden_layers",)
 VISION_LAYERS_KEYS = ("vision_config.num_hidden_layers", "vision_config.depth")
 VISION_PREFIX_WORDS = ("vision", "visual")
+# mergekit 0.1.5's module names (`modules:` recipes): a plain model is the one module `default`; a vision-language
+# model's are those of mergekit's JSON definitions of qwen2_vl, qwen2_5_vl, gemma3 and mistral3: each tower with the
+# tensors outside its layers (embeddings, norms, head; patch embedding, vision norms), and the projector, whose
+# tensors are named by PROJECTOR_WORDS (`multi_modal_projector.`, Qwen2-VL's `visual.merger.`)
+DEFAULT_MODULE = "default"
+TOWER_MODULES = {"text": "text_decoder", "vision": "vision_tower"}
+PROJECTOR_MODULE = "multi_modal_projector"
+PROJECTOR_WORDS = ("multi_modal_projector", "merger")
 NESTED_CONFIGS = ("text_config", "vision_config")  # sub-configs whose dtype / vocab_size keys follow the top level
 HEAD_NAMES = ("lm_head.weight", "embed_out.weight")  # output heads of architectures not listed above
-EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "embed_in.weight")
+PRE_LAYER_WORDS = ("embed", "patch_conv", "pre_layrnorm", "ln_pre")  # CLIP spells its pre-norm `pre_layrnorm`
+EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "embed_in.weight", "word_embeddings.weight")
 
 
 @dataclass(frozen=True)
@@ -93,6 +111,10 @@ class Tower:
     num_layers_key: str  # dotted config key
     num_layers: int
 
+    @property
+    def module(self) -> str:
+        return TOWER_MODULES[self.name]
+
 
 @dataclass(frozen=True)
 class Architecture:
@@ -103,17 +125,41 @@ class Architecture:
     head_name: str  # the output head; a model without one (tied embeddings) reads the embedding
     residual_writers: tuple[str, ...] = ()  # RESIDUAL_WRITERS; empty where unknown
     towers: tuple[Tower, ...] = ()  # a vision-language model's layer stacks, text first; empty for a plain model
+    has_projector: bool = False  # a vision-language model with tensors named by PROJECTOR_WORDS
 
     @property
     def multimodal(self) -> bool:
         return bool(self.towers)
 
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """The names a `modules:` recipe gives the parts of this model, in planning order."""
+        if not self.towers:
+            return (DEFAULT_MODULE,)
+        return tuple(t.module for t in self.towers) + ((PROJECTOR_MODULE,) if self.has_projector else ())
+
+    def module_of(self, tensor_name: str) -> str:
+        """The module a tensor belongs to: a layer's is its tower's, a tensor outside the layers goes by its name."""
+        if not self.towers:
+            return DEFAULT_MODULE
+        if (ln := parse_layer_name(tensor_name)) is not None:
+            return next((t.module for t in self.towers if t.prefix == ln.prefix), self.towers[0].module)
+        if any(w in tensor_name for w in PROJECTOR_WORDS):
+            return PROJECTOR_MODULE
+        return TOWER_MODULES["vision" if any(w in tensor_name for w in VISION_PREFIX_WORDS) else "text"]
+
+    def layer_stack(self, module: str) -> tuple[str, int] | None:
+        """(config key of the layer count, layers) of a module's layer stack; None for the projector."""
+        if not self.towers:
+            return self.num_layers_key, self.num_layers
+        return next(((t.num_layers_key, t.num_layers) for t in self.towers if t.module == module), None)
+
     def is_pre_layer(self, tensor_name: str) -> bool:
-        """Tensors before the decoder stack (embeddings); everything else outside the layers
-        (final norm, head) comes after it."""
+        """Tensors before the layer stack (embeddings; a vision tower's patch embedding and pre-norm); everything
+        else outside the layers (final norm, head) comes after it."""
         if tensor_name == self.head_name:
             return False
-        return "embed" in tensor_name or tensor_name.endswith(("wte.weight", "wpe.weight"))
+        return any(w in tensor_name for w in PRE_LAYER_WORDS) or tensor_name.endswith(("wte.weight", "wpe.weight"))
 
     def tied_alternative(self, tensor_name: str) -> str | None:
         """The tensor a model with tied embeddings stores instead of `tensor_name`, if any
@@ -174,4 +220,6 @@ def _detect_multimodal(config: dict, tensor_names: list[str], model: str, model_
     head = next((n for n in tensor_names if n.endswith("lm_head.weight")), None)
     if head is None:  # tied: the head a transformers save would name, next to the embedding
         head = "language_model.lm_head.weight" if (embedding or "").startswith("language_model.") else "lm_head.weight"
-    return Architecture(model_type, text[0].num_layers_key, text[0].num_layers, embedding, head, (), tuple(towers))
+    projector = any(w in n for n in tensor_names if parse_layer_name(n) is None for w in PROJECTOR_WORDS)
+    return Architecture(model_type, text[0].num_layers_key, text[0].num_layers, embedding, head, (), tuple(towers),
+                        projector)

@@ -82,6 +82,22 @@ class OutputSlice(_Frozen):
         return self
 
 
+class OutputModule(_Frozen):
+    """One entry of `modules:` (mergekit's OutputModuleDefinition): the models or slices of one part of a
+    multi-module model, e.g. a vision-language model's `text_decoder`, `vision_tower`, `multi_modal_projector`
+    (architecture.py names them), with parameters between its slices' and the top level's."""
+
+    models: list[InputModel] | None = None
+    slices: list[OutputSlice] | None = None
+    parameters: Parameters | None = None
+
+    @model_validator(mode="after")
+    def _models_or_slices(self) -> OutputModule:
+        if (self.models is None) == (self.slices is None):
+            raise ValueError("give exactly one of `models:` or `slices:` for this module")
+        return self
+
+
 @dataclass(frozen=True)
 class SourceView:
     """One input of an output slice, as the planner sees it (a `models:` entry or a slice source)."""
@@ -89,7 +105,7 @@ class SourceView:
     model: str
     layer_range: tuple[int, int] | None  # None: every layer of the model (a `models:` entry)
     parameters: Parameters | None
-    path: str  # its YAML path: models[1] or slices[0].sources[1]
+    path: str  # its YAML path: models[1], slices[0].sources[1], modules.text_decoder.models[1]
 
 
 @dataclass(frozen=True)
@@ -99,7 +115,13 @@ class SliceView:
     sources: tuple[SourceView, ...]
     base_model: str | None  # the slice's own base_model, else the recipe's
     parameters: Parameters | None
-    path: str | None  # slices[0]; None for a `models:` recipe
+    path: str | None  # slices[0], modules.vision_tower.slices[0]; None for `models:` (of the recipe or a module)
+    module: str | None = None  # the `modules:` entry it belongs to; None: the whole model
+
+    @property
+    def where(self) -> str:
+        """Its YAML path, or that of the `models:` list it stands for."""
+        return self.path or (f"modules.{self.module}.models" if self.module else "models")
 
 
 class ZeroTokenSource(_Frozen):
@@ -140,6 +162,7 @@ class MergeConfig(_Frozen):
     merge_method: str
     models: list[InputModel] | None = None
     slices: list[OutputSlice] | None = None
+    modules: dict[str, OutputModule] | None = None
     base_model: str | None = None
     parameters: Parameters | None = None
     dtype: str | None = None
@@ -179,41 +202,56 @@ class MergeConfig(_Frozen):
             names.append(self.base_model)
         for m in self.models or []:
             names.append(m.model)
-        for s in self.slices or []:
-            names.extend(src.model for src in s.sources)
-            if s.base_model:
-                names.append(s.base_model)
+        for slc in self.output_slices:
+            names.extend(src.model for src in slc.sources)
+            if slc.base_model:
+                names.append(slc.base_model)
         return list(dict.fromkeys(names))
 
     @cached_property
     def output_slices(self) -> tuple[SliceView, ...]:
-        """The recipe as output slices: the one place `models:` becomes a slice."""
-        if self.slices is None:
-            return (SliceView(tuple(SourceView(m.model, None, m.parameters, f"models[{i}]")
-                                    for i, m in enumerate(self.models or [])),
-                              self.base_model, None, None),)
-        return tuple(SliceView(tuple(SourceView(src.model, src.layer_range, src.parameters,
-                                                f"slices[{i}].sources[{j}]") for j, src in enumerate(s.sources)),
-                               s.base_model or self.base_model, s.parameters, f"slices[{i}]")
-                     for i, s in enumerate(self.slices))
+        """The recipe as output slices, those of each `modules:` entry in turn: the one place `models:`
+        becomes a slice."""
+        if self.modules is not None:
+            return tuple(slc for name, m in self.modules.items()
+                         for slc in _slice_views(m.models, m.slices, self.base_model, f"modules.{name}.", name))
+        return _slice_views(self.models, self.slices, self.base_model)
 
     def parameter_levels(self, slc: SliceView, source: SourceView | None) -> list[tuple[str, Parameters]]:
         """Where a parameter is looked up, highest precedence first, as (YAML path, block):
-        the slice source (or `models:` entry), the slice, the top-level `parameters:`.
-        `source` None: the levels of a global parameter."""
+        the slice source (or `models:` entry), the slice, the module, the top-level `parameters:`
+        (mergekit's ConfigReader.parameter_sources). `source` None: the levels of a global parameter."""
         levels = [(f"{source.path}.parameters", source.parameters)] if source is not None else []
-        levels += [(f"{slc.path}.parameters", slc.parameters), ("parameters", self.parameters)]
+        levels.append((f"{slc.path}.parameters", slc.parameters))
+        if slc.module is not None and self.modules is not None:
+            levels.append((f"modules.{slc.module}.parameters", self.modules[slc.module].parameters))
+        levels.append(("parameters", self.parameters))
         return [(path, block) for path, block in levels if block]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
 
 
+def _slice_views(models: list[InputModel] | None, slices: list[OutputSlice] | None, base_model: str | None,
+                 path: str = "", module: str | None = None) -> tuple[SliceView, ...]:
+    """`models:` (one slice over every layer of each model) or `slices:` of the recipe or of one module, whose
+    YAML paths start with `path`."""
+    if slices is None:
+        return (SliceView(tuple(SourceView(m.model, None, m.parameters, f"{path}models[{i}]")
+                                for i, m in enumerate(models or [])), base_model, None, None, module),)
+    return tuple(SliceView(tuple(SourceView(src.model, src.layer_range, src.parameters,
+                                            f"{path}slices[{i}].sources[{j}]") for j, src in enumerate(s.sources)),
+                           s.base_model or base_model, s.parameters, f"{path}slices[{i}]", module)
+                 for i, s in enumerate(slices))
+
+
 def _param_levels(cfg: MergeConfig) -> list[tuple[str, Parameters, str | None]]:
-    """(yaml path, parameters, model or None for slice/global level) for every parameter block."""
+    """(yaml path, parameters, model or None for slice/module/global level) for every parameter block."""
     levels: list[tuple[str, Parameters, str | None]] = []
     if cfg.parameters:
         levels.append(("parameters", cfg.parameters, None))
+    levels += [(f"modules.{name}.parameters", m.parameters, None)
+               for name, m in (cfg.modules or {}).items() if m.parameters]
     for slc in cfg.output_slices:
         if slc.parameters:
             levels.append((f"{slc.path}.parameters", slc.parameters, None))
@@ -254,12 +292,18 @@ def validate_against_method(cfg: MergeConfig) -> list[str]:
             return [f"merge_method: {e}"]
     spec = cfg.method
     problems: list[str] = []
-    if (cfg.models is None) == (cfg.slices is None):
-        problems.append("models/slices: give exactly one of `models:` or `slices:`")
+    given = [key for key in ("models", "slices", "modules") if getattr(cfg, key) is not None]
+    if len(given) != 1:
+        fix = ("; mergekit refuses this too: to merge one module differently, give every module its own `models:` or "
+               "`slices:` under `modules:`" if "modules" in given else "")
+        problems.append(f"{'/'.join(given) or 'models'}: give exactly one of `models:`, `slices:` or `modules:`{fix}")
+        return problems
+    if cfg.modules == {}:
+        problems.append("modules: empty; give each module of the model its `models:` or `slices:`")
         return problems
     if spec.requires_base:
         lacking = [slc for slc in cfg.output_slices if not slc.base_model]
-        if lacking and not any(s.base_model for s in cfg.slices or []):
+        if lacking and len(lacking) == len(cfg.output_slices):
             problems.append(f"base_model: merge_method {spec.name!r} needs a base_model")
         else:
             problems += [f"{slc.path}.base_model: merge_method {spec.name!r} needs a base_model (set it here or "
@@ -283,7 +327,7 @@ def validate_against_method(cfg: MergeConfig) -> list[str]:
 def _check_models(spec: MethodSpec, cfg: MergeConfig, slc: SliceView) -> list[str]:
     """Model counts of one slice, and required parameters set at some level for each model."""
     merged = [src for src in slc.sources if not (spec.uses_base and src.model == slc.base_model)]
-    where = slc.path or "models"
+    where = slc.where
     problems: list[str] = []
     if len(merged) < spec.min_models:
         problems.append(f"{where}: {spec.name} needs at least {spec.min_models} model(s) besides the base, "

@@ -108,7 +108,7 @@ def run_merge(config: MergeConfig, out_path: str | Path, options: MergeOptions |
     with output_directory(target, needed) as tmp:
         write_plan(plan, sources, safetensors_sink(tmp, options.out_shard_size), options)
         reference = sources[plan.reference_model]
-        artifacts.write_config(tmp, reference.config, plan.architecture.num_layers_key, plan.output_layer_sources,
+        artifacts.write_config(tmp, reference.config, plan.layer_sources,
                                dtype_name(plan.out_dtype),
                                tokenizer.alignment.size if tokenizer.alignment is not None else None)
         artifacts.copy_generation_config(tmp, reference)

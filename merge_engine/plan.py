@@ -18,8 +18,9 @@ order mergekit 0.1.5's planner does (``mergekit/plan.py``):
    embedding, as mergekit's ``tied_names``);
 4. one job per output tensor: shapes and dtypes checked, parameters resolved.
 
-A vision-language model (an architecture with towers) is planned as mergekit plans its modules
-(:func:`_plan_towers`): `models:` only, each tower's layers with their own gradient positions.
+The model is planned module by module, as mergekit 0.1.5 does (:func:`_plan_module`): a plain model is
+one module; a vision-language model's text decoder, vision tower and projector are three, each with its own
+layers, gradient positions and (in a ``modules:`` recipe) its own models or slices.
 
 Everything that can be checked without reading a tensor is checked here, so a bad
 recipe fails before the first tensor is read.
@@ -27,6 +28,7 @@ recipe fails before the first tensor is read.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 from collections import Counter
 from collections.abc import Mapping
@@ -35,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .architecture import Architecture, LayerName, Tower, config_value, detect_architecture, parse_layer_name
+from .architecture import DEFAULT_MODULE, Architecture, LayerName, config_value, detect_architecture, parse_layer_name
 from .config import MergeConfig, SliceView, SourceView
 from .dtypes import ARITHMETIC, BY_NAME, COPYABLE, dtype_name
 from .errors import PlanError
@@ -88,7 +90,14 @@ class MergePlan:
     reference_model: str
     architecture: Architecture
     out_dtype: torch.dtype  # of every floating-point output tensor
-    output_layer_sources: tuple[int, ...]  # for each output layer, the reference layer it came from
+    # per layer stack, text decoder first: (config key of its layer count, for each output layer the reference
+    # layer it came from)
+    layer_sources: tuple[tuple[str, tuple[int, ...]], ...]
+
+    @property
+    def output_layer_sources(self) -> tuple[int, ...]:
+        """The text decoder's (a plain model's) output layers, each as the reference layer it came from."""
+        return dict(self.layer_sources)[self.architecture.num_layers_key]
 
     @property
     def num_output_layers(self) -> int:
@@ -96,7 +105,8 @@ class MergePlan:
 
     def describe(self) -> str:
         towers = self.architecture.towers
-        layers = (" + ".join(f"{t.num_layers} {t.name}" for t in towers) + " layers" if towers
+        counts = dict(self.layer_sources)
+        layers = (" + ".join(f"{len(counts[t.num_layers_key])} {t.name}" for t in towers) + " layers" if towers
                   else f"{self.num_output_layers} layers")
         head = (f"# {len(self.jobs)} tensors, {layers}, {self.architecture.model_type}, "
                 f"reference {self.reference_model}, written as {dtype_name(self.out_dtype)}")
@@ -120,20 +130,23 @@ def build_plan(config: MergeConfig, sources: Mapping[str, ModelSource], random_s
     arch = detect_architecture(sources[reference].config, sources[reference].tensor_names(), reference)
     if not allow_crimes:
         _check_same_model_type([sources[m] for m in config.referenced_models()], arch, reference)
-    if arch.multimodal and config.slices is not None:
-        raise PlanError(_slices_refused(arch, reference))
-    slices = _resolve_layer_ranges(config.output_slices, sources, arch)
-    if arch.multimodal:
-        slots, layer_sources = _plan_towers(config.method, slices[0], sources, arch)
-    else:
-        slots, layer_sources = _plan_tensors(config.method, slices, sources, arch)
+    slots: list[_Slot] = []
+    layer_sources: dict[str, tuple[int, ...]] = {}
+    layers = _LayerIndex(sources)
+    for module, module_slices in _modules(config, arch, reference).items():
+        stack = arch.layer_stack(module)
+        slices = _resolve_layer_ranges(module_slices, sources, module, stack)
+        module_slots, module_layers = _plan_module(config.method, module, slices, sources, arch, layers)
+        slots += module_slots
+        if stack is not None:
+            layer_sources[stack[0]] = tuple(module_layers)
     input_dtype = BY_NAME[config.dtype] if config.dtype else None
     out_dtype = _output_dtype(config, sources[reference], reference)
     jobs = tuple(_make_job(config, slot, sources, arch, input_dtype, out_dtype, random_seed, vocab) for slot in slots)
-    return MergePlan(jobs, reference, arch, out_dtype, tuple(layer_sources))
+    return MergePlan(jobs, reference, arch, out_dtype, tuple(layer_sources.items()))
 
 
-# ---- step 1-2: models and slices ---------------------------------------------------
+# ---- step 1-2: models, modules and slices ------------------------------------------------
 
 def _check_same_model_type(models: list[ModelSource], arch: Architecture, reference: str) -> None:
     for src in models:
@@ -143,24 +156,55 @@ def _check_same_model_type(models: list[ModelSource], arch: Architecture, refere
                             "merging different architectures needs --allow-crimes")
 
 
-def _resolve_layer_ranges(slices: tuple[SliceView, ...], sources: Mapping[str, ModelSource],
-                          arch: Architecture) -> list[SliceView]:
-    """Every source with its layer range: a `models:` entry spans all of its model's layers."""
+def _modules(config: MergeConfig, arch: Architecture, reference: str) -> dict[str, list[SliceView]]:
+    """The output slices of each module of the model, in planning order, as mergekit's normalize_config:
+    `models:` goes to every module, `slices:` to the one module of a plain model, `modules:` as given
+    (every module of the model, nothing else)."""
+    slices = config.output_slices
+    if config.modules is None:
+        if config.slices is not None and len(arch.modules) > 1:
+            raise PlanError(_slices_refused(arch, reference))
+        return {module: list(slices) for module in arch.modules}
+    unknown = [name for name in config.modules if name not in arch.modules]
+    missing = [name for name in arch.modules if name not in config.modules]
+    problems = [f"modules.{name}: {reference!r} ({arch.model_type!r}) has no module {name!r}"
+                f"{_did_you_mean(name, arch.modules)}" for name in unknown]
+    if missing:
+        problems.append(f"modules: {', '.join(repr(m) for m in missing)} not given (mergekit would leave "
+                        f"{'it' if len(missing) == 1 else 'them'} out of the output, a checkpoint that cannot load); "
+                        "give every module its `models:` or `slices:`")
+    problems += [f"{slc.path}: the {slc.module} has no layer stack for a layer_range to pick from; give it "
+                 f"`models:`" for slc in slices if slc.path and slc.module and arch.layer_stack(slc.module) is None]
+    if problems:
+        raise PlanError("; ".join(problems) + f" (the modules of {reference!r}: {', '.join(arch.modules)})")
+    return {module: [slc for slc in slices if slc.module == module] for module in config.modules}
+
+
+def _did_you_mean(name: str, choices: tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _resolve_layer_ranges(slices: list[SliceView], sources: Mapping[str, ModelSource], module: str,
+                          stack: tuple[str, int] | None) -> list[SliceView]:
+    """Every source with its layer range in the module's layer stack: a `models:` entry spans all of its model's
+    layers (none in a module without a stack)."""
     out = []
     for slc in slices:
         resolved = []
+        key = stack[0] if stack else ""
         for src in slc.sources:
-            n = int(config_value(sources[src.model].config, arch.num_layers_key) or 0)  # type: ignore[call-overload]
+            n = int(config_value(sources[src.model].config, key) or 0) if key else 0  # type: ignore[call-overload]
             lo, hi = src.layer_range or (0, n)
             if hi > n:
-                raise PlanError(f"{src.path}: layer_range [{lo}, {hi}] exceeds the {n} layers of model "
-                                f"{src.model!r}")
+                what = f"{n} layers" if module == DEFAULT_MODULE else f"{n} {module} layers ({key})"
+                raise PlanError(f"{src.path}: layer_range [{lo}, {hi}] exceeds the {what} of model {src.model!r}")
             resolved.append(SourceView(src.model, (lo, hi), src.parameters, src.path))
         if len({_span(s)[1] - _span(s)[0] for s in resolved}) > 1:
             spans = ", ".join(f"{s.model} ({_span(s)[1] - _span(s)[0]})" for s in resolved)
-            raise PlanError(f"{slc.path or 'models'}: every model must span the same number of layers, got "
+            raise PlanError(f"{slc.where}: every model must span the same number of layers, got "
                             f"{spans}; use `slices:` to pick layer ranges")
-        out.append(SliceView(tuple(resolved), slc.base_model, slc.parameters, slc.path))
+        out.append(SliceView(tuple(resolved), slc.base_model, slc.parameters, slc.path, slc.module))
     return out
 
 
@@ -171,14 +215,24 @@ def _span(src: SourceView) -> tuple[int, int]:
     return src.layer_range
 
 
+def _slices_refused(arch: Architecture, reference: str) -> str:
+    stacks = ", ".join(f"{t.module} {t.prefix}.0..{t.num_layers - 1}" for t in arch.towers)
+    return (f"slices: {reference!r} is a vision-language model ({arch.model_type!r}) with {len(arch.towers)} layer "
+            f"stacks ({stacks}), and a layer_range cannot say which one it means (mergekit 0.1.5 refuses it too); "
+            "give each module its own slices or models under `modules:` (modules: {text_decoder: {slices: ...}, "
+            f"...}} with modules {', '.join(arch.modules)}), or use `models:` to merge every tensor of both stacks")
+
+
 # ---- step 3: output tensors ----------------------------------------------------------
 
-def _plan_tensors(spec: MethodSpec, slices: list[SliceView], sources: Mapping[str, ModelSource],
-                  arch: Architecture) -> tuple[list[_Slot], list[int]]:
-    """The output tensors in order, and the reference layer of each output layer."""
-    slots = _outside_layers(spec, slices[0], sources, arch, pre=True)
+def _plan_module(spec: MethodSpec, module: str, slices: list[SliceView], sources: Mapping[str, ModelSource],
+                 arch: Architecture, layers: _LayerIndex) -> tuple[list[_Slot], list[int]]:
+    """One module's output tensors in order (mergekit's plan_module), and the reference layer of each of its
+    output layers: its tensors before the layers from the first slice's models, each slice's layers (t from 0
+    at its first layer to 1 at its last; a module's layers numbered from 0), its tensors after the layers
+    from the last slice's models. A plain model is one module of every tensor."""
+    slots = _outside_layers(spec, module, slices[0], sources, arch, pre=True)
     layer_sources: list[int] = []
-    layers = _LayerIndex(sources)
     for slc in slices:
         base_src = next((s for s in slc.sources if s.model == slc.base_model), None)
         length = _span(slc.sources[0])[1] - _span(slc.sources[0])[0]
@@ -187,54 +241,25 @@ def _plan_tensors(spec: MethodSpec, slices: list[SliceView], sources: Mapping[st
             ref_layer = _span(base_src or slc.sources[0])[0] + j
             at = [(s.model, _span(s)[0] + j) for s in slc.sources]
             base = (slc.base_model, ref_layer) if spec.uses_base and slc.base_model else None
-            for tensor in _union([layers.templates(m, i) for m, i in ([base] if base else []) + at]):
+            templates = _union([layers.templates(m, i) for m, i in ([base] if base else []) + at])
+            for tensor in [ln for ln in templates if arch.module_of(ln.with_index(0)) == module]:
                 inputs = tuple((s, tensor.with_index(i)) for s, (_, i) in zip(slc.sources, at, strict=True))
                 base_ref = (base[0], tensor.with_index(base[1])) if base else None
                 slots.append(_Slot(tensor.with_index(len(layer_sources)), t, slc, inputs, base_ref))
             layer_sources.append(ref_layer)
-    slots += _outside_layers(spec, slices[-1], sources, arch, pre=False)
+    slots += _outside_layers(spec, module, slices[-1], sources, arch, pre=False)
     return slots, layer_sources
 
 
-def _outside_layers(spec: MethodSpec, slc: SliceView, sources: Mapping[str, ModelSource], arch: Architecture,
-                    pre: bool) -> list[_Slot]:
-    """Embeddings (pre) or final norm and head (post), from one slice's models, at t = 0."""
+def _outside_layers(spec: MethodSpec, module: str, slc: SliceView, sources: Mapping[str, ModelSource],
+                    arch: Architecture, pre: bool) -> list[_Slot]:
+    """A module's tensors outside the layers, before (embeddings) or after them (final norm, head; a
+    projector's tensors), from one slice's models, at t = 0."""
     base = slc.base_model if spec.uses_base else None
     models = ([base] if base else []) + [s.model for s in slc.sources]
-    names = _union([[n for n in sources[m].tensor_names()
-                     if parse_layer_name(n) is None and arch.is_pre_layer(n) == pre] for m in models])
+    names = _union([[n for n in sources[m].tensor_names() if parse_layer_name(n) is None
+                     and arch.module_of(n) == module and arch.is_pre_layer(n) == pre] for m in models])
     return [_Slot(n, 0.0, slc, tuple((s, n) for s in slc.sources), (base, n) if base else None) for n in names]
-
-
-def _slices_refused(arch: Architecture, reference: str) -> str:
-    stacks = ", ".join(f"{t.name} {t.prefix}.0..{t.num_layers - 1}" for t in arch.towers)
-    return (f"slices: {reference!r} is a vision-language model ({arch.model_type!r}) with {len(arch.towers)} layer "
-            f"stacks ({stacks}), and a layer_range cannot say which one it means (mergekit 0.1.5 refuses it too, "
-            "asking for its per-module `modules:` syntax, which evomerge does not support); use `models:` to merge "
-            "every tensor of both stacks")
-
-
-def _plan_towers(spec: MethodSpec, slc: SliceView, sources: Mapping[str, ModelSource],
-                 arch: Architecture) -> tuple[list[_Slot], list[int]]:
-    """A `models:` recipe on a vision-language model, as mergekit 0.1.5 plans its modules: every
-    tensor outside the layer stacks (embeddings, projector, norms, head) at t = 0, then each tower's
-    layers with t from 0 at its first layer to 1 at its last, whatever the other tower's depth."""
-    slots = _outside_layers(spec, slc, sources, arch, pre=True)
-    layers = _LayerIndex(sources)
-    base = slc.base_model if spec.uses_base and slc.base_model else None
-    for tower in arch.towers:
-        for j in range(tower.num_layers):
-            t = j / (tower.num_layers - 1) if tower.num_layers > 1 else 1.0
-            models = ([base] if base else []) + [s.model for s in slc.sources]
-            for tensor in _union([_in_tower(layers.templates(m, j), tower) for m in models]):
-                name = tensor.with_index(j)
-                slots.append(_Slot(name, t, slc, tuple((s, name) for s in slc.sources), (base, name) if base else None))
-    slots += _outside_layers(spec, slc, sources, arch, pre=False)
-    return slots, list(range(arch.num_layers))
-
-
-def _in_tower(templates: list[LayerName], tower: Tower) -> list[LayerName]:
-    return [ln for ln in templates if ln.prefix == tower.prefix]
 
 
 class _LayerIndex:

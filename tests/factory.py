@@ -67,6 +67,41 @@ def _save_tiny(auto_class, path: Path, config, seed: int, base: Path | None, noi
     return path
 
 
+# ---- one tiny model per family of merge_engine/architecture.py's KNOWN table ------------------------------
+
+_STD = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=64)
+_GPT = dict(n_embd=32, n_layer=2, n_head=4, n_positions=64)
+_EXPERTS = dict(num_local_experts=2, num_experts_per_tok=1)
+_QWEN_MOE = dict(moe_intermediate_size=32, num_experts=2, num_experts_per_tok=1)
+# model_type -> config keywords (beside the char tokenizer's vocabulary and special ids): 2 layers, hidden size 32
+FAMILY_CONFIGS: dict[str, dict] = {
+    **{mt: _STD for mt in ("llama", "mistral", "qwen2", "phi3", "olmo", "olmo2", "olmo3", "stablelm", "starcoder2",
+                           "cohere", "cohere2", "granite", "smollm3", "phi")},
+    **{mt: {**_STD, "head_dim": 8} for mt in ("qwen3", "gemma", "gemma2")},
+    "gemma3_text": {**_STD, "head_dim": 8, "sliding_window": 16},
+    "mixtral": {**_STD, **_EXPERTS},
+    "qwen2_moe": {**_STD, **_QWEN_MOE, "shared_expert_intermediate_size": 32},
+    "qwen3_moe": {**_STD, **_QWEN_MOE, "head_dim": 8},
+    "falcon": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4),
+    "gpt2": _GPT, "gpt_bigcode": _GPT, "gptj": {**_GPT, "rotary_dim": 4},
+    "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     max_position_embeddings=64),
+}
+
+
+def family_config(model_type: str, **overrides):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(model_type, vocab_size=VOCAB_SIZE, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                                **{**FAMILY_CONFIGS[model_type], **overrides})
+
+
+def make_family(path: Path, model_type: str, seed: int = 0, base: Path | None = None, noise: float = 0.02) -> Path:
+    """A tiny random causal LM of `model_type` (FAMILY_CONFIGS) at `path`; with `base`, a perturbation of it."""
+    return _save_tiny(AutoModelForCausalLM, path, lambda: family_config(model_type), seed, base, noise)
+
+
 # ---- tiny trained models whose task scores differ --------------------------------------------------------
 
 TASK_DATA = Path(__file__).resolve().parent.parent / "tasks" / "data"

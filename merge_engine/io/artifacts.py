@@ -18,21 +18,24 @@ from .chat_templates import CHAT_TEMPLATES
 from .loader import ModelSource
 
 
-def output_config(reference_config: dict, num_layers_key: str, layer_sources: Sequence[int], out_dtype: str,
+def output_config(reference_config: dict, layer_sources: Sequence[tuple[str, Sequence[int]]], out_dtype: str,
                   vocab_size: int | None = None) -> dict:
-    """The reference model's config with the output's layer count (and per-layer `layer_types`
+    """The reference model's config with the output's layer counts (and per-layer `layer_types`
     following the layers each output layer came from), dtype and, when the vocabulary was aligned,
-    vocabulary size. A dotted `num_layers_key` (``text_config.num_hidden_layers``) sets the nested
-    config's; the dtype and vocabulary size keys a nested text/vision config holds are set too."""
+    vocabulary size. `layer_sources`: per layer stack (MergePlan.layer_sources), the config key of its
+    layer count, dotted for a nested config (``text_config.num_hidden_layers``, ``vision_config.depth``),
+    and the reference layer of each output layer. The dtype and vocabulary size keys a nested text/vision
+    config holds are set too."""
     cfg = copy.deepcopy(reference_config)  # nested configs are edited
-    *parents, leaf = num_layers_key.split(".")
-    layers_cfg = cfg
-    for part in parents:
-        layers_cfg = layers_cfg[part]
-    layer_types = layers_cfg.get("layer_types")
-    if isinstance(layer_types, list) and len(layer_types) == layers_cfg.get(leaf):
-        layers_cfg["layer_types"] = [layer_types[i] for i in layer_sources]
-    layers_cfg[leaf] = len(layer_sources)
+    for num_layers_key, sources in layer_sources:
+        *parents, leaf = num_layers_key.split(".")
+        layers_cfg = cfg
+        for part in parents:
+            layers_cfg = layers_cfg[part]
+        layer_types = layers_cfg.get("layer_types")
+        if isinstance(layer_types, list) and len(layer_types) == layers_cfg.get(leaf):
+            layers_cfg["layer_types"] = [layer_types[i] for i in sources]
+        layers_cfg[leaf] = len(sources)
     nested = [c for k in NESTED_CONFIGS if isinstance(c := cfg.get(k), dict)]
     if vocab_size is not None:
         for c in (cfg, cfg.get("text_config") or {}):
@@ -48,10 +51,10 @@ def output_config(reference_config: dict, num_layers_key: str, layer_sources: Se
     return cfg
 
 
-def write_config(out: Path, reference_config: dict, num_layers_key: str, layer_sources: Sequence[int],
+def write_config(out: Path, reference_config: dict, layer_sources: Sequence[tuple[str, Sequence[int]]],
                  out_dtype: str, vocab_size: int | None = None) -> None:
     """config.json of the output model (output_config)."""
-    cfg = output_config(reference_config, num_layers_key, layer_sources, out_dtype, vocab_size)
+    cfg = output_config(reference_config, layer_sources, out_dtype, vocab_size)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
