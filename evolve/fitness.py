@@ -17,7 +17,7 @@ Two settings in the search file's `fitness:` section protect every task:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -93,6 +93,21 @@ class FitnessRule:
         what = {"mean": "weighted mean", "min": "minimum", "harmonic": "weighted harmonic mean",
                 "geometric": "weighted geometric mean"}[self.aggregate]
         return f"{what} of ({', '.join(terms)}), weights {weights}"
+
+
+def pareto_front(per_task: Sequence[Mapping[str, float]], higher_is_better: Mapping[str, bool]) -> list[int]:
+    """Positions of the score sets no other one beats on every task (at least as good on all, better on one):
+    the trade-offs between tasks a single fitness rule chooses among. Equal score sets: the first stands."""
+    oriented = [tuple(v if higher_is_better.get(t, True) else -v for t, v in sorted(s.items())) for s in per_task]
+
+    def dominates(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+        return all(x >= y for x, y in zip(a, b, strict=True)) and a != b
+
+    front = []
+    for i, a in enumerate(oriented):
+        if not any(dominates(b, a) for b in oriented) and a not in oriented[:i]:
+            front.append(i)
+    return front
 
 
 def source_recipes(config: EvolveConfig) -> dict[str, MergeConfig]:

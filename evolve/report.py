@@ -8,7 +8,7 @@ from statistics import mean
 from typing import TYPE_CHECKING, Any
 
 from .config import EvolveConfig
-from .fitness import FitnessRule
+from .fitness import FitnessRule, pareto_front
 
 if TYPE_CHECKING:
     from .run import Validation
@@ -48,6 +48,8 @@ def render_report(result: SearchResult, validation: list[Validation], config: Ev
     if ok:
         lines += [f"- mean time to merge: {mean(c.score.merge_seconds for c in ok):.3f}s, "
                   f"to score: {mean(c.score.score_seconds for c in ok):.3f}s per candidate"]
+    if len(config.tasks) > 1 and ok:
+        lines += ["", *trade_offs(ok, config, higher_is_better)]
     if validation:
         lines += ["", "## Held-out validation of the top candidates", "",
                   "Re-scored on each task's `validation_split` from the search file (a split the fitness never "
@@ -67,3 +69,20 @@ def render_report(result: SearchResult, validation: list[Validation], config: Ev
                   "history)", *(f"`{p}`" for p in pictures)]
         lines += ["", "Files: " + ", ".join(files) + ".", ""]
     return "\n".join(lines)
+
+
+def trade_offs(ok: Sequence[Any], config: EvolveConfig, higher_is_better: dict[str, bool],
+               rows: int = 12) -> list[str]:
+    """The Pareto front of the tasks: candidates no other beats on every task, best fitness first."""
+    front = [ok[i] for i in pareto_front([c.score.per_task for c in ok], higher_is_better)]
+    front.sort(key=lambda c: -c.score.fitness)
+    names = [t.name for t in config.tasks]
+    lines = ["## Trade-offs between the tasks (Pareto front)", "",
+             f"{len(front)} candidate(s) that no other candidate beats on every task"
+             + (f"; the {rows} fittest shown" if len(front) > rows else "")
+             + ". Another trade-off than the fitness rule's: take that evaluation's recipe from history.jsonl.", "",
+             "| evaluation | fitness | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+    for c in front[:rows]:
+        lines.append(f"| {c.index} | {c.score.fitness:.4f} | "
+                     + " | ".join(f"{c.score.per_task[n]:.4f}" for n in names) + " |")
+    return lines

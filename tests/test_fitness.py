@@ -62,3 +62,15 @@ def test_the_report_states_each_rule():
                              {"acc": 0.9, "ppl": 10.0})
     assert normalized.describe(metrics) == ("weighted harmonic mean of (acc/acc / 0.9, 10 / ppl/word_perplexity), "
                                             "weights 1, 2")
+
+
+def test_pareto_front_keeps_the_trade_offs_on_hand_numbers():
+    from evolve.fitness import pareto_front
+
+    scores = [{"a": 0.5, "b": 0.9}, {"a": 0.6, "b": 0.8}, {"a": 0.4, "b": 0.95},
+              {"a": 0.5, "b": 0.85},  # beaten by the first on b, equal on a
+              {"a": 0.6, "b": 0.8},  # the second again: listed once
+              {"a": 0.3, "b": 0.7}]  # beaten by all
+    assert pareto_front(scores, {"a": True, "b": True}) == [0, 1, 2]
+    # a lower-is-better task flips which values win: the lowest b now beats the others on it
+    assert pareto_front(scores, {"a": True, "b": False}) == [1, 5]

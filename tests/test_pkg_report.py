@@ -59,6 +59,23 @@ def test_report_md_has_no_none_and_names_only_written_files(searched, trained, i
 
 
 @pytest.mark.slow
+def test_report_lists_the_pareto_front_of_the_tasks(searched):
+    path, out = searched
+    text = (path / "report.md").read_text()
+    section = text.split("## Trade-offs between the tasks (Pareto front)")[1].split("\n## ")[0]
+    rows = re.findall(r"^\| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", section, re.M)
+    listed = {int(r[0]) for r in rows}
+    scored = {c.index: c.score.per_task for c in out.search.candidates if c.score.ok}
+    tasks = list(next(iter(scored.values())))
+    assert len(set(map(tuple, (s.values() for s in scored.values())))) > 2  # the candidates differ
+    for i, s in scored.items():  # listed exactly when no other candidate is at least as good on both and better on one
+        beaten = any(all(o[t] >= s[t] for t in tasks) and o != s for o in scored.values())
+        first_of_equals = all(o != s for j, o in scored.items() if j < i)
+        assert (i in listed) == (not beaten and first_of_equals), (i, s)
+    assert out.best.index in listed
+
+
+@pytest.mark.slow
 def test_report_html_is_self_contained_and_sortable(searched):
     path, out = searched
     page = (path / "report.html").read_text()
