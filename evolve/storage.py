@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import yaml
+from pydantic import ValidationError
 
 from .config import EvolveConfig
 from .record import Candidate, RecordError
@@ -97,7 +98,7 @@ class Storage:
                 raise ValueError(f"{self.path} already holds a search; pass --resume to continue it, or choose "
                                  "another --storage-path")
             previous = yaml.safe_load(self.search_file.read_text()) if self.search_file.exists() else None
-            if previous != stored:
+            if not same_search(previous, config, run_settings):
                 raise ValueError(f"--resume: {self.search_file} differs from this search (definition, seed, "
                                  "popsize or sigma0 changed); resume with the same settings or use a new path")
             return
@@ -148,3 +149,14 @@ class Storage:
 
     def write_state(self, state: dict[str, Any]) -> None:
         self.write_text("state.json", json.dumps(state, indent=2))
+
+
+def same_search(previous: Any, config: EvolveConfig, run_settings: dict[str, Any]) -> bool:
+    """Whether a stored search.yml describes this search. Compared as validated definitions, so a field a
+    later version added (with its default) does not block resuming a search an earlier version started."""
+    if not isinstance(previous, dict) or previous.get("run") != run_settings:
+        return False
+    try:
+        return EvolveConfig.model_validate(previous.get("search")) == config
+    except ValidationError:
+        return False
