@@ -93,8 +93,8 @@ FAMILY_CONFIGS: dict[str, dict] = {
 def family_config(model_type: str, **overrides):
     from transformers import AutoConfig
 
-    return AutoConfig.for_model(model_type, vocab_size=VOCAB_SIZE, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                                **{**FAMILY_CONFIGS[model_type], **overrides})
+    tokens = dict(vocab_size=VOCAB_SIZE, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return AutoConfig.for_model(model_type, **{**tokens, **FAMILY_CONFIGS[model_type], **overrides})
 
 
 def make_family(path: Path, model_type: str, seed: int = 0, base: Path | None = None, noise: float = 0.02) -> Path:
