@@ -44,7 +44,9 @@ RESIDUAL_WRITERS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo", "stablelm", "cohere", "cohere2",
                      "granite", "smollm3"), ("self_attn.o_proj", "mlp.down_proj")),
     **dict.fromkeys(("qwen2_moe", "qwen3_moe"), ("self_attn.o_proj", "down_proj")),  # experts.N., shared_expert.
-    "mixtral": ("self_attn.o_proj", ".w2."),  # block_sparse_moe.experts.N.w2
+    # block_sparse_moe.experts.N.w2 as transformers saves Mixtral; mlp.experts.down_proj ([experts, hidden,
+    # intermediate]) in a checkpoint of transformers 5's fused in-memory names (the Qwen MoEs' `down_proj` names both)
+    "mixtral": ("self_attn.o_proj", ".w2.", "experts.down_proj"),
     "starcoder2": ("self_attn.o_proj", "mlp.c_proj"),
     "phi": ("self_attn.dense", "mlp.fc2"),
     "falcon": ("self_attention.dense", "mlp.dense_4h_to_h"),

@@ -102,6 +102,21 @@ def make_family(path: Path, model_type: str, seed: int = 0, base: Path | None = 
     return _save_tiny(AutoModelForCausalLM, path, lambda: family_config(model_type), seed, base, noise)
 
 
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+
+
+def fuse_experts(path: Path) -> Path:
+    """Rewrite the MoE checkpoint at `path` under transformers 5's in-memory names, every layer's experts fused into
+    `mlp.experts.gate_up_proj` [experts, 2 x intermediate, hidden] and `mlp.experts.down_proj` [experts, hidden,
+    intermediate] (transformers saves per-expert names, `experts.N.w2` / `experts.N.down_proj`; it loads both)."""
+    from safetensors.torch import save_file
+
+    model = AutoModelForCausalLM.from_pretrained(str(path))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"),
+              metadata={"format": "pt"})
+    return path
+
+
 # ---- tiny trained models whose task scores differ --------------------------------------------------------
 
 TASK_DATA = Path(__file__).resolve().parent.parent / "tasks" / "data"
