@@ -44,7 +44,9 @@ RESIDUAL_WRITERS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo", "stablelm", "cohere", "cohere2",
                      "granite", "smollm3"), ("self_attn.o_proj", "mlp.down_proj")),
     **dict.fromkeys(("qwen2_moe", "qwen3_moe"), ("self_attn.o_proj", "down_proj")),  # experts.N., shared_expert.
-    "mixtral": ("self_attn.o_proj", ".w2."),  # block_sparse_moe.experts.N.w2
+    # block_sparse_moe.experts.N.w2 as transformers saves Mixtral; mlp.experts.down_proj ([experts, hidden,
+    # intermediate]) in a checkpoint of transformers 5's fused in-memory names (the Qwen MoEs' `down_proj` names both)
+    "mixtral": ("self_attn.o_proj", ".w2.", "experts.down_proj"),
     "starcoder2": ("self_attn.o_proj", "mlp.c_proj"),
     "phi": ("self_attn.dense", "mlp.fc2"),
     "falcon": ("self_attention.dense", "mlp.dense_4h_to_h"),
@@ -92,6 +94,11 @@ def parse_layer_name(tensor_name: str) -> LayerName | None:
     return LayerName(m["prefix"], int(m["index"]), m["suffix"])
 
 
+def head_bias_name(head_name: str) -> str:
+    """The bias beside an output head (`lm_head.weight` -> `lm_head.bias`), a row per token like the head's."""
+    return head_name.removesuffix("weight") + "bias"
+
+
 def config_value(config: dict, key: str) -> object:
     """`config[key]`, a dotted key reading nested configs (``text_config.num_hidden_layers``); None if absent."""
     value: object = config
@@ -126,6 +133,13 @@ class Architecture:
     residual_writers: tuple[str, ...] = ()  # RESIDUAL_WRITERS; empty where unknown
     towers: tuple[Tower, ...] = ()  # a vision-language model's layer stacks, text first; empty for a plain model
     has_projector: bool = False  # a vision-language model with tensors named by PROJECTOR_WORDS
+
+    @property
+    def vocabulary_names(self) -> tuple[str, ...]:
+        """The tensors indexed by token, whose rows a tokenizer source maps to the output vocabulary: the input
+        embedding, the output head and the head's bias where it has one (`lm_head.bias`: phi, gptj), as mergekit
+        0.1.5 gives the input and output embeddings' weights and biases a vocabulary axis."""
+        return tuple(n for n in (self.embedding_name, self.head_name, head_bias_name(self.head_name)) if n is not None)
 
     @property
     def multimodal(self) -> bool:

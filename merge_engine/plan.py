@@ -301,7 +301,7 @@ def _make_job(config: MergeConfig, slot: _Slot, sources: Mapping[str, ModelSourc
     per_model = tuple({p.name: resolve_param(p, spec.name, name, slot.t, config.parameter_levels(slot.slice, src),
                                              src.model, slot.output_name)
                        for p in spec.per_model_params} for src, name in merged)
-    aligned = vocab if vocab is not None and slot.output_name in (arch.embedding_name, arch.head_name) else None
+    aligned = vocab if vocab is not None and slot.output_name in arch.vocabulary_names else None
     shape = _common_shape(slot.output_name, ([base] if base else []) + list(inputs), sources, aligned is not None)
     if aligned is not None:
         shape = (aligned.size, *shape[1:])

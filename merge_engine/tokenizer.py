@@ -9,8 +9,9 @@ defaults to ``union`` as in mergekit), an output vocabulary is built:
   * a model: that model's tokenizer;
   * ``union``: the base tokenizer plus every other model's tokens it lacks, appended in model order;
   * plus ``tokenizer.tokens`` keys not in it yet.
-Each model's embedding and lm_head rows are then mapped to the output vocabulary before merging
-(:class:`VocabAlignment`, applied when a job's inputs are read). A token some model lacks gets,
+Each model's embedding and lm_head rows (and lm_head.bias entries: phi, gptj; Architecture.vocabulary_names)
+are then mapped to the output vocabulary before merging (:class:`VocabAlignment`, applied when a job's inputs
+are read). A token some model lacks gets,
 in that model, a default row: the ``tokenizer.tokens`` entry for it if any, else the base model's
 row when the base has the token, else the mean of the rows of the models that have it (one model:
 its row; none: zeros). ``pad_to_multiple_of`` appends rows, each the mean of the model's token

@@ -93,13 +93,28 @@ FAMILY_CONFIGS: dict[str, dict] = {
 def family_config(model_type: str, **overrides):
     from transformers import AutoConfig
 
-    return AutoConfig.for_model(model_type, vocab_size=VOCAB_SIZE, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                                **{**FAMILY_CONFIGS[model_type], **overrides})
+    tokens = dict(vocab_size=VOCAB_SIZE, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return AutoConfig.for_model(model_type, **{**tokens, **FAMILY_CONFIGS[model_type], **overrides})
 
 
 def make_family(path: Path, model_type: str, seed: int = 0, base: Path | None = None, noise: float = 0.02) -> Path:
     """A tiny random causal LM of `model_type` (FAMILY_CONFIGS) at `path`; with `base`, a perturbation of it."""
     return _save_tiny(AutoModelForCausalLM, path, lambda: family_config(model_type), seed, base, noise)
+
+
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+
+
+def fuse_experts(path: Path) -> Path:
+    """Rewrite the MoE checkpoint at `path` under transformers 5's in-memory names, every layer's experts fused into
+    `mlp.experts.gate_up_proj` [experts, 2 x intermediate, hidden] and `mlp.experts.down_proj` [experts, hidden,
+    intermediate] (transformers saves per-expert names, `experts.N.w2` / `experts.N.down_proj`; it loads both)."""
+    from safetensors.torch import save_file
+
+    model = AutoModelForCausalLM.from_pretrained(str(path))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"),
+              metadata={"format": "pt"})
+    return path
 
 
 # ---- tiny trained models whose task scores differ --------------------------------------------------------
@@ -162,14 +177,14 @@ def make_specialists(root: Path, n_docs: int = 8) -> dict[str, Path]:
 
 # ---- tiny vision-language models (config.json nests text_config / vision_config) --------------------------
 
-VLM_FAMILIES = ("llava", "qwen2_vl", "gemma3")
+VLM_FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "gemma3", "mistral3")
 VLM_TEXT_LAYERS, VLM_VISION_LAYERS = 2, 3  # different depths: a gradient must run over each tower's own layers
 
 
 def tiny_vlm_config(family: str, hidden: int = 32):
     """Text decoder of VLM_TEXT_LAYERS layers, vision encoder of VLM_VISION_LAYERS, the char tokenizer's vocabulary
     (its last ids stand in for the image / vision marker tokens)."""
-    from transformers import Gemma3Config, LlavaConfig, Qwen2VLConfig
+    from transformers import Gemma3Config, LlavaConfig, Mistral3Config, Qwen2_5_VLConfig, Qwen2VLConfig
 
     text = dict(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=VLM_TEXT_LAYERS,
                 num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB_SIZE, max_position_embeddings=64,
@@ -188,6 +203,20 @@ def tiny_vlm_config(family: str, hidden: int = 32):
                                                 temporal_patch_size=2),
                              image_token_id=last, video_token_id=last - 1, vision_start_token_id=last - 2,
                              vision_end_token_id=last - 3, bos_token_id=1, eos_token_id=2)
+    if family == "qwen2_5_vl":  # windowed attention in vision blocks 0-1, full attention in block 2
+        return Qwen2_5_VLConfig(text_config=dict(rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}, **text),
+                                vision_config=dict(depth=VLM_VISION_LAYERS, hidden_size=hidden,
+                                                   intermediate_size=hidden * 2, out_hidden_size=hidden, num_heads=4,
+                                                   patch_size=4, spatial_merge_size=2, temporal_patch_size=2,
+                                                   window_size=8, fullatt_block_indexes=[VLM_VISION_LAYERS - 1]),
+                                image_token_id=last, video_token_id=last - 1, vision_start_token_id=last - 2,
+                                vision_end_token_id=last - 3, bos_token_id=1, eos_token_id=2)
+    if family == "mistral3":  # a Mistral decoder, a Pixtral encoder; untied head, as Mistral Small 3.1
+        return Mistral3Config(text_config=dict(model_type="mistral", head_dim=8, **text),
+                              vision_config=dict(model_type="pixtral", hidden_size=hidden, intermediate_size=hidden * 2,
+                                                 num_hidden_layers=VLM_VISION_LAYERS, num_attention_heads=4, head_dim=8,
+                                                 image_size=32, patch_size=8),
+                              image_token_index=last, spatial_merge_size=2, tie_word_embeddings=False)
     if family == "gemma3":
         return Gemma3Config(text_config=dict(head_dim=8, sliding_window=16, **text),
                             vision_config=dict(hidden_size=hidden, intermediate_size=hidden * 2,
@@ -215,3 +244,24 @@ def make_vlm(path: Path, family: str, seed: int = 0, base: Path | None = None, n
         LlavaProcessor(image_processor=images, tokenizer=char_tokenizer(), patch_size=8).save_pretrained(str(path))
         (path / "chat_template.json").write_text(json.dumps({"chat_template": "{{ messages[0]['content'] }}"}))
     return path
+
+
+def vlm_prompt(family: str, config, seed: int = 0) -> dict:
+    """A model's inputs for a 5-token prompt with one random image after its second token, as each family's
+    processor gives them: LLaVA a 32x32 image of 16 patches (16 image tokens); Qwen2-VL / 2.5-VL 4x4 patches of
+    4 pixels (flattened, with their grid and M-RoPE's token types), merged 2x2 into 4 tokens; Mistral3 a 32x32
+    image of 4x4 patches of 8 pixels, merged 2x2 into 4 tokens. Gemma3: the text alone."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    if family == "llava":
+        n, image = 16, {"pixel_values": torch.randn(1, 3, 32, 32, generator=g)}
+    elif family in ("qwen2_vl", "qwen2_5_vl"):
+        n, image = 4, {"pixel_values": torch.randn(16, 3 * 2 * 4 * 4, generator=g),
+                       "image_grid_thw": torch.tensor([[1, 4, 4]]),
+                       "mm_token_type_ids": torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0, 0]])}
+    elif family == "mistral3":
+        n, image = 4, {"pixel_values": torch.randn(1, 3, 32, 32, generator=g), "image_sizes": torch.tensor([[32, 32]])}
+    else:
+        return {"input_ids": ids}
+    image_id = getattr(config, "image_token_id", None) or config.image_token_index
+    return {"input_ids": torch.cat([ids[:, :2], torch.full((1, n), image_id), ids[:, 2:]], dim=1), **image}

@@ -13,7 +13,7 @@ import re
 import pytest
 import torch
 import yaml
-from factory import FAMILY_CONFIGS, make_family
+from factory import FAMILY_CONFIGS, MOE_FAMILIES, fuse_experts, make_family
 from safetensors.torch import load_file, save_file
 
 from merge_engine.architecture import KNOWN, RESIDUAL_WRITERS, detect_architecture
@@ -83,13 +83,21 @@ def test_family_detected_merged_and_loaded(tmp_path, model_type):
     assert logits.shape == (1, 5, cfg["vocab_size"]) and torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("model_type", sorted(RESIDUAL_WRITERS))
-def test_residual_writers_carry_a_scale_of_the_stream(tmp_path, model_type):
+# filters of RESIDUAL_WRITERS that name no tensor of one checkpoint layout (per expert, as transformers saves MoEs, or
+# fused, factory.fuse_experts) and all of them in the other
+NOT_IN_LAYOUT = {("mixtral", False): {"experts.down_proj"}, ("mixtral", True): {".w2."}}
+
+
+@pytest.mark.parametrize(("model_type", "fused"), [(mt, False) for mt in sorted(RESIDUAL_WRITERS)]
+                         + [(mt, True) for mt in MOE_FAMILIES])
+def test_residual_writers_carry_a_scale_of_the_stream(tmp_path, model_type, fused):
     """Multiplying the writers of layer 1 by 1/s in the checkpoint gives the logits of the original model with the
     residual stream multiplied by s before layer 1 (the final norm removes the overall factor). So that only the
     algebra is left, norm epsilons are set to 1e-12 and the embedding (hence the stream) is scaled up by 30: the
     random tiny models' hidden states are small (std ~0.02), and OLMo's epsilon is fixed at 1e-5."""
     src = make_family(tmp_path / "src", model_type, seed=5)
+    if fused:
+        fuse_experts(src)
     cfg = json.loads((src / "config.json").read_text())
     cfg.update({k: 1e-12 for k in ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", "norm_epsilon") if k in cfg})
     tensors = load_file(src / "model.safetensors")
@@ -109,7 +117,8 @@ def test_residual_writers_carry_a_scale_of_the_stream(tmp_path, model_type):
                 tensors[name] = tensors[name] / s
                 hit[w] += 1
                 break
-    assert all(hit.values()), hit  # every filter names tensors of this family's checkpoints
+    unused = NOT_IN_LAYOUT.get((model_type, fused), set())
+    assert {w for w, n in hit.items() if not n} == unused, hit  # every other filter names tensors of this layout
     save_file(tensors, str(scaled / "model.safetensors"), metadata={"format": "pt"})
 
     original, rescaled = load(src), load(scaled)
@@ -126,3 +135,25 @@ def test_residual_writers_carry_a_scale_of_the_stream(tmp_path, model_type):
         intended, got = original(ids).logits, rescaled(ids).logits
     assert not torch.allclose(intended, plain, atol=1e-4)  # the scale changes the model
     torch.testing.assert_close(got, intended, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", MOE_FAMILIES)
+def test_fused_experts_checkpoint_merged_and_loaded(tmp_path, model_type):
+    """A MoE checkpoint under transformers 5's fused names (factory.fuse_experts: `mlp.experts.down_proj`
+    [experts, hidden, intermediate], `mlp.experts.gate_up_proj`): merged 0.3/0.7 tensor by tensor under its own
+    names, loaded by transformers and run."""
+    base = fuse_experts(make_family(tmp_path / "base", model_type, seed=3))
+    ft = fuse_experts(make_family(tmp_path / "ft", model_type, seed=4, base=base, noise=0.05))
+    b, f = load_file(base / "model.safetensors"), load_file(ft / "model.safetensors")
+    assert b["model.layers.1.mlp.experts.down_proj"].shape[0] == 2 and not any(".experts.0." in n for n in b)
+    recipe = {"merge_method": "linear", "models": [
+        {"model": str(base), "parameters": {"weight": 0.3}}, {"model": str(ft), "parameters": {"weight": 0.7}}]}
+    (tmp_path / "recipe.yml").write_text(yaml.safe_dump(recipe))
+    assert cli_main([str(tmp_path / "recipe.yml"), str(tmp_path / "out"), "--no-progress", "--quiet"]) == 0
+    o = load_file(tmp_path / "out" / "model.safetensors")
+    assert set(o) == set(b)
+    for name in o:
+        assert torch.allclose(o[name], 0.3 * b[name] + 0.7 * f[name], atol=1e-6), name
+    with torch.no_grad():
+        logits = load(tmp_path / "out")(input_ids=torch.tensor([[1, 5, 6, 7, 8]])).logits
+    assert torch.isfinite(logits).all()

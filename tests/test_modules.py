@@ -15,7 +15,7 @@ import subprocess
 import pytest
 import torch
 import yaml
-from factory import MERGEKIT_VENV, VLM_FAMILIES, make_model, make_vlm
+from factory import MERGEKIT_VENV, VLM_FAMILIES, make_model, make_vlm, vlm_prompt
 from safetensors.torch import load_file
 
 from merge_engine.cli import main as cli_main
@@ -29,11 +29,14 @@ MODULE_PREFIXES = {
     "gemma3": {"text_decoder": ("language_model.",), "vision_tower": ("vision_tower.",),
                "multi_modal_projector": ("multi_modal_projector.",)},
 }
-TEXT_LAYERS = {"llava": "language_model.model.layers", "qwen2_vl": "model.layers",
-               "gemma3": "language_model.model.layers"}
-VISION_LAYERS = {"llava": "vision_tower.encoder.layers", "qwen2_vl": "visual.blocks",
-                 "gemma3": "vision_tower.encoder.layers"}
-VISION_DEPTH_KEY = {"llava": "num_hidden_layers", "qwen2_vl": "depth", "gemma3": "num_hidden_layers"}
+MODULE_PREFIXES["qwen2_5_vl"] = MODULE_PREFIXES["qwen2_vl"]
+MODULE_PREFIXES["mistral3"] = MODULE_PREFIXES["llava"]  # vision_tower.patch_conv, .ln_pre, .transformer.layers
+TEXT_LAYERS = {"llava": "language_model.model.layers", "qwen2_vl": "model.layers", "qwen2_5_vl": "model.layers",
+               "gemma3": "language_model.model.layers", "mistral3": "language_model.model.layers"}
+VISION_LAYERS = {"llava": "vision_tower.encoder.layers", "qwen2_vl": "visual.blocks", "qwen2_5_vl": "visual.blocks",
+                 "gemma3": "vision_tower.encoder.layers", "mistral3": "vision_tower.transformer.layers"}
+VISION_DEPTH_KEY = {"llava": "num_hidden_layers", "qwen2_vl": "depth", "qwen2_5_vl": "depth",
+                    "gemma3": "num_hidden_layers", "mistral3": "num_hidden_layers"}
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +64,15 @@ def tensors(*dirs):
     return [load_file(d / "model.safetensors") for d in dirs]
 
 
-def load_and_run(out):
-    """The output loaded by transformers with no missing or unexpected weight, and its logits on a text prompt."""
+def load_and_run(out, family: str):
+    """The output loaded by transformers with no missing or unexpected weight, run on factory.vlm_prompt's prompt
+    (an image in it except for Gemma3)."""
     from transformers import AutoModelForImageTextToText
 
     model, info = AutoModelForImageTextToText.from_pretrained(str(out), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     with torch.no_grad():
-        logits = model.eval()(input_ids=torch.tensor([[1, 5, 6, 7, 8]])).logits
+        logits = model.eval()(**vlm_prompt(family, model.config)).logits
     assert torch.isfinite(logits).all()
     return model
 
@@ -101,7 +105,7 @@ def test_each_module_merged_with_its_own_weights(vlms, tmp_path, family):
         seen[module] += 1
     assert all(seen.values()), seen
     emb = next(n for n in o if n.endswith("embed_tokens.weight"))
-    model = load_and_run(out)
+    model = load_and_run(out, family)
     assert torch.allclose(model.get_input_embeddings().weight, 0.3 * b[emb] + 0.7 * f[emb], atol=1e-6)
 
 
@@ -164,7 +168,7 @@ def test_module_slices_restack_each_tower(vlms, tmp_path, family):
     for name in o:
         assert torch.allclose(o[name], expected(name), atol=1e-6), name
     assert not torch.allclose(o[f"{text}2.mlp.down_proj.weight"], o[f"{text}1.mlp.down_proj.weight"])
-    model = load_and_run(out)
+    model = load_and_run(out, family)
     assert model.config.get_text_config().num_hidden_layers == 3
 
 

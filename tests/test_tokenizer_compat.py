@@ -9,11 +9,14 @@ on other text, so its vocabulary and ids differ from the base's.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from factory import MERGEKIT_VENV, family_config
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2TokenizerFast
@@ -45,12 +48,14 @@ def _bpe(texts: list[str], vocab_size: int) -> Qwen2TokenizerFast:
                               unk_token=None, bos_token=None)
 
 
-def _save(path: Path, tok: Qwen2TokenizerFast, seed: int, like: Path | None = None) -> Path:
-    """A tiny Qwen2 whose vocabulary is `tok`'s; with `like`, its weights plus noise (rows of new tokens random)."""
+def _save(path: Path, tok: Qwen2TokenizerFast, seed: int, like: Path | None = None,
+          model_type: str | None = None) -> Path:
+    """A tiny Qwen2 (or a tiny `model_type` of factory.FAMILY_CONFIGS) whose vocabulary is `tok`'s; with `like`,
+    its weights plus noise (rows of new tokens random)."""
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
-                         tie_word_embeddings=False)
+    config = family_config(model_type, vocab_size=len(tok)) if model_type else Qwen2Config(
+        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=False)
     model = AutoModelForCausalLM.from_config(config)
     if like is not None:
         state = load_file(str(like / "model.safetensors"))
@@ -244,3 +249,85 @@ def test_a_token_source_that_does_not_exist_is_refused_before_writing(tz, tmp_pa
         f"{str(tz['base'])!r}"]
     assert not (tmp_path / "cli").exists()
     assert issubclass(TokenizerError, EngineError) and TokenizerError is tokenizer_module.TokenizerError
+
+
+# ---- an output head with a bias (phi, gptj): its entries are rows of the vocabulary too ------------------------
+
+HEAD_BIAS_FAMILIES = ("phi", "gptj")  # the families of factory.FAMILY_CONFIGS whose lm_head has a bias
+ALIGNMENTS = {"union": {"source": "union", "pad_to_multiple_of": 64},
+              "pad": {"source": "base", "pad_to_multiple_of": 64}}
+
+
+@pytest.fixture(scope="module")
+def biased(tmp_path_factory) -> dict[str, tuple[Path, Path, Path]]:
+    """model_type -> (base, a fine-tune of it with the same tokenizer, a model with `other`'s tokenizer)."""
+    root = tmp_path_factory.mktemp("biased")
+    out = {}
+    for mt in HEAD_BIAS_FAMILIES:
+        base = _save(root / f"{mt}_base", _bpe(TEXT_A, 300), 4, model_type=mt)
+        out[mt] = (base, _save(root / f"{mt}_ft", _bpe(TEXT_A, 300), 5, like=base, model_type=mt),
+                   _save(root / f"{mt}_other", _bpe(TEXT_B, 280), 6, model_type=mt))
+    return out
+
+
+def _token_rows(paths: list[Path], out: Path, name: str) -> torch.Tensor:
+    """The rows of tensor `name` a linear merge of `paths` (weights 1 and 1, no base) gives each token of `out`'s
+    vocabulary, computed from the input files: the mean of the rows of the models that have the token (the one
+    model's row where only one has it); then padding rows, each the mean of the token rows."""
+    vo = _vocab(out)
+    vocabs, tensors = [_vocab(p) for p in paths], [_w(p)[name] for p in paths]
+    rows = torch.stack([torch.stack([t[v[tok]] for v, t in zip(vocabs, tensors, strict=True) if tok in v]).mean(0)
+                        for tok in sorted(vo, key=vo.__getitem__)])
+    size = _w(out)[name].shape[0]
+    return torch.cat([rows, rows.mean(0).expand(size - len(rows), *rows.shape[1:])])
+
+
+@pytest.mark.parametrize("alignment", ALIGNMENTS)
+@pytest.mark.parametrize("model_type", HEAD_BIAS_FAMILIES)
+def test_head_bias_follows_the_vocabulary(biased, tmp_path, model_type, alignment):
+    """`lm_head.bias` is mapped to the output vocabulary as the head's rows are (union: each token's entry from the
+    models that have it; pad_to_multiple_of 64: padding entries the mean entry), and the output loads and runs."""
+    base, ft, other = biased[model_type]
+    paths = [base, other] if alignment == "union" else [base, ft]
+    out = _merge(tmp_path, "out", **_linear(*paths), tokenizer=ALIGNMENTS[alignment])
+    wo, n = _w(out), len(_vocab(out))
+    assert wo["lm_head.bias"].shape == (320,) and (alignment == "pad") == (n == 300), n  # union: 313 tokens
+    for name in ("lm_head.bias", "lm_head.weight"):
+        torch.testing.assert_close(wo[name], _token_rows(paths, out, name))
+    assert (wo["lm_head.bias"][n:] - wo["lm_head.bias"][:n].mean()).abs().max() < 1e-6
+    model, info = AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    torch.testing.assert_close(model.get_output_embeddings().bias.detach(), wo["lm_head.bias"])
+    with torch.no_grad():
+        ids = torch.tensor([AutoTokenizer.from_pretrained(str(out))(SENTENCE)["input_ids"]])
+        logits = model.eval()(input_ids=ids).logits
+    assert logits.shape[-1] == 320 and torch.isfinite(logits).all()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (MERGEKIT_VENV / "bin" / "mergekit-yaml").exists(),
+                    reason=f"mergekit 0.1.5 venv not available at {MERGEKIT_VENV} (set EVOMERGE_MERGEKIT_VENV)")
+@pytest.mark.parametrize("model_type", HEAD_BIAS_FAMILIES)
+def test_head_bias_as_mergekit_aligns_it(biased, tmp_path, model_type):
+    """mergekit 0.1.5 gives the output embedding's bias a vocabulary axis (phi's JSON definition; gptj's inferred
+    from the transformers model): a union vocabulary padded to 64 gives every token the same embedding, head and
+    bias entries in both tools (mergekit orders the new tokens differently, so tokens are compared by text), the
+    same padding, and every other tensor equal."""
+    base, _, other = biased[model_type]
+    recipe = {**_linear(base, other), "dtype": "float32", "tokenizer": ALIGNMENTS["union"]}
+    ours = _merge(tmp_path, "ours", **recipe)
+    (tmp_path / "recipe.yml").write_text(json.dumps(recipe))
+    theirs = tmp_path / "theirs"
+    proc = subprocess.run([str(MERGEKIT_VENV / "bin" / "mergekit-yaml"), str(tmp_path / "recipe.yml"), str(theirs)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    o, m, vo, vm = _w(ours), _w(theirs), _vocab(ours), _vocab(theirs)
+    assert set(o) == set(m) and set(vo) == set(vm) and len(vo) > 300
+    by_token = [(vo[t], vm[t]) for t in vo] + list(zip(range(len(vo), 320), range(len(vm), 320), strict=True))
+    ids_o, ids_m = (torch.tensor(ids) for ids in zip(*by_token, strict=True))
+    vocabulary = {"lm_head.bias", "lm_head.weight", "model.embed_tokens.weight", "transformer.wte.weight"}
+    for name in o:
+        if name in vocabulary:
+            assert o[name].shape[0] == 320 and torch.allclose(o[name][ids_o], m[name][ids_m], atol=1e-6), name
+        else:
+            assert torch.allclose(o[name], m[name], atol=1e-6), name

@@ -17,7 +17,7 @@ import subprocess
 import pytest
 import torch
 import yaml
-from factory import MERGEKIT_VENV, VLM_FAMILIES, VLM_TEXT_LAYERS, VLM_VISION_LAYERS, make_vlm
+from factory import MERGEKIT_VENV, VLM_FAMILIES, VLM_TEXT_LAYERS, VLM_VISION_LAYERS, make_vlm, vlm_prompt
 from safetensors.torch import load_file, save_file
 
 from merge_engine.architecture import detect_architecture
@@ -25,12 +25,14 @@ from merge_engine.cli import main as cli_main
 from merge_engine.errors import PlanError
 
 # where each family's layers live in a checkpoint saved by transformers 5 (its legacy checkpoint names)
-TEXT_PREFIX = {"llava": "language_model.model.layers", "qwen2_vl": "model.layers",
-               "gemma3": "language_model.model.layers"}
-VISION_PREFIX = {"llava": "vision_tower.encoder.layers", "qwen2_vl": "visual.blocks",
-                 "gemma3": "vision_tower.encoder.layers"}
+TEXT_PREFIX = {"llava": "language_model.model.layers", "qwen2_vl": "model.layers", "qwen2_5_vl": "model.layers",
+               "gemma3": "language_model.model.layers", "mistral3": "language_model.model.layers"}
+VISION_PREFIX = {"llava": "vision_tower.encoder.layers", "qwen2_vl": "visual.blocks", "qwen2_5_vl": "visual.blocks",
+                 "gemma3": "vision_tower.encoder.layers", "mistral3": "vision_tower.transformer.layers"}
 PROJECTOR = {"llava": "multi_modal_projector.linear_1.weight", "qwen2_vl": "visual.merger.mlp.0.weight",
-             "gemma3": "multi_modal_projector.mm_input_projection_weight"}
+             "qwen2_5_vl": "visual.merger.mlp.0.weight", "gemma3": "multi_modal_projector.mm_input_projection_weight",
+             "mistral3": "multi_modal_projector.patch_merger.merging_layer.weight"}
+VISION_DEPTH_KEY = {"qwen2_vl": "depth", "qwen2_5_vl": "depth"}  # else num_hidden_layers
 
 
 @pytest.fixture(scope="module")
@@ -66,15 +68,10 @@ def load_output(family: str, out):
     return model.eval()
 
 
-def forward(family: str, model) -> torch.Tensor:
-    """Logits of a text-only prompt (LLaVA: with a 32x32 image, its 16 patch tokens in the prompt)."""
-    ids = torch.tensor([[1, 5, 6, 7, 8]])
+def forward(family: str, model, seed: int = 0) -> torch.Tensor:
+    """Logits of factory.vlm_prompt's prompt: with one random image, text only for Gemma3."""
     with torch.no_grad():
-        if family == "llava":
-            image_ids = torch.full((1, 16), model.config.image_token_index)
-            return model(input_ids=torch.cat([ids[:, :2], image_ids, ids[:, 2:]], dim=1),
-                         pixel_values=torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))).logits
-        return model(input_ids=ids).logits
+        return model(**vlm_prompt(family, model.config, seed)).logits
 
 
 def gradient_merge(tmp_path, base, ft):
@@ -109,6 +106,8 @@ def test_linear_merges_every_tensor_and_loads(vlms, tmp_path, family):
     assert torch.allclose(model.get_input_embeddings().weight, 0.3 * b[emb] + 0.7 * f[emb], atol=1e-6)
     logits = forward(family, model)
     assert logits.shape[-1] == model.config.get_text_config().vocab_size and torch.isfinite(logits).all()
+    if family != "gemma3":  # the merged vision tower and projector reach the logits
+        assert not torch.allclose(logits, forward(family, model, seed=1), atol=1e-3)
 
 
 @pytest.mark.parametrize("family", VLM_FAMILIES)
@@ -133,7 +132,7 @@ def test_towers_detected_from_nested_config(vlms):
         assert [(t.name, t.prefix, t.num_layers) for t in arch.towers] == [
             ("text", TEXT_PREFIX[family], VLM_TEXT_LAYERS), ("vision", VISION_PREFIX[family], VLM_VISION_LAYERS)]
         assert arch.num_layers_key == "text_config.num_hidden_layers"
-        cfg["vision_config"]["depth" if family == "qwen2_vl" else "num_hidden_layers"] = 5
+        cfg["vision_config"][VISION_DEPTH_KEY.get(family, "num_hidden_layers")] = 5
         with pytest.raises(PlanError, match=r"=5 but the weights hold .*0\.\.2 \(3 layers\)"):
             detect_architecture(cfg, list(load_file(base / "model.safetensors")), family)
 
@@ -221,6 +220,38 @@ def test_vision_tower_and_projector_as_mergekit_writes_them(vlms, tmp_path):
     assert set(renamed) == {n for n in a if n.startswith(("vision_tower.", "multi_modal_projector."))}
     for name, tensor in renamed.items():
         assert torch.allclose(a[name], tensor, atol=1e-6), name
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (MERGEKIT_VENV / "bin" / "mergekit-yaml").exists(),
+                    reason=f"mergekit 0.1.5 venv not available at {MERGEKIT_VENV} (set EVOMERGE_MERGEKIT_VENV)")
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "mistral3"])
+def test_every_tensor_as_mergekit_writes_it(vlms, tmp_path, family):
+    """mergekit 0.1.5's JSON definitions of Qwen2.5-VL and Mistral3 name the tensors as transformers 5 saves them:
+    it writes every tensor, under the same names, and with a per-layer gradient they equal ours, except
+    Qwen2.5-VL's `visual.merger.mlp.*`, which its definition plans as a 2-"layer" module without layer indices:
+    written at t = 0 and again at t = 1, the t = 1 value stays (README "Differences from mergekit")."""
+    base, ft = vlms[family]
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(base), "dtype": "float32",
+              "models": [{"model": str(ft), "parameters": {"weight": [0.2, 1.0]}}]}
+    rc, ours = merge(tmp_path, recipe)
+    assert rc == 0
+    theirs = tmp_path / "theirs"
+    proc = subprocess.run([str(MERGEKIT_VENV / "bin" / "mergekit-yaml"), str(tmp_path / "recipe.yml"), str(theirs),
+                           "--no-copy-tokenizer"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a, m = load_file(ours / "model.safetensors"), load_file(theirs / "model.safetensors")
+    b, f = load_file(base / "model.safetensors"), load_file(ft / "model.safetensors")
+    assert set(a) == set(m)
+    merger = [n for n in a if n.startswith("visual.merger.mlp.")]
+    assert bool(merger) == (family == "qwen2_5_vl")
+    for name in a:
+        if name in merger:
+            assert torch.allclose(a[name], b[name] + 0.2 * (f[name] - b[name]), atol=1e-6), name  # ours: t = 0
+            assert torch.allclose(m[name], f[name], atol=1e-6), name  # mergekit's: t = 1
+        else:
+            assert torch.allclose(a[name], m[name], atol=1e-6), name
 
 
 def test_print_plan_names_both_towers_and_writes_nothing(vlms, tmp_path, capsys):

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from .. import interrupts
-from ..architecture import detect_architecture
+from ..architecture import detect_architecture, head_bias_name
 from ..dtypes import BY_NAME
 from ..errors import EngineError, ModelLoadError
 from ..io.loader import ModelSource
@@ -159,7 +159,7 @@ def run_tokensurgeon(model_ref: str, donor_ref: str, out_path: str | Path, optio
     model_vocab, donor_vocab = normalized_vocabulary(model_tok), normalized_vocabulary(donor_tok)
     matrices = plan_surgery(model, donor, model_vocab, donor_vocab, size, options)
     names = model.tensor_names()
-    bias = {m.name.removesuffix("weight") + "bias": m for m in matrices if m.is_head}
+    bias = {head_bias_name(m.name): m for m in matrices if m.is_head}
     layouts = []
     for name in names:
         shape, dtype = model.meta(name)
