@@ -2,7 +2,7 @@
 
 For each seed this runs, in this process with the demo's settings (2 Ray workers, 100 evaluations at most):
 
-1. the parameter-space search, configs/search.yml (per-layer-group task_arithmetic weights);
+1. the parameter-space search, configs/search.yml (task_arithmetic weights per model for attention, MLP and the rest);
 2. the layer-path search, configs/search_layer_path.yml (which layer of which specialist comes next);
 3. the hybrid search, configs/search_hybrid.yml with this seed's parameter-space result (1.) as the first
    source of the path;
