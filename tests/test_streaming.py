@@ -106,3 +106,17 @@ def test_l1_rescale_restores_the_norm():
     delta = torch.tensor([4.0, -3.0, 2.0, -1.0])
     kept = sparsify.magnitude(delta, 0.5, rescale=True)  # keeps 4 and -3 (L1 7), scaled to L1 10
     assert torch.allclose(kept, torch.tensor([40 / 7, -30 / 7, 0.0, 0.0]))
+
+
+@pytest.mark.parametrize("width", [7, 64, 1024, 2816])
+def test_row_ranks_sort_bit_patterns_as_the_float_sort_orders_ties(width):
+    """row_ranks sorts the magnitudes' int32 bit patterns: the same permutation as torch's float
+    argsort, ties included (DELLA's kept entries for a seed depend on it)."""
+    gen = torch.Generator().manual_seed(width)
+    for values in (torch.randint(0, 5, (64, width), generator=gen).float() * 0.25,  # mostly ties, zeros
+                   (torch.randn(64, width, generator=gen).bfloat16().float()
+                    - torch.randn(64, width, generator=gen).bfloat16().float())):  # bf16 task vector
+        rows = torch.where(torch.rand(values.shape, generator=gen) < 0.5, values, -values)
+        order = torch.argsort(rows.abs(), dim=1)
+        expected = torch.empty_like(rows).scatter_(1, order, torch.arange(width, dtype=rows.dtype).expand_as(rows))
+        assert torch.equal(sparsify.row_ranks(rows), expected)

@@ -26,9 +26,20 @@ def row_chunks(shape: torch.Size | tuple[int, ...]) -> list[slice]:
     return [slice(s, min(s + step, shape[0])) for s in range(0, shape[0], step)] or [slice(None)]
 
 
+HALF_OR_SINGLE = (torch.bfloat16, torch.float16, torch.float32)  # convert to float32 exactly
+
+
 def float32(t: torch.Tensor) -> torch.Tensor:
     """A float32 copy the caller owns (inputs may be shared with a cache: never modified in place)."""
     return t.to(torch.float32, copy=True)
+
+
+def exact(t: torch.Tensor) -> torch.Tensor:
+    """t itself where torch's type promotion against a float32 tensor (of at least one dim) reads it as
+    its exact float32 value (bfloat16, float16, float32): `torch.sub(exact(x), b)` then computes
+    float32(x) - b without the conversion copy. Other dtypes (float64) get their float32 copy, so the
+    arithmetic stays in float32 as on float32 copies."""
+    return t if t.dtype in HALF_OR_SINGLE else float32(t)
 
 
 def task_vectors(models: list[torch.Tensor], base: torch.Tensor) -> list[torch.Tensor]:
@@ -38,5 +49,5 @@ def task_vectors(models: list[torch.Tensor], base: torch.Tensor) -> list[torch.T
     for s in row_chunks(base.shape):
         b = float32(base[s])
         for model, delta in zip(models, deltas, strict=True):
-            torch.sub(float32(model[s]), b, out=delta[s])
+            torch.sub(exact(model[s]), b, out=delta[s])
     return deltas

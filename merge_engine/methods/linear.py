@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 import torch
 
-from .chunks import float32, row_chunks, task_vectors
+from .chunks import exact, float32, row_chunks, task_vectors
 from .spec import NORMALIZE_TRUE, WEIGHT, Floats, MethodSpec, ParamSpec, Tensors, require_base
 
 
@@ -70,11 +70,12 @@ def model_stock(
         flat = [d.reshape(1, -1) if base.dim() < 2 else d for d in deltas]  # [..., last]
     else:
         flat = [d.reshape(-1) for d in deltas]  # [numel]
+    norms = [f.norm(dim=-1) for f in flat]  # once per model, not once per pair
     pair_cos = []
     for i in range(n):
         for j in range(i + 1, n):
-            norms = flat[i].norm(dim=-1) * flat[j].norm(dim=-1)
-            pair_cos.append(((flat[i] * flat[j]).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1.0, 1.0))
+            products = norms[i] * norms[j]
+            pair_cos.append(((flat[i] * flat[j]).sum(dim=-1) / products.clamp(min=1e-6)).clamp(-1.0, 1.0))
     del flat, deltas
     cos = torch.stack(pair_cos).mean(dim=0).unsqueeze(-1)  # [..., 1]
     denominator = 1.0 + (n - 1) * cos
@@ -83,10 +84,12 @@ def model_stock(
     if not filter_wise or base.dim() < 2:
         ratio = ratio.reshape(())
     merged = torch.empty(base.shape, dtype=torch.float32, device=base.device)
-    for s in slices:  # ratio * average + (1 - ratio) * base
+    for s in slices:  # ratio * average + (1 - ratio) * base, in the output's rows
         r = ratio if ratio.dim() == 0 else ratio[s]
-        average = weighted_sum((float32(x[s]) for x in tensors), [1.0] * n).div_(n)
-        torch.add(average.mul_(r), (1.0 - r) * float32(base[s]), out=merged[s])
+        average = merged[s].copy_(tensors[0][s])  # float32, converted as written
+        for x in tensors[1:]:
+            average.add_(exact(x[s]))  # the sum in model order
+        average.div_(n).mul_(r).add_(float32(base[s]).mul_(1.0 - r))
     return merged
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .chunks import float32, row_chunks, task_vectors
+from .chunks import exact, float32, row_chunks, task_vectors
 from .spec import WEIGHT, Floats, MethodSpec, ParamSpec, T, Tensors, require_base
 
 SLERP_DOT_THRESHOLD = 0.9995  # slerp: |cos| above this interpolates linearly
@@ -95,7 +95,7 @@ def nuslerp(
         merged = slerp_vectors(float32(a), float32(b), t)
     if base is not None:  # base + merged
         for s in row_chunks(merged.shape):
-            torch.add(float32(base[s]), merged[s], out=merged[s])
+            torch.add(exact(base[s]), merged[s], out=merged[s])
     return merged
 
 
@@ -106,21 +106,23 @@ def slerp_flat(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     norm_b = torch.linalg.vector_norm(b.reshape(-1), dim=-1, keepdim=True, dtype=torch.float32)
     norm_a, norm_b = norm_a.clamp(min=NUSLERP_NORM_EPS), norm_b.clamp(min=NUSLERP_NORM_EPS)
     slices = row_chunks(a.shape)
+    # norm_a, norm_b and the sines below are [1] float32 tensors, not 0-dim: dividing or multiplying
+    # a bfloat16 chunk by one computes in float32 (type promotion) without a float32 copy of the chunk
     products = torch.empty(a.shape, dtype=torch.float32, device=a.device)
     for s in slices:
-        torch.mul(float32(a[s]).div_(norm_a), float32(b[s]).div_(norm_b), out=products[s])
+        torch.mul(torch.div(exact(a[s]), norm_a), torch.div(exact(b[s]), norm_b), out=products[s])
     cos = products.reshape(-1).sum(dim=-1, keepdim=True).clamp(-1.0, 1.0)  # [1]
     del products
     colinear = bool(((1.0 - cos.square()) <= NUSLERP_EPS**2).item())
     theta = torch.arccos(torch.zeros_like(cos) if colinear else cos)
     sin_theta = torch.sin(theta)
+    sin_a, sin_b = torch.sin((1.0 - t) * theta), torch.sin(t * theta)  # [1]
     merged = torch.empty(a.shape, dtype=torch.float32, device=a.device)
     for s in slices:
         if colinear:
             torch.add((1.0 - t) * float32(a[s]), t * float32(b[s]), out=merged[s])
         else:
-            fa = float32(a[s]).mul_(torch.sin((1.0 - t) * theta))
-            torch.add(fa, float32(b[s]).mul_(torch.sin(t * theta)), out=merged[s]).div_(sin_theta)
+            torch.add(torch.mul(exact(a[s]), sin_a), torch.mul(exact(b[s]), sin_b), out=merged[s]).div_(sin_theta)
     return merged
 
 

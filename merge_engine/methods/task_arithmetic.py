@@ -14,7 +14,7 @@ from dataclasses import replace
 import torch
 
 from . import sparsify
-from .chunks import float32, row_chunks
+from .chunks import exact, float32, row_chunks
 from .consensus import sign_agreement_mask
 from .spec import (
     DENSITY,
@@ -59,9 +59,9 @@ def combine_task_vectors(
         for s in slices:  # in place on each chunk's own float32 copies: the same operations, fewer passes
             b = float32(base[s])
             # sum_i (w_i * delta_i), added in order
-            mixed = float32(tensors[0][s]).sub_(b).mul_(float(weights[0]))
+            mixed = torch.sub(exact(tensors[0][s]), b).mul_(float(weights[0]))
             for x, weight in zip(tensors[1:], weights[1:], strict=True):
-                mixed.add_(float32(x[s]).sub_(b).mul_(float(weight)))
+                mixed.add_(torch.sub(exact(x[s]), b).mul_(float(weight)))
             if normalize and total.abs() >= 1e-8:
                 mixed.div_(total.to(mixed.device))
             torch.add(b, mixed.mul_(lambda_), out=merged[s])
@@ -73,25 +73,28 @@ def combine_task_vectors(
     for s in slices:
         b = float32(base[s]).view(-1)
         weighted = torch.empty((len(tensors), b.numel()), dtype=torch.float32, device=base.device)  # [n, chunk]
-        for i, x in enumerate(tensors):  # delta_i, converted and sparsified in its row of the stack
-            delta = weighted[i].copy_(x[s].reshape(-1)).sub_(b)
+        for i, x in enumerate(tensors):  # delta_i, converted as read and sparsified in its row of the stack
+            delta = torch.sub(exact(x[s]).reshape(-1), b, out=weighted[i])
             if trims:
                 kept = trims[i](delta.view(base[s].shape))  # (the rows of the chunk, for per-row rules)
                 if kept.data_ptr() != delta.data_ptr():
                     delta.copy_(kept.reshape(-1))
         weighted.mul_(w)
-        if consensus:  # 2. elect sign, disjoint merge
-            mask = sign_agreement_mask(weighted, int8=int8_mask).to(torch.float32)
+        if consensus:  # 2. elect sign, disjoint merge (a bool mask multiplies as 0.0 / 1.0)
+            mask = sign_agreement_mask(weighted, int8=int8_mask)
             mixed = weighted.mul_(mask).sum(dim=0)
-            divisor = (w * mask).sum(dim=0)
-            divisor[divisor == 0] = 1.0
+            if normalize:
+                divisor = (w * mask).sum(dim=0)
+                divisor.add_(divisor == 0)  # 0 -> 1, others + 0.0 (unchanged): faster than masked_fill_
         else:
             mixed = weighted.sum(dim=0)
             divisor = w.sum(dim=0)
             divisor[divisor.abs() < 1e-8] = 1.0
         if normalize:  # 3. weighted mean of what survived
             mixed.div_(divisor)
-        torch.add(b, mixed.mul_(lambda_), out=merged[s].view(-1))
+        if lambda_ != 1.0:  # (x * 1.0 is x)
+            mixed.mul_(lambda_)
+        torch.add(b, mixed, out=merged[s].view(-1))
     return merged
 
 
