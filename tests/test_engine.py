@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -326,3 +327,17 @@ def test_tokenizer_from_a_named_model_and_out_dtype(zoo, tmp_path):
                         "tokenizer_source": str(donor)})
     out = run_merge(cfg, tmp_path / "out2", QUIET)
     assert "from the donor" in AutoTokenizer.from_pretrained(str(out)).chat_template
+
+
+def test_openmp_threads_wait_passively_unless_the_user_says_otherwise():
+    """Set before torch loads OpenMP (which reads it then): importing the engine is the first thing every
+    command does, and a child process (a Ray worker) inherits it."""
+    code = ("import sys, merge_engine, os; assert 'torch' in sys.modules; import subprocess; "
+            "print(os.environ['OMP_WAIT_POLICY'], subprocess.run([sys.executable, '-c', "
+            "'import os; print(os.environ[\"OMP_WAIT_POLICY\"])'], capture_output=True, text=True).stdout.strip())")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.split() == ["PASSIVE", "PASSIVE"], out.stderr
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**env, "OMP_WAIT_POLICY": "ACTIVE"})
+    assert out.stdout.split() == ["ACTIVE", "ACTIVE"], out.stderr
