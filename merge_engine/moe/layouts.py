@@ -145,6 +145,27 @@ def _experts(layer: int, config: MoEConfig, out: Callable[[int, str], str], proj
     return result
 
 
+def _copied(base: DenseModel, names: Sequence[str]) -> list[OutputTensor]:
+    """The base's tensors, written as they are."""
+    return [OutputTensor(n, base.shapes[n], "base", tensor=n) for n in names]
+
+
+def _router(prefix: str, layer: int, experts: int, base: DenseModel) -> OutputTensor:
+    """A layer's router over the routed experts (rows 0..experts of the gate matrix)."""
+    return OutputTensor(f"{prefix}.gate.weight", (experts, base.hidden), "router", layer=layer, rows=(0, experts))
+
+
+def _qwen_sparse(out: Any, config: MoEConfig) -> Any:
+    """mergekit's Qwen2/Qwen3-MoE settings: every layer sparse, top-k probabilities renormalised, the routed
+    experts as wide as the base's MLP."""
+    out.num_experts = len(config.experts)
+    out.num_experts_per_tok = config.experts_per_token
+    out.decoder_sparse_step = 1
+    out.norm_topk_prob = True
+    out.moe_intermediate_size = out.intermediate_size
+    return out
+
+
 class Mixtral:
     """Mixtral output: routed experts only; Llama or Mistral inputs."""
 
@@ -175,20 +196,19 @@ class Mixtral:
 
     def tensors(self, base: DenseModel, config: MoEConfig, heads: tuple[int, int, int] = (0, 0, 0)
                 ) -> list[OutputTensor]:
-        out = [OutputTensor(n, base.shapes[n], "base", tensor=n) for n in base.pre]
+        out = _copied(base, base.pre)
         experts = len(config.experts)
         for i in range(base.layers):
-            out += [OutputTensor(n, base.shapes[n], "base", tensor=n) for n in base.per_layer[i]]
+            out += _copied(base, base.per_layer[i])
             prefix = f"model.layers.{i}.block_sparse_moe"
-            out.append(OutputTensor(f"{prefix}.gate.weight", (experts, base.hidden), "router", layer=i,
-                                    rows=(0, experts)))
+            out.append(_router(prefix, i, experts, base))
 
             def expert_name(e: int, p: str, prefix: str = prefix) -> str:
                 return f"{prefix}.experts.{e}.{self.W[p]}.weight"
 
             out += _experts(i, config, expert_name, ("gate_proj", "down_proj", "up_proj"), base, expert_major=True,
                             shared=False)
-        return out + [OutputTensor(n, base.shapes[n], "base", tensor=n) for n in base.post]
+        return out + _copied(base, base.post)
 
 
 class QwenMoE:
@@ -207,28 +227,22 @@ class QwenMoE:
     def output_config(self, base_config: transformers.PretrainedConfig, config: MoEConfig) -> Any:
         """mergekit's: the base's settings as a Qwen2MoeConfig, every layer sparse, top-k probabilities
         renormalised, both expert widths the base's MLP width."""
-        out = transformers.Qwen2MoeConfig(**base_config.to_dict())
+        out = _qwen_sparse(transformers.Qwen2MoeConfig(**base_config.to_dict()), config)
         out.architectures = ["Qwen2MoeForCausalLM"]
-        out.num_experts = len(config.experts)
-        out.num_experts_per_tok = config.experts_per_token
-        out.decoder_sparse_step = 1
-        out.norm_topk_prob = True
         out.sliding_window = None
         out.use_sliding_window = False
         out.shared_expert_intermediate_size = out.intermediate_size
-        out.moe_intermediate_size = out.intermediate_size
         return out
 
     def tensors(self, base: DenseModel, config: MoEConfig, heads: tuple[int, int, int] = (0, 0, 0)
                 ) -> list[OutputTensor]:
         """heads: (attention heads, key/value heads, head dim) for the zero biases a Llama base lacks."""
-        out = [OutputTensor(n, base.shapes[n], "base", tensor=n) for n in base.pre]
+        out = _copied(base, base.pre)
         experts = len(config.experts)
         n_heads, n_kv, head_dim = heads
         for i in range(base.layers):
             present = set(base.per_layer[i])
-            for n in base.per_layer[i]:
-                out.append(OutputTensor(n, base.shapes[n], "base", tensor=n))
+            out += _copied(base, base.per_layer[i])
             for b in QKV_BIASES:
                 name = f"model.layers.{i}.{b}"
                 if name not in present:
@@ -241,11 +255,10 @@ class QwenMoE:
 
             out += _experts(i, config, expert_name, ("down_proj", "gate_proj", "up_proj"), base, expert_major=False,
                             shared=True)
-            out.append(OutputTensor(f"{prefix}.gate.weight", (experts, base.hidden), "router", layer=i,
-                                    rows=(0, experts)))
+            out.append(_router(prefix, i, experts, base))
             out.append(OutputTensor(f"{prefix}.shared_expert_gate.weight", (1, base.hidden), "router", layer=i,
                                     rows=(experts, experts + 1)))
-        return out + [OutputTensor(n, base.shapes[n], "base", tensor=n) for n in base.post]
+        return out + _copied(base, base.post)
 
 
 class Qwen3MoE:
@@ -264,21 +277,16 @@ class Qwen3MoE:
     def output_config(self, base_config: transformers.PretrainedConfig, config: MoEConfig) -> Any:
         """mergekit's: the base's settings as a Qwen3MoeConfig, every layer sparse, top-k probabilities
         renormalised, the expert width the base's MLP width."""
-        out = transformers.Qwen3MoeConfig(**base_config.to_dict())
+        out = _qwen_sparse(transformers.Qwen3MoeConfig(**base_config.to_dict()), config)
         out.architectures = ["Qwen3MoeForCausalLM"]
-        out.num_experts = len(config.experts)
-        out.num_experts_per_tok = config.experts_per_token
-        out.decoder_sparse_step = 1
-        out.norm_topk_prob = True
-        out.moe_intermediate_size = out.intermediate_size
         return out
 
     def tensors(self, base: DenseModel, config: MoEConfig, heads: tuple[int, int, int] = (0, 0, 0)
                 ) -> list[OutputTensor]:
-        out = [OutputTensor(n, base.shapes[n], "base", tensor=n) for n in base.pre]
+        out = _copied(base, base.pre)
         experts = len(config.experts)
         for i in range(base.layers):
-            out += [OutputTensor(n, base.shapes[n], "base", tensor=n) for n in base.per_layer[i]]
+            out += _copied(base, base.per_layer[i])
             prefix = f"model.layers.{i}.mlp"
 
             def expert_name(e: int, p: str, prefix: str = prefix) -> str:
@@ -286,9 +294,8 @@ class Qwen3MoE:
 
             # mergekit's order (and so its noise draws): per expert gate, up, down
             out += _experts(i, config, expert_name, PROJECTIONS, base, expert_major=True, shared=False)
-            out.append(OutputTensor(f"{prefix}.gate.weight", (experts, base.hidden), "router", layer=i,
-                                    rows=(0, experts)))
-        return out + [OutputTensor(n, base.shapes[n], "base", tensor=n) for n in base.post]
+            out.append(_router(prefix, i, experts, base))
+        return out + _copied(base, base.post)
 
 
 class DeepSeekMoE:
