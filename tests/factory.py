@@ -4,6 +4,7 @@ real safetensors, and an offline-built character tokenizer."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import torch
@@ -15,6 +16,14 @@ from evolve.demo.tokenizer import VOCAB_SIZE, char_tokenizer
 # scripts create it under the checkout's .cache/
 MERGEKIT_VENV = Path(os.environ.get("EVOMERGE_MERGEKIT_VENV")
                      or Path(__file__).resolve().parent.parent / ".cache" / "mergekit-0.1.5")
+
+
+def run_mergekit_yaml(recipe: Path, out: Path, *flags: str) -> Path:
+    """mergekit 0.1.5's `mergekit-yaml RECIPE OUT [flags]`, offline; asserts it succeeded and returns OUT."""
+    proc = subprocess.run([str(MERGEKIT_VENV / "bin" / "mergekit-yaml"), str(recipe), str(out), *flags],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
 
 
 def tiny_config(arch: str = "llama", layers: int = 2, hidden: int = 32, tie: bool = False):

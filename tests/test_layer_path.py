@@ -5,7 +5,6 @@ tiny specialists (conftest `specialists`), whose candidates score differently.""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from factory import MERGEKIT_VENV
+from factory import MERGEKIT_VENV, run_mergekit_yaml
 
 from evolve.config import EvolveConfig, LayerPathDefinition, TaskDefinition, load_search
 from evolve.evaluator import InProcessEvaluator, WorkerSettings
@@ -286,8 +285,7 @@ def test_mergekit_builds_a_scaled_path_recipe_the_same(trained_pair, tmp_path):
     recipe = path_recipe([Step(a, 0), Step(b, 1, 1.3), Step(b, 2), Step(a, 2, 0.6), Step(a, 3)], WRITERS)
     (tmp_path / "r.yml").write_text(recipe.to_yaml())
     run_merge(recipe, tmp_path / "ours", MergeOptions(progress=False))
-    subprocess.run([str(MERGEKIT_VENV / "bin" / "mergekit-yaml"), str(tmp_path / "r.yml"), str(tmp_path / "theirs")],
-                   check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    run_mergekit_yaml(tmp_path / "r.yml", tmp_path / "theirs")
 
     def weights(out: Path) -> dict[str, torch.Tensor]:
         return {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(str(f)).items()}

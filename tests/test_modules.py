@@ -9,13 +9,11 @@ which module a tensor belongs to is read from its name by this file's own table 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 
 import pytest
 import torch
 import yaml
-from factory import MERGEKIT_VENV, VLM_FAMILIES, make_model, make_vlm, vlm_prompt
+from factory import MERGEKIT_VENV, VLM_FAMILIES, make_model, make_vlm, run_mergekit_yaml, vlm_prompt
 from safetensors.torch import load_file
 
 from merge_engine.cli import main as cli_main
@@ -265,11 +263,7 @@ def test_default_module_as_mergekit_writes_it(tmp_path):
                                {"model": str(ft), "layer_range": [1, 2], "parameters": {"weight": 0.5}}]}]}}}
     rc, ours = merge(tmp_path, recipe)
     assert rc == 0
-    theirs = tmp_path / "theirs"
-    proc = subprocess.run([str(MERGEKIT_VENV / "bin" / "mergekit-yaml"), str(tmp_path / "out.yml"), str(theirs),
-                           "--no-copy-tokenizer"], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    theirs = run_mergekit_yaml(tmp_path / "out.yml", tmp_path / "theirs", "--no-copy-tokenizer")
     a, b = load_file(ours / "model.safetensors"), load_file(theirs / "model.safetensors")
     assert set(a) == set(b)
     for name in a:

@@ -9,14 +9,12 @@ on other text, so its vocabulary and ids differ from the base's.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from factory import MERGEKIT_VENV, family_config
+from factory import MERGEKIT_VENV, family_config, run_mergekit_yaml
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2TokenizerFast
@@ -317,10 +315,7 @@ def test_head_bias_as_mergekit_aligns_it(biased, tmp_path, model_type):
     recipe = {**_linear(base, other), "dtype": "float32", "tokenizer": ALIGNMENTS["union"]}
     ours = _merge(tmp_path, "ours", **recipe)
     (tmp_path / "recipe.yml").write_text(json.dumps(recipe))
-    theirs = tmp_path / "theirs"
-    proc = subprocess.run([str(MERGEKIT_VENV / "bin" / "mergekit-yaml"), str(tmp_path / "recipe.yml"), str(theirs)],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    theirs = run_mergekit_yaml(tmp_path / "recipe.yml", tmp_path / "theirs")
     o, m, vo, vm = _w(ours), _w(theirs), _vocab(ours), _vocab(theirs)
     assert set(o) == set(m) and set(vo) == set(vm) and len(vo) > 300
     by_token = [(vo[t], vm[t]) for t in vo] + list(zip(range(len(vo), 320), range(len(vm), 320), strict=True))

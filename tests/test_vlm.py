@@ -10,14 +10,20 @@ tower's depth lands on other values (vision layer 1: t = 0.5, not 1).
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 
 import pytest
 import torch
 import yaml
-from factory import MERGEKIT_VENV, VLM_FAMILIES, VLM_TEXT_LAYERS, VLM_VISION_LAYERS, make_vlm, vlm_prompt
+from factory import (
+    MERGEKIT_VENV,
+    VLM_FAMILIES,
+    VLM_TEXT_LAYERS,
+    VLM_VISION_LAYERS,
+    make_vlm,
+    run_mergekit_yaml,
+    vlm_prompt,
+)
 from safetensors.torch import load_file, save_file
 
 from merge_engine.architecture import detect_architecture
@@ -210,11 +216,7 @@ def test_vision_tower_and_projector_as_mergekit_writes_them(vlms, tmp_path):
               "models": [{"model": str(ft), "parameters": {"weight": [0.2, 1.0]}}]}
     rc, ours = merge(tmp_path, recipe)
     assert rc == 0
-    theirs = tmp_path / "theirs"
-    proc = subprocess.run([str(MERGEKIT_VENV / "bin" / "mergekit-yaml"), str(tmp_path / "recipe.yml"), str(theirs),
-                           "--no-copy-tokenizer"], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    theirs = run_mergekit_yaml(tmp_path / "recipe.yml", tmp_path / "theirs", "--no-copy-tokenizer")
     a, b = load_file(ours / "model.safetensors"), load_file(theirs / "model.safetensors")
     renamed = {k.removeprefix("model."): v for k, v in b.items()}
     assert set(renamed) == {n for n in a if n.startswith(("vision_tower.", "multi_modal_projector."))}
@@ -236,11 +238,7 @@ def test_every_tensor_as_mergekit_writes_it(vlms, tmp_path, family):
               "models": [{"model": str(ft), "parameters": {"weight": [0.2, 1.0]}}]}
     rc, ours = merge(tmp_path, recipe)
     assert rc == 0
-    theirs = tmp_path / "theirs"
-    proc = subprocess.run([str(MERGEKIT_VENV / "bin" / "mergekit-yaml"), str(tmp_path / "recipe.yml"), str(theirs),
-                           "--no-copy-tokenizer"], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    theirs = run_mergekit_yaml(tmp_path / "recipe.yml", tmp_path / "theirs", "--no-copy-tokenizer")
     a, m = load_file(ours / "model.safetensors"), load_file(theirs / "model.safetensors")
     b, f = load_file(base / "model.safetensors"), load_file(ft / "model.safetensors")
     assert set(a) == set(m)
