@@ -7,6 +7,8 @@ score, and how much of the scoring time is spent outside the model's forward pas
 
     python bench/evolve_overhead.py [--candidates 20] [--limit 100]
 
+Run it with OMP_NUM_THREADS=1 on an idle machine (a search's worker has one thread per core it is given).
+
 Needs the demo models (python -m evolve.demo.build_models). Writes bench/results/evolve_overhead.{json,md}.
 """
 
@@ -98,15 +100,20 @@ def main() -> None:
                       "forward_ms": round(1000 * statistics.mean(forward), 1),
                       "overhead_outside_forward_ms": round(1000 * statistics.mean(overhead), 1),
                       "candidate_total_ms": round(1000 * (statistics.mean(merge) + statistics.mean(score)), 1)}
+        total = statistics.mean(merge) + statistics.mean(score)
+        rows[mode]["outside_forward_share"] = round(100 * statistics.mean(overhead) / total, 1)
+        rows[mode]["not_forward_share"] = round(100 * (total - statistics.mean(forward)) / total, 1)
         print(mode, rows[mode], flush=True)
     meta = {"candidates": args.candidates, "limit_per_task": args.limit, "tasks": [t.name for t in config.tasks],
             "model": "demo base (4 layers, hidden 128)", "cores": os.cpu_count()}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "evolve_overhead.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    lines = ["| mode | merge (ms) | score (ms) | in forward (ms) | outside forward (ms) | per candidate (ms) | "
-             "worker setup (s) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| mode | merge (ms) | score (ms) | in forward (ms) | scoring outside forward (ms) | per candidate (ms) | "
+             "scoring outside forward, share of candidate | merge + scoring outside forward, share | "
+             "worker setup (s) |", "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {m} | {r['merge_ms']} | {r['score_ms']} | {r['forward_ms']} | {r['overhead_outside_forward_ms']} | "
-              f"{r['candidate_total_ms']} | {r['setup_s']} |" for m, r in rows.items()]
+              f"{r['candidate_total_ms']} | {r['outside_forward_share']}% | {r['not_forward_share']}% | "
+              f"{r['setup_s']} |" for m, r in rows.items()]
     (RESULTS / "evolve_overhead.md").write_text("\n".join(lines) + "\n\n" + json.dumps(meta, indent=2) + "\n")
     print("\n".join(lines))
 

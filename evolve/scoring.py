@@ -125,9 +125,9 @@ class LmEvalScorer:
             self._fitness_tasks[t.name] = reuse_requests(task)
 
     def make_lm(self, model: Any, tokenizer: Any):
-        from lm_eval.models.huggingface import HFLM
+        from .resident_lm import ResidentLM
 
-        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, device=self.device)
+        return ResidentLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, device=self.device)
 
     def score(self, lm: Any, validation: bool = False) -> dict[str, float]:
         """Per-task metric values. validation=True uses each task's validation_split
