@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sigma0", type=float, default=1 / 6,
                    help="initial CMA-ES step size in the normalised [0, 1] gene space; default 1/6 (mergekit's)")
     s.add_argument("--popsize", "--force-population-size", dest="popsize", type=int, default=None,
-                   help="CMA-ES population per generation (default 4 + 3 ln(genes))")
+                   help="CMA-ES population per generation (default 4 + 3 ln(genes), rounded up to a multiple of "
+                        "--num-workers)")
     s.add_argument("--random-seed", type=int, default=0,
                    help="seed of CMA-ES and of randomized merge methods: same seed, same history; default 0")
     s.add_argument("--timeout", type=float, default=None, metavar="SECONDS",

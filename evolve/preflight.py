@@ -51,15 +51,17 @@ def check_weights(config: EvolveConfig) -> None:
                          "one task a weight > 0")
 
 
-def check_search(settings: SearchSettings, dimension: int) -> int:
-    """The population size CMA-ES will use; ValueError when the settings cannot run one generation."""
+def check_search(settings: SearchSettings, dimension: int, workers: int = 1) -> int:
+    """The population size CMA-ES will use (its default is rounded up to a multiple of the workers);
+    ValueError when the settings cannot run one generation."""
     if not (math.isfinite(settings.sigma0) and settings.sigma0 > 0):
         raise ValueError(f"--sigma0 {settings.sigma0}: the step size must be a positive number, e.g. 0.25")
     if settings.popsize is not None and settings.popsize < 2:
         raise ValueError(f"--popsize {settings.popsize}: CMA-ES needs at least 2 candidates per generation")
-    popsize = settings.popsize or default_popsize(dimension)
+    popsize = settings.popsize or default_popsize(dimension, workers)
     if settings.max_fevals < popsize:
-        source = "--popsize" if settings.popsize else f"CMA-ES's default for {dimension} genes"
+        source = "--popsize" if settings.popsize else f"CMA-ES's default for {dimension} genes" + (
+            f", rounded up to a multiple of --num-workers {workers}" if popsize != default_popsize(dimension) else "")
         raise ValueError(f"--max-fevals {settings.max_fevals} is less than one generation ({popsize} candidates, "
                          f"{source}); raise --max-fevals to at least {popsize} or lower --popsize")
     return popsize
@@ -107,7 +109,7 @@ def _check_loads_without_remote_code(model: str, tokenizer: str) -> None:
 
 
 def preflight(config: EvolveConfig, settings: SearchSettings, allow_benchmark_test_sets: bool = False,
-              vllm: bool = False) -> Checked:
+              vllm: bool = False, workers: int = 1) -> Checked:
     """Policy, weights, models, genome and budget. Tasks, metrics and filters are checked by building the
     scorer (evaluator.make_scorer), which run.py does next, before the storage path is touched."""
     check_policy(config, allow_benchmark_test_sets, vllm)
@@ -115,4 +117,4 @@ def preflight(config: EvolveConfig, settings: SearchSettings, allow_benchmark_te
     check_models(config)
     genome = LayerPathGenome.for_models(config.genome) if isinstance(config.genome, LayerPathDefinition) \
         else Genome.for_models(config.genome)
-    return Checked(genome, check_search(settings, genome.dimension))
+    return Checked(genome, check_search(settings, genome.dimension, workers))

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from statistics import mean
 from typing import TYPE_CHECKING, Any
 
 from .config import EvolveConfig
 from .fitness import FitnessRule, pareto_front
+from .search import default_popsize
 
 if TYPE_CHECKING:
     from .run import Validation
@@ -19,7 +19,7 @@ def resolved_settings(settings: dict[str, Any], dimension: int) -> dict[str, Any
     """The run settings as they took effect: a popsize left to CMA-ES is its default for this many genes."""
     out = dict(settings)
     if out.get("popsize") is None:
-        out["popsize"] = 4 + int(3 * math.log(dimension))  # cma's default, as the search used it
+        out["popsize"] = default_popsize(dimension)  # as the search used it
     return out
 
 

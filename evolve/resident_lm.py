@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import Collator
 
-Request = tuple[tuple[str, str] | None, list[int], list[int]]  # ((context, continuation), context ids, continuation ids)
+# ((context, continuation), context ids, continuation ids), as lm-eval's loglikelihood() hands them on
+Request = tuple[tuple[str, str] | None, list[int], list[int]]
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,12 @@ class LoglikelihoodPlan:
         self.batches: list[_Batch] = []
         placeholder = torch.empty(1, 1, 1)
         for chunk in order.get_batched(n=batch_size, batch_fn=None):
-            inputs, rows, positions, greedy, tokens, answer = [], [], [], [], [], []
+            inputs: list[list[int]] = []
+            rows: list[int] = []
+            positions: list[int] = []
+            greedy: list[int] = []
+            tokens: list[int] = []
+            answer: list[int] = []
             answers = 0
             for row, (request_str, context, continuation) in enumerate(chunk):
                 if not context or not continuation or len(continuation) > max_length:

@@ -63,9 +63,12 @@ class SearchResult:
     stop_reason: str
 
 
-def default_popsize(dimension: int) -> int:
-    """CMA-ES's own default population for `dimension` genes (pycma's `4 + 3 * log(N)`)."""
-    return int(4 + 3 * math.log(max(dimension, 1)))
+def default_popsize(dimension: int, workers: int = 1) -> int:
+    """CMA-ES's own default population for `dimension` genes (pycma's `4 + 3 * log(N)`), rounded up to a
+    multiple of `workers`: a generation's candidates then keep every worker busy to its end (with 9
+    candidates on 2 workers, the ninth would run alone while the other worker idles)."""
+    own = int(4 + 3 * math.log(max(dimension, 1)))
+    return -(-own // max(workers, 1)) * max(workers, 1)
 
 
 def make_optimizer(genome: SearchGenome, settings: SearchSettings) -> cma.CMAEvolutionStrategy:

@@ -100,7 +100,8 @@ class Storage:
             previous = yaml.safe_load(self.search_file.read_text()) if self.search_file.exists() else None
             if not same_search(previous, config, run_settings):
                 raise ValueError(f"--resume: {self.search_file} differs from this search (definition, seed, "
-                                 "popsize or sigma0 changed); resume with the same settings or use a new path")
+                                 "popsize or sigma0 changed; a default popsize is rounded up to a multiple of "
+                                 "--num-workers); resume with the same settings or use a new path")
             return
         self.write_text("search.yml", yaml.safe_dump(stored, sort_keys=False))
 
