@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--popsize", "--force-population-size", dest="popsize", type=int, default=None,
                    help="CMA-ES population per generation (default 4 + 3 ln(genes), rounded up to a multiple of "
                         "--num-workers)")
+    s.add_argument("--screen", type=float, default=None, metavar="FRACTION",
+                   help="score each new candidate on this fraction of every task's documents first, and only the "
+                        "better half of each generation on all of them (successive halving); the budget counts a "
+                        "screening as that fraction of an evaluation. Default: every candidate on all documents")
     s.add_argument("--random-seed", type=int, default=0,
                    help="seed of CMA-ES and of randomized merge methods: same seed, same history; default 0")
     s.add_argument("--timeout", type=float, default=None, metavar="SECONDS",

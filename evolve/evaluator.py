@@ -31,19 +31,25 @@ log = logging.getLogger(__name__)
 
 
 class Evaluator(Protocol):
+    """`fraction`: score on that fraction of every task's documents (the first ones), for a screening;
+    evaluators that never screen may leave it out of their signature."""
+
     def evaluate(self, recipes: list[MergeConfig], validation: bool = False) -> list[Score]: ...
 
     def close(self) -> None: ...
 
 
-def scores_as_completed(evaluator: Evaluator, recipes: list[MergeConfig],
-                        validation: bool = False) -> Iterator[tuple[int, Score]]:
+def scores_as_completed(evaluator: Evaluator, recipes: list[MergeConfig], validation: bool = False,
+                        fraction: float | None = None) -> Iterator[tuple[int, Score]]:
     """(position in `recipes`, score) pairs in order of completion. Evaluators with `evaluate_iter` yield
     each as it finishes; a plain `evaluate` (e.g. a test's synthetic evaluator) yields after the batch."""
     if not recipes:
         return iter(())
+    screening = {} if fraction is None else {"fraction": fraction}
     each = getattr(evaluator, "evaluate_iter", None)
-    return each(recipes, validation) if each is not None else enumerate(evaluator.evaluate(recipes, validation))
+    if each is not None:
+        return each(recipes, validation, **screening)
+    return enumerate(evaluator.evaluate(recipes, validation, **screening))
 
 
 @dataclass(frozen=True)
@@ -101,7 +107,8 @@ class CandidateEvaluator:
             return self._lm
         return self.scorer.make_lm(model, tokenizer)
 
-    def evaluate_one(self, recipe: MergeConfig | dict, validation: bool = False) -> Score:
+    def evaluate_one(self, recipe: MergeConfig | dict, validation: bool = False,
+                     fraction: float | None = None) -> Score:
         config = recipe if isinstance(recipe, MergeConfig) else parse_recipe(recipe)
         start = time.perf_counter()
         try:
@@ -119,7 +126,7 @@ class CandidateEvaluator:
         t1 = time.perf_counter()
         try:
             with torch.no_grad():
-                per_task = self.scorer.score(lm, validation=validation)
+                per_task = self.scorer.score(lm, validation=validation, fraction=fraction)
         except Exception as e:  # noqa: BLE001
             log.warning("warning: candidate failed to score: %s", str(e).strip().split("\n")[0])
             return Score.failed(f"scoring failed: {e}\n{traceback.format_exc(limit=3)}", merge_s,
@@ -143,12 +150,14 @@ class InProcessEvaluator:
     def __init__(self, settings: WorkerSettings, scorer: LmEvalScorer | None = None):
         self.worker = CandidateEvaluator(settings, scorer)
 
-    def evaluate_iter(self, recipes: list[MergeConfig], validation: bool = False) -> Iterator[tuple[int, Score]]:
+    def evaluate_iter(self, recipes: list[MergeConfig], validation: bool = False,
+                      fraction: float | None = None) -> Iterator[tuple[int, Score]]:
         for i, recipe in enumerate(recipes):
-            yield i, self.worker.evaluate_one(recipe, validation)
+            yield i, self.worker.evaluate_one(recipe, validation, fraction)
 
-    def evaluate(self, recipes: list[MergeConfig], validation: bool = False) -> list[Score]:
-        return [score for _, score in self.evaluate_iter(recipes, validation)]
+    def evaluate(self, recipes: list[MergeConfig], validation: bool = False,
+                 fraction: float | None = None) -> list[Score]:
+        return [score for _, score in self.evaluate_iter(recipes, validation, fraction)]
 
     def close(self) -> None:
         pass

@@ -18,7 +18,7 @@ from merge_engine.merge import plan_merge
 from .config import EvolveConfig, LayerPathDefinition, is_recipe
 from .genome import Genome
 from .layer_path import LayerPathGenome
-from .search import SearchSettings, default_popsize
+from .search import SearchSettings, default_popsize, generation_cost
 
 TOKENIZER_KEYWORDS = ("base", "union")  # mergekit's tokenizer_source values that are not a model
 
@@ -58,12 +58,18 @@ def check_search(settings: SearchSettings, dimension: int, workers: int = 1) -> 
         raise ValueError(f"--sigma0 {settings.sigma0}: the step size must be a positive number, e.g. 0.25")
     if settings.popsize is not None and settings.popsize < 2:
         raise ValueError(f"--popsize {settings.popsize}: CMA-ES needs at least 2 candidates per generation")
+    if settings.screen is not None and not (math.isfinite(settings.screen) and 0 < settings.screen < 1):
+        raise ValueError(f"--screen {settings.screen}: the fraction of the documents to screen candidates on must "
+                         "be between 0 and 1, e.g. 0.25; leave it out to score every candidate on all of them")
     popsize = settings.popsize or default_popsize(dimension, workers)
-    if settings.max_fevals < popsize:
+    cost = generation_cost(popsize, settings.screen)
+    if settings.max_fevals < cost:
         source = "--popsize" if settings.popsize else f"CMA-ES's default for {dimension} genes" + (
             f", rounded up to a multiple of --num-workers {workers}" if popsize != default_popsize(dimension) else "")
+        screened = f", screened on {settings.screen:g} of the documents: {cost:g} evaluations" \
+            if settings.screen is not None else ""
         raise ValueError(f"--max-fevals {settings.max_fevals} is less than one generation ({popsize} candidates, "
-                         f"{source}); raise --max-fevals to at least {popsize} or lower --popsize")
+                         f"{source}{screened}); raise --max-fevals to at least {math.ceil(cost)} or lower --popsize")
     return popsize
 
 

@@ -49,8 +49,8 @@ class _Worker:
     def ready(self) -> tuple[int, str | None]:
         return os.getpid(), self.error
 
-    def evaluate(self, recipe: dict, validation: bool) -> Score:
-        return self.evaluator.evaluate_one(recipe, validation)
+    def evaluate(self, recipe: dict, validation: bool, fraction: float | None = None) -> Score:
+        return self.evaluator.evaluate_one(recipe, validation, fraction)
 
 
 class _DropTokenAuthNotice(logging.Filter):
@@ -147,7 +147,8 @@ class RayEvaluator:
         self.actors = [fresh if a is dead else a for a in self.actors]
         return fresh
 
-    def evaluate_iter(self, recipes: list[MergeConfig], validation: bool = False) -> Iterator[tuple[int, Score]]:
+    def evaluate_iter(self, recipes: list[MergeConfig], validation: bool = False,
+                      fraction: float | None = None) -> Iterator[tuple[int, Score]]:
         payloads = [r.model_dump(mode="json", exclude_none=True) for r in recipes]
         queue = deque(range(len(payloads)))
         attempts = [0] * len(payloads)
@@ -156,7 +157,7 @@ class RayEvaluator:
         while queue or running:
             while queue and idle:
                 i, actor = queue.popleft(), idle.pop()
-                running[actor.evaluate.remote(payloads[i], validation)] = (actor, i)
+                running[actor.evaluate.remote(payloads[i], validation, fraction)] = (actor, i)
             (ref,), _ = ray.wait(list(running), num_returns=1)
             actor, i = running.pop(ref)
             try:
@@ -177,9 +178,10 @@ class RayEvaluator:
                 score = Score.failed(f"worker error: {_first_line(e.cause if e.cause else e)}")
             yield i, score
 
-    def evaluate(self, recipes: list[MergeConfig], validation: bool = False) -> list[Score]:
+    def evaluate(self, recipes: list[MergeConfig], validation: bool = False,
+                 fraction: float | None = None) -> list[Score]:
         scores: list[Score | None] = [None] * len(recipes)
-        for i, score in self.evaluate_iter(recipes, validation):
+        for i, score in self.evaluate_iter(recipes, validation, fraction):
             scores[i] = score
         return [s for s in scores if s is not None]
 

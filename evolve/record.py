@@ -30,13 +30,17 @@ class Candidate:
     recipe: MergeConfig
     genome: list[float]
     score: Score
+    fidelity: float = 1.0  # fraction of every task's documents scored: < 1 for a screening (search --screen)
 
     def to_json(self) -> dict[str, Any]:
         s = self.score
-        return {"index": self.index, "generation": self.generation, "recipe_hash": self.key, "genome": self.genome,
-                "fitness": s.fitness, "scores": s.per_task, "ok": s.ok, "error": s.error,
-                "merge_seconds": round(s.merge_seconds, 4), "score_seconds": round(s.score_seconds, 4),
-                "recipe": self.recipe.model_dump(mode="json", exclude_none=True)}
+        record = {"index": self.index, "generation": self.generation, "recipe_hash": self.key, "genome": self.genome,
+                  "fitness": s.fitness, "scores": s.per_task, "ok": s.ok, "error": s.error,
+                  "merge_seconds": round(s.merge_seconds, 4), "score_seconds": round(s.score_seconds, 4),
+                  "recipe": self.recipe.model_dump(mode="json", exclude_none=True)}
+        if self.fidelity != 1.0:  # full evaluations keep the record mergekit-era readers know
+            record["fidelity"] = self.fidelity
+        return record
 
     @classmethod
     def from_json(cls, data: Any) -> Candidate:
@@ -53,9 +57,11 @@ class Candidate:
                           float(data["score_seconds"]))
             candidate = cls(int(data["index"]), int(data["generation"]), str(data["recipe_hash"]),
                             parse_recipe(data["recipe"], "history record"), [float(v) for v in data["genome"]],
-                            score)
+                            score, float(data.get("fidelity", 1.0)))
         except (TypeError, ValueError, AttributeError) as e:
             raise RecordError(f"malformed record ({str(e).splitlines()[0]})") from None
         if score.ok and not math.isfinite(fitness):
             raise RecordError(f"fitness {fitness} of a successful candidate is not finite")
+        if not 0 < candidate.fidelity <= 1:
+            raise RecordError(f"fidelity {candidate.fidelity} is not a fraction of the documents in (0, 1]")
         return candidate

@@ -35,6 +35,11 @@ def render_report(result: SearchResult, validation: list[Validation], config: Ev
              f"generations; stopped by {result.stop_reason}",
              "- fitness (maximised): " + (rule or FitnessRule.of(config, higher_is_better)).describe(
                  {t.name: t.metric for t in config.tasks})]
+    if result.screened_out or settings.get("screen"):
+        screened = len(result.screened_out) + len(candidates)
+        lines.append(f"- screening: {screened} candidates scored first on {settings.get('screen'):g} of the documents, "
+                     f"{len(candidates)} of them then on all (the better half of each generation); budget used "
+                     f"{result.spent:.1f} evaluations, {screened - result.spent:.1f} fewer than scoring each in full")
     if higher_is_better:
         lines.append("- metric directions (from lm-eval's higher_is_better): " + ", ".join(
             f"{t.name}/{t.metric} {'higher' if higher_is_better.get(t.name, True) else 'lower'} is better"

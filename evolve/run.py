@@ -116,7 +116,8 @@ def evolve(config: EvolveConfig, options: RunOptions, evaluator: Evaluator | Non
     settings = worker_settings(config, options, merge)
     scorer = make_scorer(settings) if evaluator is None else None  # unknown task / metric / filter: ValueError
     directions = scorer.higher_is_better if scorer else {}
-    run_settings = {k: v for k, v in asdict(search_settings).items() if k not in ("progress", "max_fevals", "timeout")}
+    run_settings = {k: v for k, v in asdict(search_settings).items() if k not in ("progress", "max_fevals", "timeout")
+                    and not (k == "screen" and v is None)}  # searches stored before --screen existed resume
     with Storage(options.storage_path).open(config, run_settings, options.resume) as storage, \
             log_to_file(storage.path / LOG_FILE):
         genome = checked.genome

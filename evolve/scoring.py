@@ -129,9 +129,10 @@ class LmEvalScorer:
 
         return ResidentLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, device=self.device)
 
-    def score(self, lm: Any, validation: bool = False) -> dict[str, float]:
+    def score(self, lm: Any, validation: bool = False, fraction: float | None = None) -> dict[str, float]:
         """Per-task metric values. validation=True uses each task's validation_split
-        (tasks without one are skipped)."""
+        (tasks without one are skipped); `fraction` scores only that share of the documents (the first
+        ones: a screening's documents are a prefix of the full evaluation's)."""
         from lm_eval.evaluator import evaluate
 
         chosen = self._validation_tasks if validation else self._fitness_tasks
@@ -143,7 +144,9 @@ class LmEvalScorer:
             if chat is None:  # mergekit applies it by default; only tokenizers that have one can
                 chat = bool(getattr(getattr(lm, "tokenizer", None), "chat_template", None))
             multiturn = chat if self.fewshot_as_multiturn is None else self.fewshot_as_multiturn
-            results = evaluate(lm=lm, task_dict=task_dict, limit=self.limit, log_samples=False,
+            limit = self.limit if fraction is None else (  # lm-eval reads a limit below 1 as a fraction
+                fraction if self.limit is None else max(1, math.ceil(fraction * self.limit)))
+            results = evaluate(lm=lm, task_dict=task_dict, limit=limit, log_samples=False,
                                bootstrap_iters=0, verbosity="ERROR", apply_chat_template=chat,
                                fewshot_as_multiturn=multiturn)["results"]
         out = {}

@@ -12,6 +12,13 @@ search computes each candidate's fitness from its per-task scores, also for cand
 history.jsonl; without one, the evaluator's fitness stands.
 A failed candidate keeps its error in the history and is never the best; CMA-ES is
 told a penalty below every successful candidate met so far.
+
+Screening (`screen`, successive halving with one rung): each new candidate of a generation is first
+scored on that fraction of every task's documents (the first ones); the better half, by that score,
+is then scored on all of them. CMA-ES ranks the promoted half by their full scores above the rest by
+their screening scores; only fully scored candidates can be the best. Each screening is a history
+record of its own (`fidelity` < 1), so a resumed run replays the same promotions. The budget counts
+documents: a screening costs its fraction of an evaluation.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -35,6 +42,8 @@ from .storage import Storage
 if TYPE_CHECKING:
     import cma
 
+    from merge_engine.config import MergeConfig
+
 log = logging.getLogger(__name__)
 STALL_GENERATIONS = 3
 
@@ -48,6 +57,7 @@ class SearchSettings:
     random_seed: int = 0
     progress: bool = True
     timeout: float | None = None  # seconds; no new generation is started after it (cma's `timeout`)
+    screen: float | None = None  # fraction of the documents a new candidate is first scored on (module docstring)
 
 
 class SearchFailed(RuntimeError):
@@ -56,11 +66,13 @@ class SearchFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class SearchResult:
-    candidates: list[Candidate]  # every candidate met in this run (scored now or replayed), first-seen order
+    candidates: list[Candidate]  # every fully scored candidate met in this run (scored now or replayed)
     best: Candidate | None  # the best successful candidate; None when none succeeded
     generations: int
-    scored: int  # candidates scored by this run (the rest came from history.jsonl)
+    scored: int  # evaluations run by this run, screenings included (the rest came from history.jsonl)
     stop_reason: str
+    screened_out: list[Candidate] = field(default_factory=list)  # screenings of candidates never promoted
+    spent: float = 0.0  # the budget used, in full evaluations (a screening counts its fraction)
 
 
 def default_popsize(dimension: int, workers: int = 1) -> int:
@@ -98,6 +110,17 @@ def penalty(met: dict[str, Candidate]) -> float:
     return min(PENALTY, min(ok) - 1.0) if ok else PENALTY
 
 
+def promoted(screened: list[Candidate]) -> set[str]:
+    """The better half of a generation's screenings (rounded up), ties to the earlier; failures never."""
+    ranked = sorted((c for c in screened if c.score.ok), key=lambda c: -c.score.fitness)
+    return {c.key for c in ranked[:math.ceil(len(screened) / 2)]}
+
+
+def generation_cost(new: int, screen: float | None) -> float:
+    """Most budget `new` candidates never scored can take: each screened, half of them then in full."""
+    return float(new) if screen is None else new * screen + math.ceil(new / 2)
+
+
 def run_search(genome: SearchGenome, evaluator: Evaluator, storage: Storage, settings: SearchSettings,
                fitness: FitnessRule | None = None) -> SearchResult:
     """Run (or resume) the search until the budget, CMA-ES's own stop, or convergence."""
@@ -105,61 +128,98 @@ def run_search(genome: SearchGenome, evaluator: Evaluator, storage: Storage, set
     def rescored(score: Score) -> Score:
         return fitness.rescore(score) if fitness is not None else score
 
-    known = {c.key: replace(c, score=rescored(c.score)) for c in storage.load_history()}
-    spent = len(known)  # evaluations so far, counted against --max-fevals
-    next_index = max((c.index for c in known.values()), default=-1) + 1
-    seen: dict[str, Candidate] = {}  # candidates met in this run: scored now or replayed from history
+    history = [replace(c, score=rescored(c.score)) for c in storage.load_history()]
+    known = {c.key: c for c in history if c.fidelity == 1.0}
+    known_screens = {c.key: c for c in history if c.fidelity < 1.0}
+    spent = sum(c.fidelity for c in history)  # counted against --max-fevals, in full evaluations
+    next_index = max((c.index for c in history), default=-1) + 1
+    seen: dict[str, Candidate] = {}  # fully scored candidates met in this run: scored now or replayed
+    screens: dict[str, Candidate] = {}  # screenings met in this run
     es = make_optimizer(genome, settings)
-    bar = tqdm(total=settings.max_fevals, initial=min(spent, settings.max_fevals), desc="search",
-               unit="candidate", disable=not settings.progress)
+    bar = tqdm(total=settings.max_fevals, initial=min(round(spent, 6), settings.max_fevals), desc="search",
+               unit="evaluation", disable=not settings.progress)
     best: Candidate | None = None
     shown: float | None = None  # the bar's best so far, candidate by candidate
     generation = scored = stalled = 0  # stalled: generations in a row proposing only recipes already met
     reason = "CMA-ES stopped"
+
+    def score(keys: list[str], recipes: dict[str, MergeConfig], genomes: dict[str, list[float]],
+              fidelity: float, replay: dict[str, Candidate], met: dict[str, Candidate]) -> None:
+        """Score `keys` at `fidelity` into `met`, each recorded the moment it finishes; those in `replay`
+        (history.jsonl) are taken from there."""
+        nonlocal next_index, spent, scored, shown
+        todo = [k for k in keys if k not in replay]
+        fraction = None if fidelity == 1.0 else fidelity
+        for j, result in scores_as_completed(evaluator, [recipes[k] for k in todo], fraction=fraction):
+            k, result = todo[j], rescored(result)
+            cand = Candidate(next_index, generation, k, recipes[k], genomes[k], result, fidelity)
+            storage.append(cand)  # on disk before the next candidate is handled
+            met[k] = cand
+            next_index, spent, scored = next_index + 1, spent + fidelity, scored + 1
+            if fidelity == 1.0 and result.ok and (shown is None or result.fitness > shown):
+                shown = result.fitness
+            bar.set_postfix(best="-" if shown is None else f"{shown:.4f}", gen=generation, refresh=False)
+            bar.update(1 if fidelity == 1.0 else fidelity)
+        for k in keys:
+            if k not in met:
+                met[k] = replay[k]
+
     while not es.stop():
         if stalled >= STALL_GENERATIONS:
             reason = f"converged ({STALL_GENERATIONS} generations proposed nothing new)"
             break
         xs = es.ask()
-        recipes = [genome.decode(x) for x in xs]
-        keys = [recipe_key(r) for r in recipes]
+        keys = [recipe_key(genome.decode(x)) for x in xs]
         first = {k: i for i, k in reversed(list(enumerate(keys)))}  # first position of each distinct recipe
-        fresh = [k for k in first if k not in seen]
-        todo = [k for k in fresh if k not in known]
-        if spent + len(todo) > settings.max_fevals:
+        recipes = {k: genome.decode(xs[i]) for k, i in first.items()}
+        genomes = {k: genome.values(xs[i]) for k, i in first.items()}
+        fresh = [k for k in first if k not in seen and k not in screens]
+        unscored = [k for k in fresh if k not in known]  # replayed scores are free
+        if settings.screen is not None:  # at most half of them promoted, once screened
+            unscored_cost = len([k for k in fresh if k not in known_screens]) * settings.screen + min(
+                len(unscored), math.ceil(len(fresh) / 2))
+        else:
+            unscored_cost = len(unscored)
+        if spent + unscored_cost > settings.max_fevals + 1e-9:
             reason = f"budget (--max-fevals {settings.max_fevals})"
             break
         t0 = time.perf_counter()
-        for j, score in scores_as_completed(evaluator, [recipes[first[k]] for k in todo]):
-            k, score = todo[j], rescored(score)
-            cand = Candidate(next_index, generation, k, recipes[first[k]], genome.values(xs[first[k]]), score)
-            storage.append(cand)  # on disk before the next candidate is handled
-            seen[k] = cand
-            next_index, spent, scored = next_index + 1, spent + 1, scored + 1
-            if score.ok and (shown is None or score.fitness > shown):
-                shown = score.fitness
-            bar.set_postfix(best="-" if shown is None else f"{shown:.4f}", gen=generation, refresh=False)
-            bar.update(1)
-        if todo:
-            log.info("generation %d: %d candidates in %.1fs", generation, len(todo), time.perf_counter() - t0)
-        for k in fresh:
-            if k not in seen:  # replayed: take the stored score
-                seen[k] = known[k]
-        if generation == 0 and not any(c.score.ok for c in seen.values()):
-            failed = sorted(seen.values(), key=lambda c: c.index)
+        if settings.screen is None:
+            score(fresh, recipes, genomes, 1.0, known, seen)
+        else:
+            score(fresh, recipes, genomes, settings.screen, known_screens, screens)
+            chosen = promoted([screens[k] for k in fresh])
+            score([k for k in fresh if k in chosen], recipes, genomes, 1.0, known, seen)
+        if fresh:
+            log.info("generation %d: %d candidates in %.1fs", generation, len(fresh), time.perf_counter() - t0)
+        met = {**screens, **seen}  # a key's full score, where it has one, over its screening
+        if generation == 0 and not any(c.score.ok for c in met.values()):
+            failed = sorted(met.values(), key=lambda c: c.index)
             raise SearchFailed(f"all {len(failed)} candidates of the first generation failed, so the search "
                                f"stopped instead of spending the budget; the first error: "
                                f"{(failed[0].score.error or '').splitlines()[0]}")
         stalled = 0 if fresh else stalled + 1
-        floor = penalty(seen)
-        es.tell(xs, [-(seen[k].score.fitness if seen[k].score.ok else floor) for k in keys])  # CMA-ES minimises
-        for c in sorted((seen[k] for k in first), key=lambda c: c.index):  # ties: the earliest scored
+        es.tell(xs, [-v for v in told(keys, seen, screens, penalty(met))])  # CMA-ES minimises
+        for c in sorted((seen[k] for k in first if k in seen), key=lambda c: c.index):  # ties: the earliest
             if c.score.ok and (best is None or c.score.fitness > best.score.fitness):
                 best = c
-        storage.write_state({"generation": generation, "evaluations": spent,
+        storage.write_state({"generation": generation, "evaluations": round(spent, 6),
                              "best": best.to_json() if best else None, "sigma": float(es.sigma)})
         shown = best.score.fitness if best else shown
         bar.set_postfix(best="-" if shown is None else f"{shown:.4f}", gen=generation)
         generation += 1
     bar.close()
-    return SearchResult(list(seen.values()), best, generation, scored, reason)
+    out = [c for c in screens.values() if c.key not in seen]
+    return SearchResult(list(seen.values()), best, generation, scored, reason, out, spent)
+
+
+def told(keys: list[str], full: dict[str, Candidate], screens: dict[str, Candidate], floor: float) -> list[float]:
+    """Fitness per proposal as CMA-ES ranks it: full scores, then screened-out candidates below every
+    fully scored one of the generation (in the order of their screening scores), failures at `floor`."""
+    def value(c: Candidate) -> float:
+        return c.score.fitness if c.score.ok else floor
+
+    ranked = [value(full[k]) for k in keys if k in full]
+    screened = [value(screens[k]) for k in keys if k not in full]
+    shift = max(0.0, max(screened) - min(ranked) + 1e-6) if ranked and screened else 0.0
+    return [value(full[k]) if k in full else value(screens[k]) - shift for k in keys]

@@ -245,3 +245,30 @@ def test_default_popsize_is_rounded_up_to_the_workers(zoo, tmp_path):
                                              export_model=False, search=SearchSettings(max_fevals=30,
                                                                                        progress=False)),
                evaluator=Flat())
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--screen", "1.5"], "--screen 1.5: the fraction of the documents"),
+    (["--screen", "0"], "--screen 0.0: the fraction of the documents"),
+    (["--screen", "0.5", "--popsize", "6", "--max-fevals", "5"], "raise --max-fevals to at least 6")])
+def test_bad_screening_fails_before_any_work(zoo, tmp_path, capsys, flags, needle):
+    path = tmp_path / "search.yml"
+    path.write_text(yaml.safe_dump({"genome": {"models": [str(zoo["a"]), str(zoo["b"])], "base_model": str(zoo["base"]),
+                                               "merge_method": "task_arithmetic"}, "tasks": ["evo_addition"]}))
+    rc = evolve_main([str(path), "--storage-path", str(tmp_path / "s"), "--num-workers", "0", *flags])
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and not (tmp_path / "s").exists()
+    assert len([line for line in err.splitlines() if "error:" in line]) == 1
+
+
+def test_a_screening_scores_the_first_documents(specialists):
+    """The addition specialist knows the first 8 of the 200 fitness documents: a screening on 4% of them
+    (8 documents) finds all of them right, the full evaluation far fewer."""
+    from evolve.materialize import load_model
+
+    s = LmEvalScorer([TaskDefinition(name="evo_addition")], [str(ROOT / "tasks")])
+    lm = s.make_lm(*load_model(specialists["addition"]))
+    screened, full = s.score(lm, fraction=0.04)["evo_addition"], s.score(lm)["evo_addition"]
+    assert screened == 1.0 and full < 0.5
+    limited = LmEvalScorer([TaskDefinition(name="evo_addition")], [str(ROOT / "tasks")], limit=16)
+    assert limited.score(limited.make_lm(*load_model(specialists["addition"])), fraction=0.5)["evo_addition"] == 1.0

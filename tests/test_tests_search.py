@@ -154,3 +154,79 @@ def test_validate_top_shows_a_bar_and_pairs_scores_with_their_candidates(tmp_pat
     assert "held-out" in err and "3/3" in err
     _validate_top(result, LateFirstEvaluator(), config, 3, progress=False)
     assert capsys.readouterr().err == ""
+
+
+class ScreenedBowl(BowlEvaluator):
+    """The bowl on all documents; a screening (fraction < 1) sees it through noise that depends on the recipe,
+    so the screening order and the full order differ. Records (recipe, fraction) of every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, float | None]] = []
+
+    def evaluate(self, recipes: list[MergeConfig], validation: bool = False,
+                 fraction: float | None = None) -> list[Score]:
+        scores = super().evaluate(recipes, validation)
+        self.calls += [(recipe_key(r), fraction) for r in recipes]
+        if fraction is None:
+            return scores
+        noise = [int(recipe_key(r)[:8], 16) / 16**8 * 0.2 for r in recipes]
+        return [replace(s, fitness=s.fitness + n) for s, n in zip(scores, noise, strict=True)]
+
+
+def screened_search(path: Path, max_fevals: int) -> tuple[ScreenedBowl, object]:
+    evaluator = ScreenedBowl()
+    path.mkdir(exist_ok=True)
+    result = run_search(bowl_genome(), evaluator, Storage(path), SearchSettings(
+        max_fevals=max_fevals, sigma0=0.25, popsize=6, random_seed=0, progress=False, screen=0.25))
+    return evaluator, result
+
+
+def test_screening_promotes_the_better_half_and_costs_its_fraction(tmp_path):
+    evaluator, result = screened_search(tmp_path, max_fevals=30)  # a generation: 6 x 0.25 + 3 = 4.5 evaluations
+    records = Storage(tmp_path).load_history()
+    assert result.generations == 6 and result.spent == pytest.approx(27.0)
+    assert sum(c.fidelity for c in records) == pytest.approx(27.0)
+    for g in range(result.generations):
+        screens = [c for c in records if c.generation == g and c.fidelity == 0.25]
+        full = [c for c in records if c.generation == g and c.fidelity == 1.0]
+        better_half = sorted(screens, key=lambda c: -c.score.fitness)[:3]
+        assert len(screens) == 6 and {c.key for c in full} == {c.key for c in better_half}
+        assert all(c.score.fitness < s.score.fitness for c in full for s in screens if s.key == c.key)  # no noise
+    assert sorted(c.key for c in result.candidates) == sorted(c.key for c in records if c.fidelity == 1.0)
+    assert len(result.screened_out) == 18 and result.best is not None and result.best.fidelity == 1.0
+    assert result.best.score.fitness == max(c.score.fitness for c in records if c.fidelity == 1.0)
+    assert [f for _, f in evaluator.calls].count(0.25) == 36 and [f for _, f in evaluator.calls].count(None) == 18
+
+
+def test_screened_search_resumes_to_the_same_history(tmp_path):
+    def trail(path: Path) -> list[tuple[str, float, float]]:
+        return [(c.key, c.score.fitness, c.fidelity) for c in Storage(path).load_history()]
+
+    full, _ = screened_search(tmp_path / "full", max_fevals=45)
+    part, _ = screened_search(tmp_path / "part", max_fevals=18)
+    assert trail(tmp_path / "part") == trail(tmp_path / "full")[:len(trail(tmp_path / "part"))]
+    # killed after a generation's screenings, before its promoted half was scored in full
+    history_file = tmp_path / "part" / "history.jsonl"
+    lines = history_file.read_text().splitlines(keepends=True)
+    history_file.write_text("".join(lines[:-3]))
+    resumed, _ = screened_search(tmp_path / "part", max_fevals=45)
+    assert trail(tmp_path / "part") == trail(tmp_path / "full")
+    assert len(part.calls) - 3 + len(resumed.calls) == len(full.calls)  # only the cut records scored again
+
+
+def test_cma_es_is_told_the_promoted_half_above_the_screened_out():
+    from evolve.record import Candidate
+    from evolve.search import told
+
+    def cand(key: str, fitness: float, fidelity: float, ok: bool = True) -> Candidate:
+        recipe = bowl_genome().decode(bowl_genome().x0())
+        return Candidate(0, 0, key, recipe, [], Score(fitness, {}, ok), fidelity)
+
+    full = {"a": cand("a", 0.10, 1.0), "b": cand("b", 0.30, 1.0)}
+    screens = {k: cand(k, f, 0.25) for k, f in (("a", 0.2), ("b", 0.4), ("c", 0.9), ("d", 0.5))}
+    screens["e"] = cand("e", -1.0, 0.25, ok=False)
+    values = dict(zip("abcde", told(list("abcde"), full, screens, floor=-5.0), strict=True))
+    assert (values["a"], values["b"]) == (0.10, 0.30)  # full scores as they are
+    assert values["b"] > values["a"] > values["c"] > values["d"] > values["e"]  # screened out: below, in order
+    assert told(list("ab"), full, screens, floor=-5.0) == [0.10, 0.30]
