@@ -70,7 +70,7 @@ def run_one(pair: str, seed: int, args: argparse.Namespace) -> dict:
     options = RunOptions(storage_path=str(storage), task_search_path=[str(ROOT / "tasks")],
                          num_workers=args.num_workers, batch_size=64, resume=storage.exists(), export_model=False,
                          search=SearchSettings(max_fevals=args.max_fevals, sigma0=args.sigma0, random_seed=seed,
-                                               progress=not args.quiet))
+                                               progress=not args.quiet, screen=args.screen))
     result = evolve(search_config(pair, paths, args), options)
     search_s = time.perf_counter() - t0
     recipes = baselines(paths, tasks)
@@ -84,13 +84,19 @@ def run_one(pair: str, seed: int, args: argparse.Namespace) -> dict:
             "validation_ratios": v["ratios"], "validation_margin": v["margin"],
             "evolved_mean": c["evolved_mean"], "best_uniform": c["best_uniform"],
             "best_uniform_mean": c["best_uniform_mean"], "evaluations": len(result.search.candidates),
+            "screened_out": len(result.search.screened_out), "budget_used": round(result.search.spent, 2),
             "best_at": result.best.index if result.best else None, "search_seconds": round(search_s, 1),
             "held_out": rows}
 
 
+def screening(row: dict) -> str:
+    return f" [{row['screened_out']}; {row['budget_used']:g}]" if row.get("screened_out") else ""
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| pair | seed | evolved / specialist, task 1 | task 2 | evolved minus best uniform (mean, points) "
-             "| validation split: task 1, task 2, margin | evaluations (best at) | search wall |",
+             "| validation split: task 1, task 2, margin | evaluations (best at) [screened out; budget used] "
+             "| search wall |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t1, t2 = r["tasks"]
@@ -98,7 +104,7 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {r['pair']} ({t1}, {t2}) | {r['seed']} | {r['ratios'][t1]:.1%} | {r['ratios'][t2]:.1%} | "
                      f"{100 * r['margin']:+.1f} (vs {r['best_uniform'].removeprefix('uniform ')}) | "
                      f"{val[t1]:.1%}, {val[t2]:.1%}, {100 * r['validation_margin']:+.1f} | "
-                     f"{r['evaluations']} ({r['best_at']}) | {r['search_seconds']:.0f} s |")
+                     f"{r['evaluations']} ({r['best_at']}){screening(r)} | {r['search_seconds']:.0f} s |")
     for pair in dict.fromkeys(r["pair"] for r in rows):
         mine = [r for r in rows if r["pair"] == pair]
         means = [100 * r["evolved_mean"] for r in mine]
@@ -115,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated search seeds")
     ap.add_argument("--max-fevals", type=int, default=100, help="evaluations per search (default 100)")
     ap.add_argument("--sigma0", type=float, default=0.25, help="CMA-ES initial step (the demo's 0.25)")
+    ap.add_argument("--screen", type=float, default=None, help="mergekit-evolve --screen FRACTION (default off)")
     ap.add_argument("--aggregate", default="mean", choices=["mean", "min", "harmonic", "geometric"],
                     help="fitness.aggregate of the search")
     ap.add_argument("--normalize", action="store_true", help="fitness.normalize: true")
