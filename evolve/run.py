@@ -110,8 +110,12 @@ def evolve(config: EvolveConfig, options: RunOptions, evaluator: Evaluator | Non
     search_settings = replace(options.search, random_init=config.random_init)
     checked = preflight(config, search_settings, options.allow_benchmark_test_sets, options.vllm,
                         options.num_workers)
-    if search_settings.popsize is None and checked.popsize != default_popsize(checked.genome.dimension):
-        search_settings = replace(search_settings, popsize=checked.popsize)  # rounded up to the workers (stored)
+    if search_settings.popsize is None:
+        stored = Storage(options.storage_path).stored_run() if options.resume else None
+        if stored is not None:  # a resumed search keeps its population, whatever the workers now
+            search_settings = replace(search_settings, popsize=stored.get("popsize"))
+        elif checked.popsize != default_popsize(checked.genome.dimension):
+            search_settings = replace(search_settings, popsize=checked.popsize)  # rounded up to the workers
     merge = merge_options(options)
     settings = worker_settings(config, options, merge)
     scorer = make_scorer(settings) if evaluator is None else None  # unknown task / metric / filter: ValueError

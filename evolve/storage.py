@@ -47,6 +47,15 @@ class Storage:
         self._lock: IO[str] | None = None
         self.listeners: list[Callable[[Candidate], None]] = []  # told of each candidate once it is on disk
 
+    def stored_run(self) -> dict[str, Any] | None:
+        """The run settings of the search stored here (None when there is none, or it cannot be read)."""
+        try:
+            stored = yaml.safe_load(self.search_file.read_text())
+        except (OSError, yaml.YAMLError):
+            return None
+        run = stored.get("run") if isinstance(stored, dict) else None
+        return run if isinstance(run, dict) else None
+
     def has_run(self) -> bool:
         return self.history_file.exists() or self.state_file.exists()
 
@@ -100,8 +109,7 @@ class Storage:
             previous = yaml.safe_load(self.search_file.read_text()) if self.search_file.exists() else None
             if not same_search(previous, config, run_settings):
                 raise ValueError(f"--resume: {self.search_file} differs from this search (definition, seed, "
-                                 "popsize or sigma0 changed; a default popsize is rounded up to a multiple of "
-                                 "--num-workers); resume with the same settings or use a new path")
+                                 "popsize or sigma0 changed); resume with the same settings or use a new path")
             return
         self.write_text("search.yml", yaml.safe_dump(stored, sort_keys=False))
 
