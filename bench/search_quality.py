@@ -70,7 +70,8 @@ def run_one(pair: str, seed: int, args: argparse.Namespace) -> dict:
     options = RunOptions(storage_path=str(storage), task_search_path=[str(ROOT / "tasks")],
                          num_workers=args.num_workers, batch_size=64, resume=storage.exists(), export_model=False,
                          search=SearchSettings(max_fevals=args.max_fevals, sigma0=args.sigma0, random_seed=seed,
-                                               progress=not args.quiet, screen=args.screen))
+                                               progress=not args.quiet, screen=args.screen,
+                                               popsize=args.popsize))
     result = evolve(search_config(pair, paths, args), options)
     search_s = time.perf_counter() - t0
     recipes = baselines(paths, tasks)
@@ -122,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-fevals", type=int, default=100, help="evaluations per search (default 100)")
     ap.add_argument("--sigma0", type=float, default=0.25, help="CMA-ES initial step (the demo's 0.25)")
     ap.add_argument("--screen", type=float, default=None, help="mergekit-evolve --screen FRACTION (default off)")
+    ap.add_argument("--popsize", type=int, default=None,
+                    help="CMA-ES population (default: CMA-ES's; the demo's 2 Ray workers round it up to even)")
     ap.add_argument("--aggregate", default="mean", choices=["mean", "min", "harmonic", "geometric"],
                     help="fitness.aggregate of the search")
     ap.add_argument("--normalize", action="store_true", help="fitness.normalize: true")

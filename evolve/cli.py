@@ -49,8 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sigma0", type=float, default=1 / 6,
                    help="initial CMA-ES step size in the normalised [0, 1] gene space; default 1/6 (mergekit's)")
     s.add_argument("--popsize", "--force-population-size", dest="popsize", type=int, default=None,
-                   help="CMA-ES population per generation (default 4 + 3 ln(genes), rounded up to a multiple of "
-                        "--num-workers)")
+                   help="CMA-ES population per generation (default 4 + 3 ln(genes))")
     s.add_argument("--screen", type=float, default=None, metavar="FRACTION",
                    help="score each new candidate on this fraction of every task's documents first, and only the "
                         "better half of each generation on all of them (successive halving); the budget counts a "

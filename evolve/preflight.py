@@ -51,9 +51,8 @@ def check_weights(config: EvolveConfig) -> None:
                          "one task a weight > 0")
 
 
-def check_search(settings: SearchSettings, dimension: int, workers: int = 1) -> int:
-    """The population size CMA-ES will use (its default is rounded up to a multiple of the workers);
-    ValueError when the settings cannot run one generation."""
+def check_search(settings: SearchSettings, dimension: int) -> int:
+    """The population size CMA-ES will use; ValueError when the settings cannot run one generation."""
     if not (math.isfinite(settings.sigma0) and settings.sigma0 > 0):
         raise ValueError(f"--sigma0 {settings.sigma0}: the step size must be a positive number, e.g. 0.25")
     if settings.popsize is not None and settings.popsize < 2:
@@ -61,11 +60,10 @@ def check_search(settings: SearchSettings, dimension: int, workers: int = 1) -> 
     if settings.screen is not None and not (math.isfinite(settings.screen) and 0 < settings.screen < 1):
         raise ValueError(f"--screen {settings.screen}: the fraction of the documents to screen candidates on must "
                          "be between 0 and 1, e.g. 0.25; leave it out to score every candidate on all of them")
-    popsize = settings.popsize or default_popsize(dimension, workers)
+    popsize = settings.popsize or default_popsize(dimension)
     cost = generation_cost(popsize, settings.screen)
     if settings.max_fevals < cost:
-        source = "--popsize" if settings.popsize else f"CMA-ES's default for {dimension} genes" + (
-            f", rounded up to a multiple of --num-workers {workers}" if popsize != default_popsize(dimension) else "")
+        source = "--popsize" if settings.popsize else f"CMA-ES's default for {dimension} genes"
         screened = f", screened on {settings.screen:g} of the documents: {cost:g} evaluations" \
             if settings.screen is not None else ""
         raise ValueError(f"--max-fevals {settings.max_fevals} is less than one generation ({popsize} candidates, "
@@ -115,7 +113,7 @@ def _check_loads_without_remote_code(model: str, tokenizer: str) -> None:
 
 
 def preflight(config: EvolveConfig, settings: SearchSettings, allow_benchmark_test_sets: bool = False,
-              vllm: bool = False, workers: int = 1) -> Checked:
+              vllm: bool = False) -> Checked:
     """Policy, weights, models, genome and budget. Tasks, metrics and filters are checked by building the
     scorer (evaluator.make_scorer), which run.py does next, before the storage path is touched."""
     check_policy(config, allow_benchmark_test_sets, vllm)
@@ -123,4 +121,4 @@ def preflight(config: EvolveConfig, settings: SearchSettings, allow_benchmark_te
     check_models(config)
     genome = LayerPathGenome.for_models(config.genome) if isinstance(config.genome, LayerPathDefinition) \
         else Genome.for_models(config.genome)
-    return Checked(genome, check_search(settings, genome.dimension, workers))
+    return Checked(genome, check_search(settings, genome.dimension))

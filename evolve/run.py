@@ -27,7 +27,7 @@ from .preflight import preflight
 from .record import Candidate
 from .report import render_report, resolved_settings
 from .scoring import LmEvalScorer, Score
-from .search import SearchResult, SearchSettings, default_popsize, run_search
+from .search import SearchResult, SearchSettings, run_search
 from .search_card import render_search_section
 from .storage import Storage
 
@@ -108,14 +108,7 @@ def evolve(config: EvolveConfig, options: RunOptions, evaluator: Evaluator | Non
     """Raises ValueError for bad input (before anything is spent or written), SearchFailed when the whole
     first generation fails, NoSuccessfulCandidate when nothing merged and scored."""
     search_settings = replace(options.search, random_init=config.random_init)
-    checked = preflight(config, search_settings, options.allow_benchmark_test_sets, options.vllm,
-                        options.num_workers)
-    if search_settings.popsize is None:
-        stored = Storage(options.storage_path).stored_run() if options.resume else None
-        if stored is not None:  # a resumed search keeps its population, whatever the workers now
-            search_settings = replace(search_settings, popsize=stored.get("popsize"))
-        elif checked.popsize != default_popsize(checked.genome.dimension):
-            search_settings = replace(search_settings, popsize=checked.popsize)  # rounded up to the workers
+    checked = preflight(config, search_settings, options.allow_benchmark_test_sets, options.vllm)
     merge = merge_options(options)
     settings = worker_settings(config, options, merge)
     scorer = make_scorer(settings) if evaluator is None else None  # unknown task / metric / filter: ValueError

@@ -75,12 +75,11 @@ class SearchResult:
     spent: float = 0.0  # the budget used, in full evaluations (a screening counts its fraction)
 
 
-def default_popsize(dimension: int, workers: int = 1) -> int:
-    """CMA-ES's own default population for `dimension` genes (pycma's `4 + 3 * log(N)`), rounded up to a
-    multiple of `workers`: a generation's candidates then keep every worker busy to its end (with 9
-    candidates on 2 workers, the ninth would run alone while the other worker idles)."""
-    own = int(4 + 3 * math.log(max(dimension, 1)))
-    return -(-own // max(workers, 1)) * max(workers, 1)
+def default_popsize(dimension: int) -> int:
+    """CMA-ES's own default population for `dimension` genes (pycma's `4 + 3 * log(N)`). Rounding it to a
+    multiple of the workers (no worker idle at a generation's end) searched worse within 100 evaluations
+    (README, "Search quality on two task pairs"), so a worker may idle for a generation's last candidate."""
+    return int(4 + 3 * math.log(max(dimension, 1)))
 
 
 def make_optimizer(genome: SearchGenome, settings: SearchSettings) -> cma.CMAEvolutionStrategy:

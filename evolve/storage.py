@@ -47,15 +47,6 @@ class Storage:
         self._lock: IO[str] | None = None
         self.listeners: list[Callable[[Candidate], None]] = []  # told of each candidate once it is on disk
 
-    def stored_run(self) -> dict[str, Any] | None:
-        """The run settings of the search stored here (None when there is none, or it cannot be read)."""
-        try:
-            stored = yaml.safe_load(self.search_file.read_text())
-        except (OSError, yaml.YAMLError):
-            return None
-        run = stored.get("run") if isinstance(stored, dict) else None
-        return run if isinstance(run, dict) else None
-
     def has_run(self) -> bool:
         return self.history_file.exists() or self.state_file.exists()
 

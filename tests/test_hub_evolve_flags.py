@@ -215,40 +215,6 @@ def test_run_options_reach_the_workers(zoo, tmp_path, monkeypatch):
             s.merge.allow_crimes) == (True, True, False, True, True)
 
 
-def test_default_popsize_is_rounded_up_to_the_workers(zoo, tmp_path):
-    """With --num-workers N, CMA-ES's default population is rounded up to a multiple of N (no worker idles
-    while a generation's last candidate runs); a resumed search keeps the population it was started with."""
-    from evolve.search import default_popsize
-
-    config = EvolveConfig(genome=GenomeDefinition(models=[str(zoo["a"]), str(zoo["b"])], base_model=str(zoo["base"]),
-                                                  merge_method="task_arithmetic", filters=["self_attn", "mlp"]),
-                          tasks=[TaskDefinition(name="evo_addition")])  # 6 genes: CMA-ES's default is 9
-    class Flat(FakeEvaluator):
-        def evaluate(self, recipes, validation=False):
-            return [Score(0.5, {"evo_addition": 0.5}) for _ in recipes]
-
-    sizes = {}
-    for workers in (0, 2, 3):
-        out = evolve(config, RunOptions(storage_path=str(tmp_path / f"w{workers}"), num_workers=workers,
-                                                   export_model=False, search=SearchSettings(max_fevals=30,
-                                                                                             progress=False)),
-                     evaluator=Flat())
-        first = [c for c in out.search.candidates if c.generation == 0]
-        sizes[workers] = len(first)
-        assert all(len([c for c in out.search.candidates if c.generation == g]) <= sizes[workers]
-                   for g in range(out.search.generations))
-    dimension = len(first[0].genome)
-    assert sizes[0] == default_popsize(dimension) and sizes[0] % 2 == 1  # odd: rounding up to 2 workers shows
-    assert sizes[2] == sizes[0] + 1 and sizes[3] % 3 == 0 and sizes[3] >= sizes[0]
-    for workers, started in ((0, 2), (2, 0)):  # resumed with another worker count, with more budget
-        out = evolve(config, RunOptions(storage_path=str(tmp_path / f"w{started}"), num_workers=workers, resume=True,
-                                        export_model=False, search=SearchSettings(max_fevals=60, progress=False)),
-                     evaluator=Flat())
-        assert out.search.scored > 0
-        assert {len([c for c in out.search.candidates if c.generation == g]) for g in range(out.search.generations)} \
-            == {sizes[started]}
-
-
 @pytest.mark.parametrize("flags,needle", [
     (["--screen", "1.5"], "--screen 1.5: the fraction of the documents"),
     (["--screen", "0"], "--screen 0.0: the fraction of the documents"),
