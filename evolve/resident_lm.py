@@ -10,7 +10,9 @@ in a few vectorized operations.
 
 The answers are lm-eval's: the same forward passes on the same padded inputs, the same
 log-softmax, the same greedy test; a continuation's log-likelihood is summed by `index_add_`
-where lm-eval calls `sum()`, so it can differ in float32's last bit.
+where lm-eval calls `sum()`, so it can differ in float32's last bit. It reads lm-eval 0.4's internals
+(`Collator`, `_model_call`, `_loglikelihood_tokens`' arguments): tests/test_resident_lm.py compares its
+answers with stock HFLM's, so an lm-eval that changes them fails there first.
 """
 
 from __future__ import annotations
