@@ -42,6 +42,24 @@ def test_killed_ray_worker_is_replaced_and_its_candidate_retried(models, task_di
     assert (storage / "best_config.yaml").exists()
 
 
+
+@pytest.mark.slow
+def test_screening_reaches_the_ray_workers(models, task_dir, tmp_path):
+    """--screen through the CLI and Ray: each generation's 4 candidates scored on half of the documents, the better
+    2 then on all of them, by the workers (a screening's score differs from the same candidate's full score)."""
+    search = write_search(tmp_path / "search.yml", models, [{"name": "evo_ppl", "metric": "word_perplexity"}],
+                          limit=4)
+    storage = tmp_path / "s"
+    cmd = cli(search, storage, task_dir, "--max-fevals", "8", "--popsize", "4", "--num-workers", "2", "--screen", "0.5")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in lines(storage)]
+    screens = {r["recipe_hash"]: r for r in records if r.get("fidelity") == 0.5}
+    full = {r["recipe_hash"]: r for r in records if "fidelity" not in r}
+    assert (len(screens), len(full)) == (8, 4) and set(full) <= set(screens)
+    assert all(full[k]["fitness"] != screens[k]["fitness"] for k in full)
+    assert "screening: 8 candidates" in (storage / "report.md").read_text()
+
 class _Collect(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
