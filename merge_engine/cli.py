@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import faulthandler
+import gc
 import logging
 import signal
 import sys
@@ -151,6 +152,9 @@ def apply_threads(num_threads: int | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The objects made by importing torch (~0.5M) live until exit; frozen, the collector never walks
+    # them again, which saves the full collection at interpreter exit (~0.25 s on the bench machine).
+    gc.freeze()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.private and not args.upload:
