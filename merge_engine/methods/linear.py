@@ -75,7 +75,10 @@ def model_stock(
     for i in range(n):
         for j in range(i + 1, n):
             products = norms[i] * norms[j]
-            pair_cos.append(((flat[i] * flat[j]).sum(dim=-1) / products.clamp(min=1e-6)).clamp(-1.0, 1.0))
+            # model i's last pair multiplies its task vector in place (the same products, no [numel] temporary)
+            elementwise = flat[i].mul_(flat[j]) if j == n - 1 else flat[i] * flat[j]
+            pair_cos.append((elementwise.sum(dim=-1) / products.clamp(min=1e-6)).clamp(-1.0, 1.0))
+            del elementwise
     del flat, deltas
     cos = torch.stack(pair_cos).mean(dim=0).unsqueeze(-1)  # [..., 1]
     denominator = 1.0 + (n - 1) * cos
