@@ -224,6 +224,23 @@ def test_writer_refuses_what_the_plan_did_not_announce(tmp_path):
         writer.finish()
 
 
+def test_direct_and_buffered_merges_write_the_same_files(zoo, tmp_path, monkeypatch):
+    """MergeOptions.direct_io reaches the writer (O_DIRECT or buffered) and changes no byte."""
+    recipe = parse_recipe({"merge_method": "linear", "models": [{"model": str(zoo["a"])}, {"model": str(zoo["b"])}]})
+    opened = []
+    real = writer_module._ShardFile.__init__
+
+    def spy(self, path, buffer, direct):
+        opened.append(direct)
+        real(self, path, buffer, direct)
+
+    monkeypatch.setattr(writer_module._ShardFile, "__init__", spy)
+    out = {d: run_merge(recipe, tmp_path / f"direct-{d}", MergeOptions(progress=False, direct_io=d))
+           for d in (True, False)}
+    assert opened == [True, False]
+    assert (out[True] / "model.safetensors").read_bytes() == (out[False] / "model.safetensors").read_bytes()
+
+
 def test_merged_model_shards_respect_the_limit(zoo, tmp_path):
     recipe = {"merge_method": "linear", "models": [{"model": str(zoo["a"])}, {"model": str(zoo["b"])}]}
     out = run_merge(parse_recipe(recipe), tmp_path / "out", MergeOptions(progress=False, out_shard_size="20K"))

@@ -152,6 +152,7 @@ class ShardedSafetensorsWriter:
     files plus model.safetensors.index.json (a single shard is named model.safetensors)."""
 
     def __init__(self, out_dir: Path, layouts: list[TensorLayout], max_shard_bytes: int, direct: bool = True):
+        """direct=False: buffered writes, for files read straight back (they stay in the page cache)."""
         self.out_dir = Path(out_dir)
         self.shards = plan_shards(layouts, max_shard_bytes)
         self.filenames = shard_filenames(len(self.shards))
