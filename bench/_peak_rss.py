@@ -25,6 +25,7 @@ if sys.argv[1:2] == ["--mergekit"]:
 else:
     from merge_engine.cli import main
 
-    rc = main(sys.argv[1:])
+    sys.argv = ["mergekit-yaml", *sys.argv[1:]]
+    rc = main()  # as the mergekit-yaml command calls it (argv from sys.argv)
 print(json.dumps({"peak_rss_kib": _hwm_kib()}), file=sys.stderr)
 sys.exit(rc)

@@ -68,13 +68,13 @@ def write_plan(plan: MergePlan, sources: Mapping[str, ModelSource], open_sink: S
         execute_plan(plan.jobs, sources, sink, options.device, options.progress)
 
 
-def safetensors_sink(out_dir: Path, max_shard_bytes: int) -> SinkOpener:
-    """Opens a sharded safetensors writer into out_dir for a plan; its index is written
-    when every tensor has arrived."""
+def safetensors_sink(out_dir: Path, max_shard_bytes: int, direct: bool = True) -> SinkOpener:
+    """Opens a sharded safetensors writer into out_dir for a plan (O_DIRECT unless `direct` is False);
+    its index is written when every tensor has arrived."""
     @contextlib.contextmanager
     def open_writer(plan: MergePlan) -> Iterator[TensorSink]:
         layouts = [TensorLayout(j.output_name, j.shape, j.out_dtype) for j in plan.jobs]
-        writer = ShardedSafetensorsWriter(out_dir, layouts, max_shard_bytes)
+        writer = ShardedSafetensorsWriter(out_dir, layouts, max_shard_bytes, direct)
         try:
             yield writer
         except BaseException:
@@ -106,7 +106,7 @@ def run_merge(config: MergeConfig, out_path: str | Path, options: MergeOptions |
                           tokenizer.copy_from if copy_tokenizer else None)
     check_space(target, needed)
     with output_directory(target, needed) as tmp:
-        write_plan(plan, sources, safetensors_sink(tmp, options.out_shard_size), options)
+        write_plan(plan, sources, safetensors_sink(tmp, options.out_shard_size, options.direct_io), options)
         reference = sources[plan.reference_model]
         artifacts.write_config(tmp, reference.config, plan.layer_sources,
                                dtype_name(plan.out_dtype),

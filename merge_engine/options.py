@@ -25,6 +25,9 @@ class MergeOptions(BaseModel):
     lora_merge_dtype: str | None = None  # dtype a LoRA's base tensors are read as before the update
     lora_merge_cache: str | None = None  # write merged base+LoRA models there (and reuse them) when set
     write_into_existing: bool = False  # write into a non-empty OUT_DIR evomerge did not write (as mergekit)
+    # write the shards with O_DIRECT (io/writer.py); False writes through the page cache, for an output that
+    # is read straight back (the search's on-disk candidates) and is then read from memory, not from disk
+    direct_io: bool = True
     # provenance for the output, not arithmetic: the recipe as the user wrote it (kept verbatim, comments
     # included, in mergekit_config.yml and the card) and markdown appended to the model card
     recipe_text: str | None = None

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from merge_engine import MergeOptions, parse_recipe, run_merge
 from merge_engine.cli import main as cli_main
+from merge_engine.io import writer as writer_module
 from merge_engine.io.writer import ShardedSafetensorsWriter, TensorLayout, plan_shards
 from merge_engine.merge import plan_merge
 from merge_engine.params import interpolate_gradient
@@ -146,6 +147,71 @@ def test_writer_single_shard_is_model_safetensors_without_index(tmp_path):
     assert back.keys() == tensors.keys() and all(torch.equal(back[n], t) for n, t in tensors.items())
 
 
+def test_writer_direct_and_buffered_files_are_the_same_across_buffer_flushes(tmp_path, monkeypatch):
+    """Tensors longer than the write buffer and a last block that O_DIRECT pads (cut back to the file's
+    length on close): the direct and the buffered writes give the same bytes, read back tensor for tensor."""
+    monkeypatch.setattr(writer_module, "BUFFER_BYTES", 8192)
+    g = torch.Generator().manual_seed(0)
+    tensors = {"big": torch.randn(5001, generator=g), "odd": torch.randn(5, generator=g).to(torch.bfloat16),
+               "exact": torch.randn(2048, generator=g)}
+    layouts = [TensorLayout(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+    files = {}
+    for direct in (True, False):
+        out = tmp_path / f"direct-{direct}"
+        out.mkdir()
+        writer = ShardedSafetensorsWriter(out, layouts, 10**9, direct=direct)
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)
+        (path,) = writer.finish()
+        files[direct] = path.read_bytes()
+        back = load_file(str(path))
+        assert back.keys() == tensors.keys() and all(torch.equal(back[n], t) for n, t in tensors.items())
+    (header_len,) = struct.unpack("<Q", files[True][:8])
+    assert len(files[True]) == 8 + header_len + sum(t.numel() * t.element_size() for t in tensors.values())
+    assert files[True] == files[False]
+
+
+@pytest.mark.parametrize("refuses", ["open", "write"])
+def test_writer_falls_back_to_buffered_writes_where_o_direct_is_refused(tmp_path, monkeypatch, refuses):
+    """A file system without O_DIRECT refuses it at open or at the first write (EINVAL): the file is
+    written buffered instead, the same bytes."""
+    import errno
+    import os
+
+    if not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT here: every write is buffered")
+    real_open, real_pwrite = os.open, os.pwrite
+    direct_fds = set()
+
+    def fake_open(path, flags, mode=0o777):
+        if flags & os.O_DIRECT and refuses == "open":
+            raise OSError(errno.EINVAL, "O_DIRECT not supported")
+        fd = real_open(path, flags, mode)
+        (direct_fds.add if flags & os.O_DIRECT else direct_fds.discard)(fd)  # fd numbers are reused
+        return fd
+
+    tried_direct = False
+
+    def fake_pwrite(fd, data, offset):
+        nonlocal tried_direct
+        if fd in direct_fds:
+            tried_direct = True
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(writer_module.os, "open", fake_open)
+    monkeypatch.setattr(writer_module.os, "pwrite", fake_pwrite)
+    layouts, tensors = layouts_and_tensors()
+    writer = ShardedSafetensorsWriter(tmp_path, layouts, 10**9)
+    for name, tensor in tensors.items():
+        writer.write(name, tensor)
+    writer.finish()
+    monkeypatch.undo()
+    back = load_file(str(tmp_path / "model.safetensors"))
+    assert back.keys() == tensors.keys() and all(torch.equal(back[n], t) for n, t in tensors.items())
+    assert tried_direct == (refuses == "write")
+
+
 def test_writer_refuses_what_the_plan_did_not_announce(tmp_path):
     layouts, tensors = layouts_and_tensors()
     writer = ShardedSafetensorsWriter(tmp_path, layouts, 64)
@@ -156,6 +222,23 @@ def test_writer_refuses_what_the_plan_did_not_announce(tmp_path):
     writer.write("a.f32", tensors["a.f32"])
     with pytest.raises(RuntimeError, match="1 of 7"):
         writer.finish()
+
+
+def test_direct_and_buffered_merges_write_the_same_files(zoo, tmp_path, monkeypatch):
+    """MergeOptions.direct_io reaches the writer (O_DIRECT or buffered) and changes no byte."""
+    recipe = parse_recipe({"merge_method": "linear", "models": [{"model": str(zoo["a"])}, {"model": str(zoo["b"])}]})
+    opened = []
+    real = writer_module._ShardFile.__init__
+
+    def spy(self, path, buffer, direct):
+        opened.append(direct)
+        real(self, path, buffer, direct)
+
+    monkeypatch.setattr(writer_module._ShardFile, "__init__", spy)
+    out = {d: run_merge(recipe, tmp_path / f"direct-{d}", MergeOptions(progress=False, direct_io=d))
+           for d in (True, False)}
+    assert opened == [True, False]
+    assert (out[True] / "model.safetensors").read_bytes() == (out[False] / "model.safetensors").read_bytes()
 
 
 def test_merged_model_shards_respect_the_limit(zoo, tmp_path):

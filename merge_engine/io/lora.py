@@ -205,7 +205,7 @@ def write_merged(source: LoraModelSource, out: Path) -> Path:
     names = source.tensor_names()
     layouts = [TensorLayout(n, source.meta(n)[0], getattr(torch, source.meta(n)[1])) for n in names]
     with output_directory(check_output(out)) as tmp:
-        writer = ShardedSafetensorsWriter(tmp, layouts, 5 * 1000**3)
+        writer = ShardedSafetensorsWriter(tmp, layouts, 5 * 1000**3, direct=False)  # read back at once: cached
         try:
             for shard in writer.shards:  # the writer takes tensors in its shard order
                 for layout in shard:

@@ -2,23 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 
 from .chunks import exact, float32, row_chunks, task_vectors
 from .spec import NORMALIZE_TRUE, WEIGHT, Floats, MethodSpec, ParamSpec, Tensors, require_base
-
-
-def weighted_sum(tensors: Iterable[torch.Tensor], weights: Floats) -> torch.Tensor:
-    """sum_i w_i * x_i, accumulated in place: one running sum, not an [n, *shape] stack
-    (a generator of tensors keeps only one input alive at a time)."""
-    merged = None
-    for x, w in zip(tensors, weights, strict=True):
-        merged = x * float(w) if merged is None else merged.add_(x, alpha=float(w))
-    if merged is None:
-        raise ValueError("weighted_sum of no tensors")
-    return merged
 
 
 def linear(
@@ -31,11 +18,12 @@ def linear(
         raise ValueError("linear: weights sum to zero, cannot normalize; set normalize: false")
     merged = torch.empty(tensors[0].shape, dtype=torch.float32, device=tensors[0].device)
     for s in row_chunks(merged.shape):
-        mixed = weighted_sum((float32(x[s]) for x in tensors), weight)
+        # sum_i w_i * x_i accumulated in place in the output's rows, in model order (x_0 converted as copied in)
+        mixed = merged[s].copy_(tensors[0][s]).mul_(float(weight[0]))
+        for x, w in zip(tensors[1:], weight[1:], strict=True):
+            mixed.add_(float32(x[s]), alpha=float(w))
         if normalize:
-            torch.div(mixed, total, out=merged[s])
-        else:
-            merged[s] = mixed
+            mixed.div_(total)
     return merged
 
 
@@ -75,7 +63,10 @@ def model_stock(
     for i in range(n):
         for j in range(i + 1, n):
             products = norms[i] * norms[j]
-            pair_cos.append(((flat[i] * flat[j]).sum(dim=-1) / products.clamp(min=1e-6)).clamp(-1.0, 1.0))
+            # model i's last pair multiplies its task vector in place (the same products, no [numel] temporary)
+            elementwise = flat[i].mul_(flat[j]) if j == n - 1 else flat[i] * flat[j]
+            pair_cos.append((elementwise.sum(dim=-1) / products.clamp(min=1e-6)).clamp(-1.0, 1.0))
+            del elementwise
     del flat, deltas
     cos = torch.stack(pair_cos).mean(dim=0).unsqueeze(-1)  # [..., 1]
     denominator = 1.0 + (n - 1) * cos

@@ -33,8 +33,8 @@ def slerp_tensors(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     divisor_b = torch.where(norm_b > SLERP_EPS, norm_b, 1.0)
     slices = row_chunks(a.shape)
     products = torch.empty(a.shape, dtype=torch.float32, device=a.device)  # ua * ub, summed once as a whole
-    for s in slices:
-        torch.mul(float32(a[s]).div_(divisor_a), float32(b[s]).div_(divisor_b), out=products[s])
+    for s in slices:  # ua = a / divisor_a computed in place in products, a converted as it is copied in
+        products[s].copy_(a[s]).div_(divisor_a).mul_(float32(b[s]).div_(divisor_b))
     dot = products.sum().clamp(-1.0, 1.0)  # float32: 0.9995 rounds to 1.0 in bf16
     del products
     if dot.abs() > SLERP_DOT_THRESHOLD:
@@ -45,7 +45,7 @@ def slerp_tensors(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
         weight_a, weight_b = torch.sin((1.0 - t) * theta) / sin_theta, torch.sin(t * theta) / sin_theta
     merged = torch.empty(a.shape, dtype=torch.float32, device=a.device)
     for s in slices:
-        torch.add(float32(a[s]).mul_(weight_a), float32(b[s]).mul_(weight_b), out=merged[s])
+        merged[s].copy_(a[s]).mul_(weight_a).add_(float32(b[s]).mul_(weight_b))
     return merged
 
 
@@ -109,8 +109,8 @@ def slerp_flat(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     # norm_a, norm_b and the sines below are [1] float32 tensors, not 0-dim: dividing or multiplying
     # a bfloat16 chunk by one computes in float32 (type promotion) without a float32 copy of the chunk
     products = torch.empty(a.shape, dtype=torch.float32, device=a.device)
-    for s in slices:
-        torch.mul(torch.div(exact(a[s]), norm_a), torch.div(exact(b[s]), norm_b), out=products[s])
+    for s in slices:  # (a / norm_a) * (b / norm_b), the first factor computed in place in products
+        torch.div(exact(a[s]), norm_a, out=products[s]).mul_(torch.div(exact(b[s]), norm_b))
     cos = products.reshape(-1).sum(dim=-1, keepdim=True).clamp(-1.0, 1.0)  # [1]
     del products
     colinear = bool(((1.0 - cos.square()) <= NUSLERP_EPS**2).item())
@@ -122,7 +122,7 @@ def slerp_flat(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
         if colinear:
             torch.add((1.0 - t) * float32(a[s]), t * float32(b[s]), out=merged[s])
         else:
-            torch.add(torch.mul(exact(a[s]), sin_a), torch.mul(exact(b[s]), sin_b), out=merged[s]).div_(sin_theta)
+            torch.mul(exact(a[s]), sin_a, out=merged[s]).add_(torch.mul(exact(b[s]), sin_b)).div_(sin_theta)
     return merged
 
 

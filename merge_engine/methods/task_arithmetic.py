@@ -56,15 +56,17 @@ def combine_task_vectors(
     slices = row_chunks(base.shape)
     if sparsifier is None and not consensus:  # plain task arithmetic: a running sum, no [n, chunk] stack
         total = torch.tensor(list(weights), dtype=torch.float32).sum()
-        for s in slices:  # in place on each chunk's own float32 copies: the same operations, fewer passes
+        for s in slices:  # in place in the output's rows: the same operations, fewer passes
             b = float32(base[s])
             # sum_i (w_i * delta_i), added in order
-            mixed = torch.sub(exact(tensors[0][s]), b).mul_(float(weights[0]))
+            mixed = torch.sub(exact(tensors[0][s]), b, out=merged[s]).mul_(float(weights[0]))
             for x, weight in zip(tensors[1:], weights[1:], strict=True):
                 mixed.add_(torch.sub(exact(x[s]), b).mul_(float(weight)))
             if normalize and total.abs() >= 1e-8:
                 mixed.div_(total.to(mixed.device))
-            torch.add(b, mixed.mul_(lambda_), out=merged[s])
+            if lambda_ != 1.0:  # (x * 1.0 is x)
+                mixed.mul_(lambda_)
+            mixed.add_(b)  # base + lambda * mixed (addition commutes exactly)
         return merged
     # 1. sparsify: each model's sparsifier reads its task vector first, in model order (one random stream)
     vectors = [sparsify.TaskVector(t, base, slices) for t in tensors]
