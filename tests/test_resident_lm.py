@@ -88,3 +88,69 @@ def test_continuations_of_different_lengths_sharing_a_model_row(specialists):
     got = ours._loglikelihood_tokens(list(token_requests))
     assert_same(got, theirs._loglikelihood_tokens(list(token_requests)))
     assert [g for _, g in got[:3]] == [True, True, False]
+
+
+GENERATE_TASK = """task: evo_addition_gen
+custom_dataset: !function utils.load_addition
+output_type: generate_until
+validation_split: validation
+doc_to_text: "{{prompt}}"
+doc_to_target: "{{answer}}"
+generation_kwargs:
+  until: ["="]
+  max_gen_toks: 3
+  do_sample: false
+filter_list:
+  - name: digits
+    filter:
+      - function: regex
+        regex_pattern: "^(\\\\d+)"
+      - function: take_first
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def test_generation_tasks_score_as_with_lm_eval(specialists, tmp_path):
+    """A generate_until task (greedy answers, a regex filter) goes through lm-eval's own generation with the
+    remembered tokenizations: the same score as stock HFLM's, call after call, for models that score apart."""
+    from lm_eval.models.huggingface import HFLM
+
+    from evolve.config import TaskDefinition
+    from evolve.materialize import load_model
+    from evolve.scoring import LmEvalScorer
+
+    (tmp_path / "gen.yaml").write_text(GENERATE_TASK)
+    (tmp_path / "utils.py").write_text(  # the bundled loader, from next to the task as lm-eval expects
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('bundled_task_utils', {str(ROOT / 'tasks' / 'utils.py')!r})\n"
+        "module = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(module)\n"
+        "load_addition = module.load_addition\n")
+    scores = {}
+    for name in ("addition", "base"):
+        model, tok = load_model(specialists[name])
+        scorer = LmEvalScorer([TaskDefinition(name="evo_addition_gen", metric="exact_match,digits")], [str(tmp_path)],
+                              limit=16)
+        lm = scorer.make_lm(model, tok)
+        scores[name] = [scorer.score(lm)["evo_addition_gen"] for _ in range(2)]
+        stock = HFLM(pretrained=model, tokenizer=tok, batch_size=32)
+        assert scores[name] == [scorer.score(stock)["evo_addition_gen"]] * 2
+    assert scores["addition"][0] == 0.5 and scores["base"][0] == 0.0  # knows the first 8 of the 16 problems
+
+
+def test_tokenizations_remembered_per_special_tokens_setting(specialists):
+    """With a tokenizer that adds BOS, the same text is encoded with it (a context) and without it (the
+    continuation of an empty context): both remembered apart, as lm-eval encodes them."""
+    from tokenizers import processors
+
+    from evolve.materialize import load_model
+
+    model, tok = load_model(specialists["addition"])
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    ours, theirs = both(model, tok, batch_size=4)
+    reqs = [SimpleNamespace(args=args) for args in (("", "12+3="), ("12+3=", "15"), ("", "15"), ("4+4=", "8"))]
+    assert ours.tok_encode("12+3=")[0] == tok.bos_token_id != ours.tok_encode("12+3=", add_special_tokens=False)[0]
+    assert_same(ours.loglikelihood(reqs), theirs.loglikelihood(reqs))
