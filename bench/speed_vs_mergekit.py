@@ -267,22 +267,27 @@ def compare(method: str, paths: list[Path], work: Path, repeats: int, evomerge_r
             "vs_floor": med(p["evomerge"]["wall_s"] / p["io"]["floor_s"] for p in pairs)}
 
 
-def flatness(cache: Path, work: Path, layers: list[int], methods: list[str], evomerge_root: Path) -> list[dict]:
-    """evomerge's peak RSS per method at each depth (same width, so the same largest tensor)."""
+def flatness(cache: Path, work: Path, layers: list[int], methods: list[str], evomerge_root: Path,
+             repeats: int = 1) -> list[dict]:
+    """evomerge's peak RSS per method at each depth (same width, so the same largest tensor): the median
+    and range of `repeats` runs, the depths alternating (one run's peak varies with what is in flight)."""
     import yaml
 
-    rows = []
-    for n in layers:
-        paths = models(cache, n)
-        for method in methods:
-            recipe_path = work / f"{method}-{n}L.yml"
-            recipe_path.write_text(yaml.safe_dump(recipe(method, *paths)))
-            res = run_tool("evomerge", recipe_path, work / "out-evomerge", evomerge_root, Path())
-            row = {"layers": n, "params_m": round(count_params(paths[0]) / 1e6), "method": method,
-                   "wall_s": res["wall_s"], "peak_rss_mib": res["peak_rss_mib"]}
-            print(f"  flatness {row}", flush=True)
-            rows.append(row)
-    return rows
+    paths = {n: models(cache, n) for n in layers}
+    runs: dict[tuple[int, str], list[dict]] = {}
+    for method in methods:
+        for _ in range(repeats):
+            for n in layers:
+                recipe_path = work / f"{method}-{n}L.yml"
+                recipe_path.write_text(yaml.safe_dump(recipe(method, *paths[n])))
+                res = run_tool("evomerge", recipe_path, work / "out-evomerge", evomerge_root, Path())
+                runs.setdefault((n, method), []).append(res)
+                print(f"  flatness {n}L {method}: {res['wall_s']:.1f}s {res['peak_rss_mib']:.0f}MiB", flush=True)
+    return [{"layers": n, "params_m": round(count_params(paths[n][0]) / 1e6), "method": method,
+             "wall_s": statistics.median(r["wall_s"] for r in rs),
+             "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in rs),
+             "peak_rss_range_mib": [min(r["peak_rss_mib"] for r in rs), max(r["peak_rss_mib"] for r in rs)]}
+            for (n, method), rs in sorted(runs.items())]
 
 
 def materialize(paths: list[Path], roots: dict[str, Path], repeats: int, threads: int) -> dict:
@@ -369,6 +374,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--flatness", action="store_true", help="also evomerge's peak RSS at 12 vs 48 layers")
     ap.add_argument("--flat-layers", type=int, nargs=2, default=[12, 48])
+    ap.add_argument("--flat-repeats", type=int, default=1, help="runs per depth and method (median and range)")
     ap.add_argument("--flat-methods", nargs="+", default=["linear", "ties", "dare_ties", "della", "breadcrumbs"],
                     choices=ALL_METHODS)
     ap.add_argument("--materialize", action="store_true", help="also the search's candidate materialization")
@@ -396,8 +402,8 @@ def main() -> None:
         except RuntimeError as e:  # one tool failing on one method must not lose the other rows
             print(f"  {m}: {e}", flush=True)
             failed[m] = str(e)[-2000:]
-    flat = (flatness(args.cache, args.workdir, args.flat_layers, args.flat_methods, args.evomerge_root.resolve())
-            if args.flatness else [])
+    flat = (flatness(args.cache, args.workdir, args.flat_layers, args.flat_methods, args.evomerge_root.resolve(),
+                     args.flat_repeats) if args.flatness else [])
     roots = {"after": args.evomerge_root.resolve()}
     if args.baseline_root:
         roots = {"before": args.baseline_root.resolve()} | roots
@@ -416,10 +422,11 @@ def main() -> None:
     lines += table(rows) if rows else []
     lines += [f"- {m} failed: {e.strip().splitlines()[-1]}" for m, e in failed.items()]
     if flat:
-        lines += ["", "| layers | params/model | method | evomerge wall (s) | evomerge peak RSS (MiB) |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "| layers | params/model | method | evomerge wall (s) | evomerge peak RSS (MiB), median "
+                  "(min-max) |", "|---|---|---|---|---|"]
         lines += [f"| {r['layers']} | {r['params_m']}M | {r['method']} | {r['wall_s']:.1f} | "
-                  f"{r['peak_rss_mib']:.0f} |" for r in flat]
+                  f"{r['peak_rss_mib']:.0f} ({r['peak_rss_range_mib'][0]:.0f}-{r['peak_rss_range_mib'][1]:.0f}) |"
+                  for r in flat]
     if mat:
         lines += ["", f"| candidate materialization (task_arithmetic of 2 + base, {mat['threads']} torch threads) | "
                   "median (s) | times (s) | peak RSS (MiB) | RSS held (MiB) |", "|---|---|---|---|---|"]
