@@ -114,8 +114,9 @@ metric_list:
 
 
 def test_generation_tasks_score_as_with_lm_eval(specialists, tmp_path):
-    """A generate_until task (greedy answers, a regex filter) goes through lm-eval's own generation with the
-    remembered tokenizations: the same score as stock HFLM's, call after call, for models that score apart."""
+    """A generate_until task (greedy answers, a regex filter) goes through lm-eval's own generation, untouched
+    (the remembered tokenizations serve only its ordering by length there): the same score as stock HFLM's,
+    call after call, for models that score apart."""
     from lm_eval.models.huggingface import HFLM
 
     from evolve.config import TaskDefinition
