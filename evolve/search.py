@@ -109,15 +109,26 @@ def penalty(met: dict[str, Candidate]) -> float:
     return min(PENALTY, min(ok) - 1.0) if ok else PENALTY
 
 
+def promotions(screened: int) -> int:
+    """How many of a generation's `screened` candidates are scored in full: the better half, rounded up."""
+    return math.ceil(screened / 2)
+
+
 def promoted(screened: list[Candidate]) -> set[str]:
-    """The better half of a generation's screenings (rounded up), ties to the earlier; failures never."""
+    """The better half of a generation's screenings, ties to the earlier; failures never."""
     ranked = sorted((c for c in screened if c.score.ok), key=lambda c: -c.score.fitness)
-    return {c.key for c in ranked[:math.ceil(len(screened) / 2)]}
+    return {c.key for c in ranked[:promotions(len(screened))]}
 
 
-def generation_cost(new: int, screen: float | None) -> float:
-    """Most budget `new` candidates never scored can take: each screened, half of them then in full."""
-    return float(new) if screen is None else new * screen + math.ceil(new / 2)
+def generation_cost(fresh: int, screen: float | None, to_screen: int | None = None,
+                    to_score: int | None = None) -> float:
+    """Most budget a generation of `fresh` new candidates can take. Without screening, each not yet scored
+    (`to_score`, default all) costs one evaluation; with it, each not yet screened (`to_screen`) costs
+    `screen`, and the promoted half at most one evaluation each (never more than `to_score`)."""
+    to_score = fresh if to_score is None else to_score
+    if screen is None:
+        return float(to_score)
+    return (fresh if to_screen is None else to_screen) * screen + min(to_score, promotions(fresh))
 
 
 def run_search(genome: SearchGenome, evaluator: Evaluator, storage: Storage, settings: SearchSettings,
@@ -173,13 +184,10 @@ def run_search(genome: SearchGenome, evaluator: Evaluator, storage: Storage, set
         recipes = {k: genome.decode(xs[i]) for k, i in first.items()}
         genomes = {k: genome.values(xs[i]) for k, i in first.items()}
         fresh = [k for k in first if k not in seen and k not in screens]
-        unscored = [k for k in fresh if k not in known]  # replayed scores are free
-        if settings.screen is not None:  # at most half of them promoted, once screened
-            unscored_cost = len([k for k in fresh if k not in known_screens]) * settings.screen + min(
-                len(unscored), math.ceil(len(fresh) / 2))
-        else:
-            unscored_cost = len(unscored)
-        if spent + unscored_cost > settings.max_fevals + 1e-9:
+        cost = generation_cost(len(fresh), settings.screen,  # replayed scores are free
+                               to_screen=len([k for k in fresh if k not in known_screens]),
+                               to_score=len([k for k in fresh if k not in known]))
+        if spent + cost > settings.max_fevals + 1e-9:
             reason = f"budget (--max-fevals {settings.max_fevals})"
             break
         t0 = time.perf_counter()
