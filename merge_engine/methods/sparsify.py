@@ -252,7 +252,11 @@ class RankMagnitudeSampling:
     def _sample(self, chunk: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
         rows = chunk.unsqueeze(0) if chunk.dim() < 2 else chunk  # [rows, width, ...]
         width = rows.shape[1]
-        p_keep = row_ranks(rows).mul_(2.0 * epsilon).div_(max(width - 1, 1)).add_(density - epsilon)
+        # each entry's keep probability, computed once per rank (the same float32 operations on the same
+        # rank values as computing it entry by entry) and placed by the ranking's permutation
+        by_rank = torch.arange(width, dtype=torch.float32, device=chunk.device)
+        by_rank.mul_(2.0 * epsilon).div_(max(width - 1, 1)).add_(density - epsilon)
+        p_keep = rank_values(rows, by_rank)
         keep = torch.rand(rows.shape, generator=self.generator, device=chunk.device) < p_keep
         kept = rows.mul_(keep)
         if self.rescale:
@@ -261,7 +265,7 @@ class RankMagnitudeSampling:
 
 
 def row_ranks(rows: torch.Tensor) -> torch.Tensor:
-    """The magnitude rank of each entry along dim 1 of float32 `rows`, as float32: 0 for the smallest,
+    """rank_values with each rank's own number: the magnitude rank of each entry along dim 1 of float32 `rows`, as float32: 0 for the smallest,
     width - 1 for the largest. Equal magnitudes are ranked in the order torch's (unstable) argsort
     leaves them, as before this function existed: a stable order would change which entries DELLA
     keeps for a given seed (a third of them on bfloat16 task vectors, whose magnitudes tie often).
@@ -270,12 +274,16 @@ def row_ranks(rows: torch.Tensor) -> torch.Tensor:
     bit patterns do, so the comparisons, and with them the order left to equal magnitudes, are the
     float sort's (tests/test_streaming.py checks this on tie-heavy rows), without its NaN handling
     (40% of DELLA's time on CPU)."""
-    width = rows.shape[1]
+    return rank_values(rows, torch.arange(rows.shape[1], dtype=rows.dtype, device=rows.device))
+
+
+def rank_values(rows: torch.Tensor, by_rank: torch.Tensor) -> torch.Tensor:
+    """by_rank[r] at each entry of `rows` whose magnitude rank along dim 1 is r (row_ranks: the
+    inverse permutation of the magnitudes' argsort, scattered)."""
     order = torch.argsort(rows.abs().view(torch.int32), dim=1)
-    ranks = torch.empty_like(rows)  # the inverse permutation of order (argsort of argsort)
-    ranks.scatter_(1, order, torch.arange(width, dtype=rows.dtype, device=rows.device)
-                   .view(1, -1, *([1] * (rows.dim() - 2))).expand_as(rows))
-    return ranks
+    out = torch.empty_like(rows)
+    out.scatter_(1, order, by_rank.view(1, -1, *([1] * (rows.dim() - 2))).expand_as(rows))
+    return out
 
 
 # ----------------------------------------------------------------------------- whole tensors
@@ -307,4 +315,4 @@ def rank_magnitude_sampling(delta: torch.Tensor, density: float, epsilon: float,
 
 __all__ = ["Magnitude", "MagnitudeOutliers", "RandomDrop", "RankMagnitudeSampling", "Sparsifier", "TaskVector",
            "magnitude", "magnitude_outliers", "magnitude_ranks", "random_drop", "rank_magnitude_sampling",
-           "row_ranks", "sparsify_whole"]
+           "rank_values", "row_ranks", "sparsify_whole"]
