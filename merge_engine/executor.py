@@ -17,6 +17,7 @@ written are alive at a time.
 from __future__ import annotations
 
 import ctypes
+import math
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -147,15 +148,26 @@ def execute_job(job: TensorJob, sources: Mapping[str, ModelSource], device: torc
     return merge_tensors(job, read_inputs(job, sources), sources, device)
 
 
-def keep_freed_memory() -> None:
-    """Let glibc keep freed large blocks for reuse instead of returning them to the kernel.
+# blocks of at least this many bytes are always mapped on their own (glibc's largest dynamic threshold)
+MMAP_AT_LEAST = 32 << 20
 
-    Every job allocates tensors of the same few sizes; by default each allocation over
-    the mmap threshold is a fresh mapping whose pages fault in one by one, which costs
-    more than the arithmetic (a float32 copy of the 32000 x 1024 embedding: ~650 ms
-    fresh vs ~110 ms into reused memory on the bench machine). One arena, so blocks
-    freed by the reader and writer threads are reused too. Peak RSS is unchanged: it
-    is the most memory alive at once either way. No-op outside glibc.
+
+def keep_freed_memory(largest: int) -> None:
+    """Let glibc keep freed blocks for reuse instead of returning them to the kernel, except the
+    largest ones. `largest`: bytes of the plan's largest float32 tensor.
+
+    Every job allocates tensors of the same few sizes; by default glibc maps each block over
+    its (moving) mmap threshold on its own and unmaps it when freed, so the next job's pages
+    fault in again. Blocks below the threshold set here stay in one arena (one, so blocks
+    freed by the reader and writer threads are reused too) and are reused without faults.
+
+    The largest blocks (a quarter of the largest tensor in float32 and up: the embedding and
+    lm_head jobs' inputs, results and copies, where the peak is) are still mapped on their own.
+    Kept in the arena, they fragmented it: whether a freed embedding-sized hole could take the
+    next one depended on the order in which the three threads had freed their blocks, and one
+    run in three peaked 125 MiB higher than the next (24-layer bench models). Mapped on their own,
+    they are returned when freed, so the peak is the memory alive at the largest job, the same
+    in every run and at every depth. No-op outside glibc.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -163,7 +175,7 @@ def keep_freed_memory() -> None:
         return
     m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
     libc.mallopt(m_arena_max, 1)
-    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_mmap_threshold, max(MMAP_AT_LEAST, largest // 4))
     libc.mallopt(m_trim_threshold, 1 << 30)
 
 
@@ -185,7 +197,7 @@ def execute_plan(jobs: Iterable[TensorJob], sources: Mapping[str, ModelSource], 
     jobs = list(jobs)
     if not jobs:
         return
-    keep_freed_memory()
+    keep_freed_memory(max(math.prod(job.shape) for job in jobs) * 4)
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-read")
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-write")
     pending: deque[Future] = deque()

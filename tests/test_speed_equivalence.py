@@ -4,6 +4,9 @@ the same errors, with nothing left at the output path."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -224,3 +227,37 @@ def test_nonfinite_check_names_the_bad_input(zoo):
     sources[str(zoo["b"])].get = get
     with pytest.raises(MergeError, match=rf"{job.output_name}.*not finite.*{zoo['b']}:{job.inputs[1].name}"):
         execute_plan(plan.jobs, sources, FailingSink(fail_at=10**6), progress=False)
+
+
+FREED_MEMORY_PROBE = r"""
+import json, sys, torch
+from merge_engine.executor import keep_freed_memory
+
+def rss_mib():
+    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS:')) / 1024
+
+largest = 256 << 20  # the plan's largest float32 tensor: blocks from 64 MiB up are mapped on their own
+keep_freed_memory(largest)
+out = {}
+for name, mib in (("largest class", 128), ("below it", 48)):
+    before = rss_mib()
+    x = torch.ones(mib << 18)  # float32: mib MiB, every page touched
+    held = rss_mib() - before
+    del x
+    out[name] = {"held": held, "after_free": rss_mib() - before}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists() or not sys.platform.startswith("linux"),
+                    reason="glibc's mallopt and /proc RSS")
+def test_the_largest_blocks_return_to_the_kernel_and_the_others_are_kept():
+    """keep_freed_memory: blocks of the plan's largest size class are mapped on their own, so freeing
+    them lowers RSS (they cannot fragment the arena and raise the peak from run to run); smaller
+    blocks stay in the arena for the next job to reuse without page faults. In a child process: the
+    allocator settings are process-wide."""
+    proc = subprocess.run([sys.executable, "-c", FREED_MEMORY_PROBE], capture_output=True, text=True,
+                          cwd=str(Path(__file__).resolve().parents[1]), check=True)
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["largest class"]["held"] > 120 and out["largest class"]["after_free"] < 8, out
+    assert out["below it"]["held"] > 40 and out["below it"]["after_free"] > 40, out
