@@ -7,7 +7,10 @@ the inputs in the page cache; we report the median and min-max of the per-pair s
 (mergekit wall / evomerge wall) and each process's peak RSS (VmHWM, bench/_peak_rss.py).
 Every pair is followed by the I/O floor on the same machine at the same moment: `dd` reading
 the method's input files from the warm cache, plus `dd` writing the output's size with
-fdatasync. Optional: peak RSS of evomerge at 12 vs 48 layers (flat in depth), and the search's
+fdatasync, and evomerge's start-up (`mergekit-yaml --version`: interpreter and imports). Start-up
+plus the write floor bounds any merge that writes its output durably: nothing is computed before
+start-up ends, and the command returns after its output is on disk (mergekit 0.1.5 does not fsync, so
+its time may end with the output still in the page cache). Optional: peak RSS of evomerge at 12 vs 48 layers (flat in depth), and the search's
 in-memory vs on-disk candidate materialization (--materialize).
 
     python bench/speed_vs_mergekit.py [--methods linear ties] [--repeats 2] [--flatness] [--materialize]
@@ -217,6 +220,16 @@ def io_floor(inputs: list[Path], out_bytes: int, scratch: Path) -> dict:
     return {"read_s": read, "write_s": write, "floor_s": read + write}
 
 
+def startup(evomerge_root: Path) -> float:
+    """Wall time of `mergekit-yaml --version` (the interpreter, `import torch` and the engine's imports):
+    no output byte can be computed, so none written, before it is over."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(evomerge_root)}
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "merge_engine.cli", "--version"], capture_output=True, check=True,
+                   env=env, cwd=str(evomerge_root))
+    return time.perf_counter() - t0
+
+
 # ----------------------------------------------------------------------------- runs
 
 def compare(method: str, paths: list[Path], work: Path, repeats: int, evomerge_root: Path,
@@ -235,7 +248,7 @@ def compare(method: str, paths: list[Path], work: Path, repeats: int, evomerge_r
                   if baseline_root else None)
         evo = run_tool("evomerge", recipe_path, work / "out-evomerge", evomerge_root, mk_python)
         mk = run_tool("mergekit", recipe_path, work / "out-mergekit", evomerge_root, mk_python)
-        floor = io_floor(inputs, evo["output_bytes"], work)
+        floor = io_floor(inputs, evo["output_bytes"], work) | {"startup_s": startup(evomerge_root)}
         pair = {"evomerge": evo, "mergekit": mk, "io": floor, "speedup": mk["wall_s"] / evo["wall_s"]}
         if before:
             pair |= {"before": before, "speedup_before": mk["wall_s"] / before["wall_s"]}
@@ -244,7 +257,8 @@ def compare(method: str, paths: list[Path], work: Path, repeats: int, evomerge_r
         print(f"  {method} pair {k + 1}: evomerge {evo['wall_s']:.1f}s (cpu {evo['cpu_s']:.1f}s) "
               f"{evo['peak_rss_mib']:.0f}MiB | mergekit {mk['wall_s']:.1f}s (cpu {mk['cpu_s']:.1f}s) "
               f"{mk['peak_rss_mib']:.0f}MiB | x{pair['speedup']:.2f} | "
-              f"floor {floor['read_s']:.1f}+{floor['write_s']:.1f}s", flush=True)
+              f"floor {floor['read_s']:.1f}+{floor['write_s']:.1f}s | start-up {floor['startup_s']:.2f}s",
+              flush=True)
         pairs.append(pair)
     med = statistics.median
     summary = {}
@@ -264,7 +278,13 @@ def compare(method: str, paths: list[Path], work: Path, repeats: int, evomerge_r
             "floor_read_s": med(p["io"]["read_s"] for p in pairs),
             "floor_write_s": med(p["io"]["write_s"] for p in pairs),
             "floor_s": med(p["io"]["floor_s"] for p in pairs),
-            "vs_floor": med(p["evomerge"]["wall_s"] / p["io"]["floor_s"] for p in pairs)}
+            "vs_floor": med(p["evomerge"]["wall_s"] / p["io"]["floor_s"] for p in pairs),
+            # a merge that writes its output durably cannot end before start-up plus the write floor
+            "startup_s": med(p["io"]["startup_s"] for p in pairs),
+            "bound_s": med(p["io"]["startup_s"] + p["io"]["write_s"] for p in pairs),
+            "vs_bound": med(p["evomerge"]["wall_s"] / (p["io"]["startup_s"] + p["io"]["write_s"]) for p in pairs),
+            "max_speedup": med(p["mergekit"]["wall_s"] / (p["io"]["startup_s"] + p["io"]["write_s"])
+                               for p in pairs)}
 
 
 def flatness(cache: Path, work: Path, layers: list[int], methods: list[str], evomerge_root: Path,
@@ -351,7 +371,8 @@ print(json.dumps({{"setup_s": setup, "times_s": times, "median_s": statistics.me
 def table(rows: list[dict]) -> list[str]:
     before = all("before_s" in r for r in rows)
     head = "| method | evomerge (s) | mergekit (s) | speed-up median (min-max) | evomerge RSS (MiB) | " \
-           "mergekit RSS (MiB) | I/O floor read+write (s) | evomerge / floor |"
+           "mergekit RSS (MiB) | I/O floor read+write (s) | evomerge / floor | start-up (s) | " \
+           "bound: start-up + write (s) | evomerge / bound | most speed-up over mergekit a bound allows |"
     if before:
         head += " before (s) | before speed-up median (min-max) | before RSS (MiB) |"
     lines = [head, "|---" * head.count(" | ") + "|---|"]
@@ -359,7 +380,8 @@ def table(rows: list[dict]) -> list[str]:
         line = (f"| {r['method']} | {r['evomerge_s']:.1f} | {r['mergekit_s']:.1f} | {r['speedup']:.2f}x "
                 f"({r['speedup_min']:.2f}-{r['speedup_max']:.2f}) | {r['evomerge_rss_mib']:.0f} | "
                 f"{r['mergekit_rss_mib']:.0f} | {r['floor_read_s']:.1f}+{r['floor_write_s']:.1f}"
-                f"={r['floor_s']:.1f} | {r['vs_floor']:.2f} |")
+                f"={r['floor_s']:.1f} | {r['vs_floor']:.2f} | {r['startup_s']:.2f} | {r['bound_s']:.2f} | "
+                f"{r['vs_bound']:.2f} | {r['max_speedup']:.2f}x |")
         if before:
             line += (f" {r['before_s']:.1f} | {r['speedup_before']:.2f}x ({r['speedup_before_min']:.2f}-"
                      f"{r['speedup_before_max']:.2f}) | {r['before_rss_mib']:.0f} |")
