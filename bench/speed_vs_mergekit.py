@@ -5,13 +5,13 @@ fine-tunes = base + small noise) are built once under .cache/bench-models/. For 
 the two tools run in pairs, A B A B (evomerge, then mergekit), each in its own process, with
 the inputs in the page cache; we report the median and min-max of the per-pair speed-up
 (mergekit wall / evomerge wall) and each process's peak RSS (VmHWM, bench/_peak_rss.py).
-Every pair is followed by the I/O floor on the same machine at the same moment: `dd` reading
-the method's input files from the warm cache, plus `dd` writing the output's size with
-fdatasync, and evomerge's start-up (`mergekit-yaml --version`: interpreter and imports). Start-up
-plus the write floor bounds any merge that writes its output durably: nothing is computed before
-start-up ends, and the command returns after its output is on disk (mergekit 0.1.5 does not fsync, so
-its time may end with the output still in the page cache). Optional: peak RSS of evomerge at 12 vs 48 layers (flat in depth), and the search's
-in-memory vs on-disk candidate materialization (--materialize).
+Every pair is followed by the I/O floor on the same machine at the same moment: `dd` reading the
+method's input files from the warm cache, plus `dd` writing the output's size with fdatasync, and
+evomerge's start-up (`mergekit-yaml --version`: interpreter and imports). Start-up plus the write
+floor bounds any merge that writes its output durably: nothing is computed before start-up ends, and
+the command returns after its output is on disk (mergekit 0.1.5 does not fsync, so its time may end
+with the output still in the page cache). Optional: peak RSS of evomerge at 12 vs 48 layers (flat in
+depth), and the search's in-memory vs on-disk candidate materialization (--materialize).
 
     python bench/speed_vs_mergekit.py [--methods linear ties] [--repeats 2] [--flatness] [--materialize]
 

@@ -88,7 +88,8 @@ class InMemoryMaterializer:
         if tokenizer_source and tokenizer_source != reference_model:
             _, self.tokenizer = load_model(open_model(tokenizer_source).path, device, trust_remote_code)
         self.options = MergeOptions(device=device, random_seed=random_seed, allow_crimes=allow_crimes,
-                                    trust_remote_code=trust_remote_code, progress=False)
+                                    trust_remote_code=trust_remote_code, progress=False,
+                                    release_largest_blocks=False)  # a merge per candidate: reuse every block
         self._sources: dict[str, ModelSource] = {}
         self._tokenizers: dict[str, OutputTokenizer] = {}  # vocabulary alignments, planned once per model set
         self._sink = ModelSink(self.model)
@@ -138,7 +139,8 @@ class LayerPathMaterializer:
         tokenizer_path = open_model(str(tokenizer_source)).path if named else path
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path), trust_remote_code=trust_remote_code)
         self.options = MergeOptions(device=device, random_seed=random_seed, allow_crimes=allow_crimes,
-                                    trust_remote_code=trust_remote_code, progress=False)
+                                    trust_remote_code=trust_remote_code, progress=False,
+                                    release_largest_blocks=False)  # a merge per candidate: reuse every block
         self._sources: dict[str, ModelSource] = {}
         self._tokenizers: dict[str, OutputTokenizer] = {}
         self._resident: dict[tuple[str, str, torch.dtype], torch.Tensor] = {}

@@ -152,9 +152,11 @@ def execute_job(job: TensorJob, sources: Mapping[str, ModelSource], device: torc
 MMAP_AT_LEAST = 32 << 20
 
 
-def keep_freed_memory(largest: int) -> None:
+def keep_freed_memory(largest: int | None) -> None:
     """Let glibc keep freed blocks for reuse instead of returning them to the kernel, except the
-    largest ones. `largest`: bytes of the plan's largest float32 tensor.
+    largest ones. `largest`: bytes of the plan's largest float32 tensor; None keeps every block (a
+    process that merges again and again, such as the search's in-memory candidates, reuses them
+    without faults, and its peak is the resident model's anyway).
 
     Every job allocates tensors of the same few sizes; by default glibc maps each block over
     its (moving) mmap threshold on its own and unmaps it when freed, so the next job's pages
@@ -175,7 +177,7 @@ def keep_freed_memory(largest: int) -> None:
         return
     m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
     libc.mallopt(m_arena_max, 1)
-    libc.mallopt(m_mmap_threshold, max(MMAP_AT_LEAST, largest // 4))
+    libc.mallopt(m_mmap_threshold, 1 << 30 if largest is None else max(MMAP_AT_LEAST, largest // 4))
     libc.mallopt(m_trim_threshold, 1 << 30)
 
 
@@ -187,17 +189,17 @@ def _raise_first_error(futures: Sequence[Future]) -> None:
 
 
 def execute_plan(jobs: Iterable[TensorJob], sources: Mapping[str, ModelSource], sink: TensorSink,
-                 device: str | torch.device = "cpu", progress: bool = True) -> None:
+                 device: str | torch.device = "cpu", progress: bool = True, release_largest: bool = True) -> None:
     """Merge every job and write the results to `sink` in plan order.
 
     Reads run one job ahead of the arithmetic, writes run behind it; the first error of
     any stage is raised as is, after the other threads have stopped (no write starts
-    after it is raised, so the caller can abort the sink)."""
+    after it is raised, so the caller can abort the sink). `release_largest`: keep_freed_memory."""
     device = torch.device(device)
     jobs = list(jobs)
     if not jobs:
         return
-    keep_freed_memory(max(math.prod(job.shape) for job in jobs) * 4)
+    keep_freed_memory(max(math.prod(job.shape) for job in jobs) * 4 if release_largest else None)
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-read")
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-write")
     pending: deque[Future] = deque()

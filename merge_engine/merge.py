@@ -65,7 +65,7 @@ def write_plan(plan: MergePlan, sources: Mapping[str, ModelSource], open_sink: S
                options: MergeOptions) -> None:
     """Open a sink for the plan and write every merged tensor into it."""
     with open_sink(plan) as sink:
-        execute_plan(plan.jobs, sources, sink, options.device, options.progress)
+        execute_plan(plan.jobs, sources, sink, options.device, options.progress, options.release_largest_blocks)
 
 
 def safetensors_sink(out_dir: Path, max_shard_bytes: int, direct: bool = True) -> SinkOpener:

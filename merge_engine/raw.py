@@ -167,7 +167,7 @@ def run_raw(config: RawConfig, out_path: str | Path, options: MergeOptions, miss
     with output_directory(target, needed) as tmp:
         writer = ShardedSafetensorsWriter(tmp, layouts, options.out_shard_size)
         try:
-            execute_plan(jobs, sources, writer, options.device, options.progress)
+            execute_plan(jobs, sources, writer, options.device, options.progress, options.release_largest_blocks)
         except BaseException:
             writer.abort()
             raise

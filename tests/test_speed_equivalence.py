@@ -236,15 +236,16 @@ from merge_engine.executor import keep_freed_memory
 def rss_mib():
     return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS:')) / 1024
 
-largest = 256 << 20  # the plan's largest float32 tensor: blocks from 64 MiB up are mapped on their own
-keep_freed_memory(largest)
 out = {}
-for name, mib in (("largest class", 128), ("below it", 48)):
-    before = rss_mib()
-    x = torch.ones(mib << 18)  # float32: mib MiB, every page touched
-    held = rss_mib() - before
-    del x
-    out[name] = {"held": held, "after_free": rss_mib() - before}
+# the plan's largest float32 tensor: 256 MiB (blocks from 64 MiB up mapped on their own), or None (keep all)
+for largest in (256 << 20, None):
+    keep_freed_memory(largest)
+    for name, mib in (("largest class", 128), ("below it", 48)):
+        before = rss_mib()
+        x = torch.ones(mib << 18)  # float32: mib MiB, every page touched
+        held = rss_mib() - before
+        del x
+        out[f"{name}, {largest}"] = {"held": held, "after_free": rss_mib() - before}
 print(json.dumps(out))
 """
 
@@ -254,10 +255,12 @@ print(json.dumps(out))
 def test_the_largest_blocks_return_to_the_kernel_and_the_others_are_kept():
     """keep_freed_memory: blocks of the plan's largest size class are mapped on their own, so freeing
     them lowers RSS (they cannot fragment the arena and raise the peak from run to run); smaller
-    blocks stay in the arena for the next job to reuse without page faults. In a child process: the
-    allocator settings are process-wide."""
+    blocks stay in the arena for the next job to reuse without page faults; with None every block
+    stays. In a child process: the allocator settings are process-wide."""
     proc = subprocess.run([sys.executable, "-c", FREED_MEMORY_PROBE], capture_output=True, text=True,
                           cwd=str(Path(__file__).resolve().parents[1]), check=True)
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["largest class"]["held"] > 120 and out["largest class"]["after_free"] < 8, out
-    assert out["below it"]["held"] > 40 and out["below it"]["after_free"] > 40, out
+    assert out[f"largest class, {256 << 20}"]["held"] > 120 and out[f"largest class, {256 << 20}"]["after_free"] < 8
+    assert out[f"below it, {256 << 20}"]["held"] > 40 and out[f"below it, {256 << 20}"]["after_free"] > 40, out
+    # release_largest_blocks=False (the search's in-memory candidates): the largest blocks are kept too
+    assert out["largest class, None"]["after_free"] > 120, out

@@ -254,7 +254,7 @@ class RankMagnitudeSampling:
         width = rows.shape[1]
         # each entry's keep probability, computed once per rank (the same float32 operations on the same
         # rank values as computing it entry by entry) and placed by the ranking's permutation
-        by_rank = torch.arange(width, dtype=torch.float32, device=chunk.device)
+        by_rank = torch.arange(width, dtype=rows.dtype, device=rows.device)
         by_rank.mul_(2.0 * epsilon).div_(max(width - 1, 1)).add_(density - epsilon)
         p_keep = rank_values(rows, by_rank)
         keep = torch.rand(rows.shape, generator=self.generator, device=chunk.device) < p_keep
@@ -265,10 +265,11 @@ class RankMagnitudeSampling:
 
 
 def row_ranks(rows: torch.Tensor) -> torch.Tensor:
-    """rank_values with each rank's own number: the magnitude rank of each entry along dim 1 of float32 `rows`, as float32: 0 for the smallest,
-    width - 1 for the largest. Equal magnitudes are ranked in the order torch's (unstable) argsort
-    leaves them, as before this function existed: a stable order would change which entries DELLA
-    keeps for a given seed (a third of them on bfloat16 task vectors, whose magnitudes tie often).
+    """The magnitude rank of each entry along dim 1 of float32 `rows`, as float32 (rank_values with
+    each rank's own number): 0 for the smallest, width - 1 for the largest. Equal magnitudes are
+    ranked in the order torch's (unstable) argsort leaves them, as before this function existed: a
+    stable order would change which entries DELLA keeps for a given seed (a third of them on
+    bfloat16 task vectors, whose magnitudes tie often).
 
     The sort runs on the magnitudes' int32 bit patterns: non-negative float32 numbers order as their
     bit patterns do, so the comparisons, and with them the order left to equal magnitudes, are the
