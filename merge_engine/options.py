@@ -28,7 +28,8 @@ class MergeOptions(BaseModel):
     # write the shards with O_DIRECT (io/writer.py); False writes through the page cache, for an output that
     # is read straight back (the search's on-disk candidates) and is then read from memory, not from disk
     direct_io: bool = True
-    # return the largest freed blocks to the kernel (executor.keep_freed_memory: the same peak in every run);
+    # return the largest freed blocks to the kernel (executor.keep_freed_memory: a peak that does not depend on
+    # the order in which threads free them);
     # False keeps every freed block for reuse, for a process that merges again and again (in-memory candidates)
     release_largest_blocks: bool = True
     # provenance for the output, not arithmetic: the recipe as the user wrote it (kept verbatim, comments

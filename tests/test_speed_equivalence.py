@@ -230,7 +230,7 @@ def test_nonfinite_check_names_the_bad_input(zoo):
 
 
 FREED_MEMORY_PROBE = r"""
-import json, sys, torch
+import json, torch
 from merge_engine.executor import keep_freed_memory
 
 def rss_mib():
