@@ -179,9 +179,10 @@ def run_search(genome: SearchGenome, evaluator: Evaluator, storage: Storage, set
             reason = f"converged ({STALL_GENERATIONS} generations proposed nothing new)"
             break
         xs = es.ask()
-        keys = [recipe_key(genome.decode(x)) for x in xs]
+        decoded = [genome.decode(x) for x in xs]
+        keys = [recipe_key(r) for r in decoded]
         first = {k: i for i, k in reversed(list(enumerate(keys)))}  # first position of each distinct recipe
-        recipes = {k: genome.decode(xs[i]) for k, i in first.items()}
+        recipes = {k: decoded[i] for k, i in first.items()}
         genomes = {k: genome.values(xs[i]) for k, i in first.items()}
         fresh = [k for k in first if k not in seen and k not in screens]
         cost = generation_cost(len(fresh), settings.screen,  # replayed scores are free
